@@ -1,0 +1,99 @@
+"""Optimizer-state size of galore/golore vs optax.adamw for LLaMA shapes (closed form, no GPU).
+
+    python -m benchmarks.state_memory [--json benchmarks/results/state_memory.json]
+
+Counts are checked against a real ``init`` (run under ``jax.eval_shape``, so nothing is
+allocated): the closed form of :func:`golore_jax.subspace_state_floats` must equal the floats in
+the state that ``galore_adamw(...).init`` builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import golore_jax as gl
+
+# hidden, intermediate, layers, vocab, GaLore paper rank (GaLore configs/llama_*.json).
+SHAPES = {
+    "llama_60m": (512, 1376, 8, 32000, 128),
+    "llama_130m": (768, 2048, 12, 32000, 256),
+    "llama_350m": (1024, 2736, 24, 32000, 256),
+    "llama_1b": (2048, 5461, 24, 32000, 512),
+    "llama_7b": (4096, 11008, 32, 32000, 1024),
+}
+
+
+def llama_param_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict:
+    """A LLaMA param tree of ShapeDtypeStructs in Flax (in, out) layout."""
+
+    def s(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    layer = {
+        "self_attn": {n: {"kernel": s(hidden, hidden)} for n in ("q_proj", "k_proj", "v_proj")}
+        | {"o_proj": {"kernel": s(hidden, hidden)}},
+        "mlp": {
+            "gate_proj": {"kernel": s(hidden, inter)},
+            "up_proj": {"kernel": s(hidden, inter)},
+            "down_proj": {"kernel": s(inter, hidden)},
+        },
+        "input_layernorm": {"scale": s(hidden)},
+        "post_attention_layernorm": {"scale": s(hidden)},
+    }
+    return {
+        "embed_tokens": {"embedding": s(vocab, hidden)},
+        **{f"layers_{i}": layer for i in range(layers)},
+        "norm": {"scale": s(hidden)},
+        "lm_head": {"kernel": s(hidden, vocab)},
+    }
+
+
+def measure(name: str) -> dict:
+    hidden, inter, layers, vocab, rank = SHAPES[name]
+    params = llama_param_shapes(hidden, inter, layers, vocab)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    adamw = gl.optimizer_state_floats(jax.eval_shape(optax.adamw(1e-3).init, params))
+    galore = gl.optimizer_state_floats(
+        jax.eval_shape(gl.galore_adamw(1e-3, rank=rank).init, params)
+    )
+    closed = gl.subspace_state_floats(params, rank=rank)
+    if closed != galore:
+        raise AssertionError(f"{name}: closed form {closed} != measured {galore}")
+    return {
+        "model": name,
+        "params": n_params,
+        "rank": rank,
+        "adamw_state_floats": adamw,
+        "galore_state_floats": galore,
+        "ratio": galore / adamw,
+        "saving_gib_fp32": (adamw - galore) * 4 / 2**30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    rows = [measure(name) for name in SHAPES]
+    print("| model | params | rank | adamw state | galore/golore state | ratio | saved (fp32) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['rank']} | "
+            f"{r['adamw_state_floats'] / 1e6:.1f}M | {r['galore_state_floats'] / 1e6:.1f}M | "
+            f"{r['ratio']:.3f} | {r['saving_gib_fp32']:.2f} GiB |"
+        )
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Drop-in optimizers in the style of ``optax.adamw`` / ``optax.sgd``.
+
+Momentum conventions. The paper (He et al. 2024, Algorithm 1) writes momentum as
+``M <- (1 - b1) M + b1 R`` (``b1`` weights the NEW gradient). optax's ``scale_by_adam`` uses
+``mu <- b1 mu + (1 - b1) g``, so the paper's Adam ``b1 = 0.1`` is optax's ``b1 = 0.9`` (same for
+``b2``). For MSGD, optax's ``trace`` is ``T <- m T + g``; with ``m = 1 - b1`` it holds
+``T = M / b1``, so the paper's MSGD with learning rate ``lr`` equals ``galore_sgd`` with
+``momentum = 1 - b1`` and ``learning_rate = lr * b1`` (see :func:`paper_msgd_hyperparams`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from golore_jax import projectors as projectors_lib
+from golore_jax.subspace import RankRule, scale_by_subspace
+
+
+def paper_msgd_hyperparams(learning_rate: float, beta1: float) -> dict[str, float]:
+    """Maps the paper's MSGD ``(lr, b1)`` to :func:`galore_sgd`'s ``learning_rate, momentum``."""
+    if not 0.0 < beta1 <= 1.0:
+        raise ValueError(f"the paper's beta1 must be in (0, 1], got {beta1}")
+    return {"learning_rate": learning_rate * beta1, "momentum": 1.0 - beta1}
+
+
+def golore_projector(golore_fraction: float, total_steps: int | None) -> projectors_lib.Projector:
+    """GoLore@x%: random for the last ``golore_fraction`` of ``total_steps``, SVD before."""
+    if not 0.0 < golore_fraction <= 1.0:
+        raise ValueError(f"golore_fraction must be in (0, 1], got {golore_fraction}")
+    if golore_fraction == 1.0:
+        return projectors_lib.random()
+    if total_steps is None or total_steps <= 0:
+        raise ValueError(
+            f"golore_fraction={golore_fraction} needs total_steps > 0 to place the switch, "
+            f"got total_steps={total_steps}"
+        )
+    return projectors_lib.hybrid(switch_step=round((1.0 - golore_fraction) * total_steps))
+
+
+def _subspace_optimizer(
+    inner: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+    weight_decay_mask: Any,
+    **subspace_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    parts = [scale_by_subspace(inner, **subspace_kwargs)]
+    if weight_decay:
+        # Decoupled weight decay on the full weights, as GaLore does.
+        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: RankRule = 128,
+    update_every: int = 200,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    weight_decay_mask: Any = None,
+    projector: projectors_lib.Projector | None = None,
+    mask: Any = None,
+    momentum_projection: bool = False,
+    second_moment: str = "keep",
+    mu_dtype: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """GaLore-AdamW: Adam in the top-``rank`` singular subspace, refreshed every ``update_every``.
+
+    Hyperparameters follow optax's conventions (``b1 = 0.9`` is the paper's ``b1 = 0.1``). The
+    defaults match GaLore's code: no moment projection, moments kept at a refresh, scale 0.25.
+    """
+    return _subspace_optimizer(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        rank=rank,
+        update_every=update_every,
+        projector=projector if projector is not None else projectors_lib.svd(),
+        scale=scale,
+        mask=mask,
+        momentum_projection=momentum_projection,
+        second_moment=second_moment,
+        seed=seed,
+    )
+
+
+def golore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    golore_fraction: float = 1.0,
+    total_steps: int | None = None,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """GoLore-AdamW: random (Haar) subspaces; ``golore_fraction < 1`` gives the hybrid.
+
+    ``golore_fraction=0.2, total_steps=T`` is the paper's GoLore@20%: GaLore's SVD projector
+    for the first 80% of ``T`` steps, random projections after. Other arguments as
+    :func:`galore_adamw`.
+    """
+    return galore_adamw(
+        learning_rate, projector=golore_projector(golore_fraction, total_steps), **kwargs
+    )
+
+
+def galore_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: RankRule = 128,
+    update_every: int = 200,
+    scale: float = 0.25,
+    momentum: float | None = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    projector: projectors_lib.Projector | None = None,
+    mask: Any = None,
+    momentum_projection: bool = True,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """GaLore with (momentum) SGD, optax's momentum convention (``T <- momentum * T + R``).
+
+    Momentum projection (equation (2)) is on by default: the paper's convergence theorems for
+    MSGD are proved with it. Use :func:`paper_msgd_hyperparams` to map the paper's ``(lr, b1)``.
+    """
+    inner = optax.identity() if momentum is None else optax.trace(decay=momentum, nesterov=nesterov)
+    return _subspace_optimizer(
+        inner,
+        learning_rate,
+        weight_decay,
+        weight_decay_mask,
+        rank=rank,
+        update_every=update_every,
+        projector=projector if projector is not None else projectors_lib.svd(),
+        scale=scale,
+        mask=mask,
+        momentum_projection=momentum_projection,
+        seed=seed,
+    )
+
+
+def golore_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    golore_fraction: float = 1.0,
+    total_steps: int | None = None,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """GoLore with (momentum) SGD; ``golore_fraction < 1`` gives the hybrid (see golore_adamw)."""
+    return galore_sgd(
+        learning_rate, projector=golore_projector(golore_fraction, total_steps), **kwargs
+    )

@@ -1,0 +1,40 @@
+"""Optimizer-state size: measured on a state, and in closed form for a param tree."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from golore_jax.subspace import MaskArg, RankRule, subspace_layouts
+
+
+def optimizer_state_floats(state: Any) -> int:
+    """Number of floating-point elements held in an optimizer state (ints and keys excluded)."""
+    return sum(
+        math.prod(jnp.shape(x))
+        for x in jax.tree_util.tree_leaves(state)
+        if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    )
+
+
+def subspace_state_floats(
+    params: Any, *, rank: RankRule, moments: int = 2, mask: MaskArg = None
+) -> int:
+    """Closed form of the floats in ``scale_by_subspace(inner)``'s state.
+
+    Per projected leaf ``m x n`` (side rule of :mod:`golore_jax.layout`): the basis
+    (``m*r`` on the left, ``n*r`` on the right) plus ``moments`` low-rank moments of ``r*n``
+    (left) or ``m*r`` (right) floats; per other leaf, ``moments`` full-size moments. For Adam
+    ``moments=2``, for momentum SGD 1.
+    """
+    layouts = subspace_layouts(params, rank=rank, mask=mask)
+    total = 0
+    for leaf, lay in zip(jax.tree_util.tree_leaves(params), layouts.values(), strict=True):
+        if lay is None:
+            total += moments * math.prod(jnp.shape(leaf))
+        else:
+            total += math.prod(lay.basis_shape) + moments * math.prod(lay.low_rank_shape)
+    return total

@@ -1,0 +1,106 @@
+"""Partition specs for an optimizer state, derived from the params' specs.
+
+Given a ``PartitionSpec`` per parameter (logical axis names or mesh axis names: this module
+does not interpret them), :func:`state_partition_specs` returns a spec for every leaf of an
+optimizer state, so that projectors and low-rank moments are sharded like the params they
+belong to:
+
+* a basis ``P`` (``m x r``, left side) takes the spec of the param's row axis, ``(rows, None)``;
+  a basis ``Q`` (``n x r``, right side) takes ``(cols, None)``;
+* a low-rank moment takes ``(None, cols)`` on the left (``r x n``) and ``(rows, None)`` on the
+  right (``m x r``);
+* full-shape moments (non-projected leaves, or plain optax states) take the param's spec;
+* everything else (counts, keys, hyperparameters) is replicated: ``PartitionSpec()``.
+
+For a leaf with more than two dims flattened to a matrix, a merged axis takes the spec of its
+first sharded component (row-major reshapes keep that sharding contiguous).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import PartitionSpec
+
+from golore_jax import layout as layout_lib
+from golore_jax.subspace import ScaleBySubspaceState
+
+
+def _merged(spec_entries: tuple[Any, ...]) -> Any:
+    """The spec of a merged (flattened) axis: its first sharded component's, else None."""
+    return next((e for e in spec_entries if e is not None), None)
+
+
+def _entries(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _subspace_specs(state: ScaleBySubspaceState, params: Any, param_specs: Any) -> Any:
+    treedef = jax.tree_util.tree_structure(params)
+    param_leaves = treedef.flatten_up_to(params)
+    spec_leaves = treedef.flatten_up_to(param_specs)
+    basis_leaves = treedef.flatten_up_to(state.bases)
+    basis_specs, low_rank_specs = [], []
+    for leaf, spec, basis in zip(param_leaves, spec_leaves, basis_leaves, strict=True):
+        if isinstance(basis, optax.MaskedNode):
+            basis_specs.append(basis)
+            low_rank_specs.append(spec)
+            continue
+        shape = tuple(leaf.shape)
+        k = _split_of(shape, tuple(basis.shape))
+        lay = layout_lib.make_layout(shape, basis.shape[1], k)
+        entries = _entries(spec, len(shape))
+        rows, cols = _merged(entries[:k]), _merged(entries[k:])
+        if lay.side == layout_lib.LEFT:
+            basis_specs.append(PartitionSpec(rows, None))
+            low_rank_specs.append(PartitionSpec(None, cols))
+        else:
+            basis_specs.append(PartitionSpec(cols, None))
+            low_rank_specs.append(PartitionSpec(rows, None))
+    low_rank_tree = treedef.unflatten(low_rank_specs)
+    return ScaleBySubspaceState(
+        count=PartitionSpec(),
+        key=PartitionSpec(),
+        bases=treedef.unflatten(basis_specs),
+        inner_state=_walk(state.inner_state, treedef, low_rank_tree, None),
+    )
+
+
+def _split_of(shape: tuple[int, ...], basis_shape: tuple[int, int]) -> int:
+    """The row/column split that produced ``basis_shape`` (the default one first)."""
+    default = layout_lib.most_square_split(shape)
+    for k in [default, *range(1, len(shape))]:
+        if layout_lib.make_layout(shape, basis_shape[1], k).basis_shape == basis_shape:
+            return k
+    raise ValueError(f"no split of a leaf of shape {shape} has a basis of shape {basis_shape}")
+
+
+def _walk(state: Any, treedef: Any, specs_tree: Any, params_and_specs: Any) -> Any:
+    """Specs for ``state``: params-shaped subtrees get ``specs_tree``; the rest replicated."""
+    if isinstance(state, ScaleBySubspaceState) and params_and_specs is not None:
+        return _subspace_specs(state, *params_and_specs)
+    if jax.tree_util.tree_structure(state) == treedef and jax.tree_util.tree_leaves(state):
+        return specs_tree
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(_walk(v, treedef, specs_tree, params_and_specs) for v in state))
+    if isinstance(state, tuple | list):
+        return type(state)(_walk(v, treedef, specs_tree, params_and_specs) for v in state)
+    if isinstance(state, dict):
+        return {k: _walk(v, treedef, specs_tree, params_and_specs) for k, v in state.items()}
+    if isinstance(state, optax.MaskedNode) or state is None:
+        return state
+    return PartitionSpec()
+
+
+def state_partition_specs(opt_state: Any, params: Any, param_specs: Any) -> Any:
+    """A ``PartitionSpec`` for every leaf of ``opt_state`` (same tree structure).
+
+    Args:
+      opt_state: an optimizer state, or its ``jax.eval_shape`` (only shapes are read).
+      params: the params (or their shapes) the state was initialised from.
+      param_specs: a tree like ``params`` of ``PartitionSpec``.
+    """
+    treedef = jax.tree_util.tree_structure(params)
+    return _walk(opt_state, treedef, param_specs, (params, param_specs))

@@ -1,0 +1,146 @@
+"""How a subspace is chosen: the projectors of GaLore, GoLore and their hybrid.
+
+A projector is called at refresh steps with
+
+* ``key``: a PRNG key for this leaf and this refresh,
+* ``g``: the fp32 gradient arranged so that its ROWS are the dimension to compress
+  (``G`` for a left projection, ``G^T`` for a right one; see :mod:`golore_jax.layout`),
+* ``previous``: the current ``(d, r)`` orthonormal basis (zeros before the first refresh),
+* ``step``: the optimizer step count (int32 scalar),
+
+and returns a new ``(d, r)`` basis with orthonormal columns. It runs inside ``jit``; the rank is
+read from ``previous.shape``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class Projector(Protocol):
+    """Chooses an orthonormal ``(d, r)`` basis at a refresh step."""
+
+    uses_gradient: bool  # False when the basis does not depend on ``g`` (GoLore)
+
+    def __call__(
+        self, key: jax.Array, g: jax.Array, previous: jax.Array, step: jax.Array
+    ) -> jax.Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SVDProjector:
+    """GaLore: the top-``r`` left singular vectors of ``g`` (``U[:, :r]``), computed in fp32."""
+
+    uses_gradient: bool = dataclasses.field(default=True, init=False)
+
+    def __call__(self, key, g, previous, step):
+        del key, step
+        rank = previous.shape[-1]
+        u, _, _ = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+        return u[:, :rank]
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomProjector:
+    """GoLore: a basis drawn uniformly (Haar) from the Stiefel manifold ``St(d, r)``.
+
+    Proposition 1 of the paper: for ``Z`` with i.i.d. N(0, 1) entries, both ``Z (Z^T Z)^{-1/2}``
+    (``method="polar"``) and the QR factor ``Q`` with the signs of ``diag(R)`` folded in
+    (``method="qr"``) are Haar distributed. A QR without the sign fix is not.
+    """
+
+    method: str = "qr"
+    uses_gradient: bool = dataclasses.field(default=False, init=False)
+
+    def __post_init__(self):
+        if self.method not in ("qr", "polar"):
+            raise ValueError(
+                f"random projector method must be 'qr' or 'polar', got {self.method!r}"
+            )
+
+    def __call__(self, key, g, previous, step):
+        del g, step
+        return haar_stiefel(key, previous.shape, method=self.method)
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridProjector:
+    """GoLore@x%: ``before`` until ``switch_step``, ``after`` from then on.
+
+    The switch is decided at refresh steps: the first refresh at a step ``>= switch_step`` uses
+    ``after``. Only the selected branch runs (``lax.cond``).
+    """
+
+    switch_step: int
+    before: Projector
+    after: Projector
+
+    @property
+    def uses_gradient(self) -> bool:
+        return self.before.uses_gradient or self.after.uses_gradient
+
+    def __call__(self, key, g, previous, step):
+        return lax.cond(
+            step >= self.switch_step,
+            lambda: self.after(key, g, previous, step),
+            lambda: self.before(key, g, previous, step),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityProjector:
+    """The first ``r`` coordinate axes, ``I[:, :r]``.
+
+    At full rank this makes the subspace transform equal to its inner transform, which is how
+    equivalences are tested; at lower rank it is a fixed coordinate subspace.
+    """
+
+    uses_gradient: bool = dataclasses.field(default=False, init=False)
+
+    def __call__(self, key, g, previous, step):
+        del key, g, step
+        return jnp.eye(*previous.shape, dtype=previous.dtype)
+
+
+def haar_stiefel(key: jax.Array, shape: tuple[int, int], method: str = "qr") -> jax.Array:
+    """Samples a ``(d, r)`` matrix uniformly from the Stiefel manifold (Proposition 1)."""
+    z = jax.random.normal(key, shape, dtype=jnp.float32)
+    if method == "qr":
+        q, r = jnp.linalg.qr(z)
+        # Without this sign fix, QR's convention (e.g. positive or negative diag(R)) biases Q.
+        signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)
+        return q * signs[None, :]
+    # Polar factor Z (Z^T Z)^{-1/2} through an r x r eigendecomposition.
+    w, v = jnp.linalg.eigh(z.T @ z)
+    return z @ ((v * lax.rsqrt(w)[None, :]) @ v.T)
+
+
+def svd() -> SVDProjector:
+    """GaLore's projector: top-r singular vectors of the minibatch (or large-batch) gradient."""
+    return SVDProjector()
+
+
+def random(method: str = "qr") -> RandomProjector:
+    """GoLore's projector: uniform on the Stiefel manifold, independent of the gradient."""
+    return RandomProjector(method)
+
+
+def hybrid(
+    switch_step: int, before: Projector | None = None, after: Projector | None = None
+) -> HybridProjector:
+    """GoLore@x%: ``before`` (default :func:`svd`) then ``after`` (default :func:`random`)."""
+    if int(switch_step) < 0:
+        raise ValueError(f"switch_step must be >= 0, got {switch_step}")
+    return HybridProjector(
+        int(switch_step), before if before is not None else svd(), after or random()
+    )
+
+
+def identity() -> IdentityProjector:
+    """The fixed coordinate subspace ``I[:, :r]`` (a reference for equivalence tests)."""
+    return IdentityProjector()

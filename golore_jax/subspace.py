@@ -1,0 +1,379 @@
+"""``scale_by_subspace``: project the gradient, run any optax transform on it, project back.
+
+One step of Algorithm 1 of He et al. 2024 (arXiv 2410.11289) for each projected leaf ``G``::
+
+    if t % tau == 0:  P = projector(G_sub)        # refresh, inside jit (lax.cond)
+    R = P^T G                                      # or G Q on the right side
+    N = inner(R)                                   # any optax GradientTransformation
+    update = scale * P N                           # or scale * N Q^T
+
+Leaves that are not projected go through the same ``inner`` at full shape. The state keeps the
+step count, a PRNG key, one ``(d, r)`` fp32 basis per projected leaf and the inner state on the
+low-rank shapes, which is where the memory saving comes from.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from golore_jax import layout as layout_lib
+from golore_jax import projectors as projectors_lib
+from golore_jax.layout import MatrixLayout
+
+# Fields of optax states that hold a first or a second moment of the gradient.
+FIRST_MOMENT_FIELDS = frozenset({"mu", "trace", "ema", "momentum"})
+SECOND_MOMENT_FIELDS = frozenset({"nu"})
+SECOND_MOMENT_POLICIES = ("keep", "project", "reset")
+
+# Leaves whose path matches this are not projected by the default mask (embeddings, output head).
+DEFAULT_EXCLUDE = r"embed|lm_head|wte|wpe|output_head"
+
+RankRule = int | Callable[[str, tuple[int, int]], int | None]
+MaskArg = Any  # None | pytree of bools | Callable[[params], pytree of bools]
+
+
+class ScaleBySubspaceState(NamedTuple):
+    """State of :func:`scale_by_subspace`.
+
+    Attributes:
+      count: number of updates applied so far (int32); refreshes happen when
+        ``count % update_every == 0``.
+      key: typed PRNG key, split at every step; a refresh uses a key folded with the leaf index.
+      bases: per leaf, the orthonormal ``(d, r)`` fp32 basis (``P`` or ``Q``), or
+        ``optax.MaskedNode()`` for leaves that are not projected.
+      inner_state: state of the inner transform, initialised on the low-rank shapes.
+    """
+
+    count: jax.Array
+    key: jax.Array
+    bases: Any
+    inner_state: Any
+
+
+def default_mask(params: Any, exclude: str = DEFAULT_EXCLUDE) -> Any:
+    """Projects floating leaves with >= 2 dims whose path does not match ``exclude``.
+
+    This mirrors GaLore's "galore params" group: attention and MLP matrices are projected;
+    embeddings, the output head, norms and biases are not.
+    """
+    pattern = re.compile(exclude, re.IGNORECASE)
+
+    def select(path, leaf):
+        return (
+            jnp.ndim(leaf) >= 2
+            and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+            and not pattern.search(jax.tree_util.keystr(path))
+        )
+
+    return jax.tree_util.tree_map_with_path(select, params)
+
+
+def _resolve_mask(mask: MaskArg, params: Any) -> list[bool]:
+    """The mask as a list of bools aligned with ``params``' leaves; checks its structure."""
+    if mask is None:
+        mask = default_mask(params)
+    elif callable(mask):
+        mask = mask(params)
+    param_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    mask_leaves = jax.tree_util.tree_leaves_with_path(mask)
+    mask_paths = [jax.tree_util.keystr(p) for p, _ in mask_leaves]
+    if mask_paths != param_paths:
+        missing = sorted(set(param_paths) - set(mask_paths))[:5]
+        extra = sorted(set(mask_paths) - set(param_paths))[:5]
+        raise ValueError(
+            "scale_by_subspace: the mask's structure does not match the params: "
+            f"params leaves missing from the mask: {missing}; mask leaves not in params: {extra}"
+        )
+    return [bool(m) for _, m in mask_leaves]
+
+
+def _leaf_layout(
+    path: str,
+    leaf: Any,
+    selected: bool,
+    rank: RankRule,
+    matrix_split: Callable[[str, tuple[int, ...]], int | None] | None,
+    allow_full_rank: bool,
+) -> MatrixLayout | None:
+    """Validates one leaf and returns its layout (None when it is not projected)."""
+    if not selected:
+        return None
+    shape = tuple(jnp.shape(leaf))
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        raise TypeError(
+            f"scale_by_subspace: leaf {path} is selected for projection but has non-floating "
+            f"dtype {jnp.result_type(leaf)}"
+        )
+    if len(shape) < 2:
+        raise ValueError(
+            f"scale_by_subspace: leaf {path} of shape {shape} is selected for projection but a "
+            "projected leaf needs at least 2 dimensions"
+        )
+    split = matrix_split(path, shape) if matrix_split is not None else None
+    rows_cols = layout_lib.make_layout(shape, 1, split)
+    leaf_rank = rank(path, (rows_cols.rows, rows_cols.cols)) if callable(rank) else rank
+    if leaf_rank is None:
+        return None
+    if isinstance(leaf_rank, bool) or not isinstance(leaf_rank, int) or leaf_rank <= 0:
+        raise ValueError(
+            f"scale_by_subspace: rank for leaf {path} must be a positive int, got {leaf_rank!r}"
+        )
+    smaller = min(rows_cols.rows, rows_cols.cols)
+    if leaf_rank > smaller or (leaf_rank == smaller and not allow_full_rank):
+        raise ValueError(
+            f"scale_by_subspace: rank {leaf_rank} for leaf {path} (seen as a "
+            f"{rows_cols.rows}x{rows_cols.cols} matrix) must be < min(m, n) = {smaller}; "
+            "a full-rank projection saves nothing (allow_full_rank=True permits rank == min(m, n))"
+        )
+    return rows_cols._replace(rank=leaf_rank)
+
+
+def _plan(
+    tree: Any,
+    mask: MaskArg,
+    rank: RankRule,
+    matrix_split: Callable[[str, tuple[int, ...]], int | None] | None,
+    allow_full_rank: bool,
+) -> tuple[list[MatrixLayout | None], Any]:
+    """Per-leaf layouts (static: they depend only on shapes, dtypes and paths) and the treedef."""
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    selected = _resolve_mask(mask, tree)
+    layouts = [
+        _leaf_layout(jax.tree_util.keystr(path), leaf, sel, rank, matrix_split, allow_full_rank)
+        for (path, leaf), sel in zip(leaves_with_paths, selected, strict=True)
+    ]
+    return layouts, treedef
+
+
+def subspace_layouts(
+    params: Any,
+    *,
+    rank: RankRule,
+    mask: MaskArg = None,
+    matrix_split: Callable[[str, tuple[int, ...]], int | None] | None = None,
+    allow_full_rank: bool = False,
+) -> dict[str, MatrixLayout | None]:
+    """``{leaf path: MatrixLayout or None}`` (None where not projected), in leaf order.
+
+    Raises the same errors as ``scale_by_subspace(...).init(params)``.
+    """
+    layouts, _ = _plan(params, mask, rank, matrix_split, allow_full_rank)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return dict(zip(paths, layouts, strict=True))
+
+
+def _map_moments(state: Any, treedef: Any, fn_for_field: Callable[[str], Callable | None]) -> Any:
+    """Applies ``fn_for_field(name)`` to every NamedTuple field holding a params-shaped tree.
+
+    This finds the moments inside any (nested) optax state: chain tuples, inject_hyperparameters
+    and MultiSteps wrappers included, by their field names (``mu``, ``nu``, ``trace``, ...).
+    """
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        values = {}
+        for name, value in zip(state._fields, state, strict=True):
+            fn = fn_for_field(name)
+            if fn is not None and jax.tree_util.tree_structure(value) == treedef:
+                values[name] = fn(value)
+            else:
+                values[name] = _map_moments(value, treedef, fn_for_field)
+        return type(state)(**values)
+    if isinstance(state, tuple | list):
+        return type(state)(_map_moments(s, treedef, fn_for_field) for s in state)
+    if isinstance(state, dict):
+        return {k: _map_moments(v, treedef, fn_for_field) for k, v in state.items()}
+    return state
+
+
+def scale_by_subspace(
+    inner: optax.GradientTransformation,
+    *,
+    rank: RankRule,
+    update_every: int,
+    projector: projectors_lib.Projector | None = None,
+    scale: float = 1.0,
+    mask: MaskArg = None,
+    momentum_projection: bool = False,
+    second_moment: str = "keep",
+    matrix_split: Callable[[str, tuple[int, ...]], int | None] | None = None,
+    allow_full_rank: bool = False,
+    seed: int | jax.Array = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Runs ``inner`` in a rank-``r`` subspace of each projected leaf (Algorithm 1).
+
+    Args:
+      inner: any optax transformation; it sees the low-rank gradients ``R`` of projected leaves
+        and the full gradients of the others. It receives no ``params`` (put weight decay outside,
+        where it acts on the full weights, as GaLore does).
+      rank: ``r``, an int or a function ``(path, (m, n)) -> int | None`` (None: not projected).
+      update_every: ``tau``; the subspace is refreshed when ``count % tau == 0`` (from step 0).
+      projector: how a subspace is chosen; default :func:`golore_jax.projectors.svd` (GaLore).
+      scale: ``alpha``, multiplies the back-projected update of projected leaves.
+      mask: which leaves are projected: None (:func:`default_mask`), a bool tree like params, or
+        a function of params returning one.
+      momentum_projection: at a refresh, carry first moments (``mu``/``trace``/``ema`` fields of
+        the inner state) into the new subspace by equation (2): ``M <- P_new^T P_old M``
+        (left) or ``M Q_old^T Q_new`` (right). Off: moments are kept as they are (GaLore's code).
+      second_moment: what a refresh does to second moments (``nu`` fields): ``"keep"`` (GaLore's
+        code), ``"reset"`` to zero, or ``"project"``: ``V <- (C * C) V`` with
+        ``C = P_new^T P_old``, the variance of the rotated coordinates if the old ones were
+        independent (keeps ``V >= 0``; see :func:`golore_jax.layout.rotate_second_moment`).
+      matrix_split: for leaves with > 2 dims, ``(path, shape) -> k`` so rows are ``shape[:k]``;
+        default: the most square split (see :mod:`golore_jax.layout`).
+      allow_full_rank: permit ``rank == min(m, n)`` (no saving; used for equivalence checks).
+      seed: int seed or PRNG key for random projectors.
+
+    Extra args:
+      ``subspace_grads``: a gradient tree like ``updates`` used only to choose the subspace
+      (large-batch GaLore: the mean of several minibatch gradients). Other extra args are passed
+      to ``inner``.
+    """
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
+        raise ValueError(
+            f"scale_by_subspace: update_every must be a positive int, got {update_every!r}"
+        )
+    if not callable(rank) and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ValueError(
+            f"scale_by_subspace: rank must be a positive int or a function, got {rank!r}"
+        )
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale_by_subspace: scale must be finite, got {scale!r}")
+    if second_moment not in SECOND_MOMENT_POLICIES:
+        raise ValueError(
+            f"scale_by_subspace: second_moment must be one of {SECOND_MOMENT_POLICIES}, "
+            f"got {second_moment!r}"
+        )
+    projector = projector if projector is not None else projectors_lib.svd()
+    inner = optax.with_extra_args_support(inner)
+    rotates_state = momentum_projection or second_moment != "keep"
+
+    def plan(tree) -> tuple[list[MatrixLayout | None], Any]:
+        return _plan(tree, mask, rank, matrix_split, allow_full_rank)
+
+    def init_fn(params):
+        layouts, treedef = plan(params)
+        leaves = treedef.flatten_up_to(params)
+        bases = [
+            optax.MaskedNode() if lay is None else jnp.zeros(lay.basis_shape, jnp.float32)
+            for lay in layouts
+        ]
+        low_rank = [
+            leaf if lay is None else jnp.zeros(lay.low_rank_shape, jnp.float32)
+            for leaf, lay in zip(leaves, layouts, strict=True)
+        ]
+        key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+        return ScaleBySubspaceState(
+            count=jnp.zeros([], jnp.int32),
+            key=key,
+            bases=treedef.unflatten(bases),
+            inner_state=inner.init(treedef.unflatten(low_rank)),
+        )
+
+    def change_of_basis(inner_state, treedef, layouts, old, new):
+        """Rotates the inner state's moments from the old subspaces to the new ones."""
+        changes = [
+            None if lay is None else n.T @ o for lay, o, n in zip(layouts, old, new, strict=True)
+        ]
+
+        def per_leaf(rotate):
+            def apply(tree):
+                leaves = treedef.flatten_up_to(tree)
+                return treedef.unflatten(
+                    [
+                        x if lay is None else rotate(x, c, lay).astype(x.dtype)
+                        for x, c, lay in zip(leaves, changes, layouts, strict=True)
+                    ]
+                )
+
+            return apply
+
+        reset = per_leaf(lambda v, c, lay: jnp.zeros_like(v))
+        second = {
+            "keep": None,
+            "reset": reset,
+            "project": per_leaf(layout_lib.rotate_second_moment),
+        }[second_moment]
+        first = per_leaf(layout_lib.rotate_first_moment) if momentum_projection else None
+
+        def fn_for_field(name):
+            if name in FIRST_MOMENT_FIELDS:
+                return first
+            if name in SECOND_MOMENT_FIELDS:
+                return second
+            return None
+
+        return _map_moments(inner_state, treedef, fn_for_field)
+
+    def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
+        layouts, treedef = plan(updates)
+        grads = treedef.flatten_up_to(updates)
+        chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)
+        old_bases = treedef.flatten_up_to(state.bases)
+        projected = [i for i, lay in enumerate(layouts) if lay is not None]
+        next_key, refresh_key = jax.random.split(state.key)
+
+        def refresh(operands):
+            bases, inner_state = operands
+            new = list(bases)
+            for i in projected:
+                lay = layouts[i]
+                g = layout_lib.projected_rows(
+                    layout_lib.as_matrix(chooser[i].astype(jnp.float32), lay), lay
+                )
+                candidate = projector(jax.random.fold_in(refresh_key, i), g, bases[i], state.count)
+                # Never write NaN into the state: a bad candidate keeps the previous basis.
+                ok = jnp.all(jnp.isfinite(candidate))
+                if projector.uses_gradient:
+                    ok &= jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
+                new[i] = jnp.where(ok, candidate, bases[i])
+            if rotates_state:
+                inner_state = change_of_basis(inner_state, treedef, layouts, bases, new)
+            return new, inner_state
+
+        is_refresh = state.count % update_every == 0
+        new_bases, inner_state = lax.cond(
+            is_refresh, refresh, lambda operands: operands, (old_bases, state.inner_state)
+        )
+
+        low_rank = [
+            g
+            if lay is None
+            else layout_lib.project(
+                layout_lib.as_matrix(g.astype(jnp.float32), lay), new_bases[i], lay
+            )
+            for i, (g, lay) in enumerate(zip(grads, layouts, strict=True))
+        ]
+        inner_updates, inner_state = inner.update(
+            treedef.unflatten(low_rank), inner_state, None, **extra_args
+        )
+        param_leaves = None if params is None else treedef.flatten_up_to(params)
+        out = []
+        for i, (n, lay) in enumerate(
+            zip(treedef.flatten_up_to(inner_updates), layouts, strict=True)
+        ):
+            if lay is None:
+                out.append(n)
+                continue
+            dtype = grads[i].dtype if param_leaves is None else param_leaves[i].dtype
+            out.append((scale * layout_lib.back_project(n, new_bases[i], lay)).astype(dtype))
+        new_state = ScaleBySubspaceState(
+            count=optax.safe_increment(state.count),
+            key=next_key,
+            bases=treedef.unflatten(
+                [
+                    optax.MaskedNode() if lay is None else b
+                    for lay, b in zip(layouts, new_bases, strict=True)
+                ]
+            ),
+            inner_state=inner_state,
+        )
+        return treedef.unflatten(out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
