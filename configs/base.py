@@ -1,0 +1,84 @@
+"""Shared defaults for the LLaMA pre-training configs (ml_collections, flax-examples style).
+
+Every config file defines ``get_config()``; any field can be overridden on the command line,
+e.g. ``python -m train --config configs/llama_60m.py --config.optimizer.rank=256``. Overriding
+a key that does not exist is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from train.data import default_data_config
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """The optimizer block: adamw | galore | golore | hybrid, AdamW or MSGD inside."""
+    return ml_collections.ConfigDict(
+        {
+            # adamw (full-parameter) | galore (SVD) | golore (random) | hybrid (GoLore@x%).
+            "name": "hybrid",
+            # adamw | msgd: the optimizer run inside the subspace (and for adamw, alone).
+            "inner": "adamw",
+            "learning_rate": 1e-3,
+            "warmup_steps": 1000,
+            "min_lr_ratio": 0.1,  # cosine decays to learning_rate * min_lr_ratio
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,  # global-norm clip; 0 disables
+            "b1": 0.9,  # optax convention (the paper's 0.1)
+            "b2": 0.999,
+            "eps": 1e-8,
+            "momentum": 0.9,  # for inner=msgd, optax convention
+            "rank": 128,
+            "update_every": 200,
+            "scale": 1.0,
+            "golore_fraction": 0.2,  # hybrid: random projector for the last 20% of steps
+            "momentum_projection": False,
+            "second_moment": "keep",
+            "seed": 0,  # PRNG seed of the random projector
+        }
+    )
+
+
+def llama_config(
+    hidden: int, intermediate: int, heads: int, layers: int, vocab: int = 32000
+) -> ml_collections.ConfigDict:
+    """A full training config for a LLaMA of the given shape (GaLore's configs/llama_*.json)."""
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(
+        {
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
+            "num_heads": heads,
+            "num_layers": layers,
+            "num_kv_heads": ml_collections.FieldReference(None, field_type=int),
+            "max_seq_len": 256,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "dtype": "bfloat16",
+            "param_dtype": "float32",
+            "remat": False,
+            "scan_layers": False,
+        }
+    )
+    config.data = default_data_config()
+    config.data.vocab_size = vocab
+    config.optimizer = optimizer_config()
+    # Mesh axis sizes; -1 takes all remaining devices. data x fsdp x tensor = device count.
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.seq_len = 256
+    config.batch_size = 128  # global, over all devices and hosts
+    config.num_steps = 10_000
+    config.log_every = 50
+    config.eval_every = 1000
+    config.eval_batches = 8
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 3
+    config.seed = 0  # init and data order
+    # Multi-host: call jax.distributed.initialize() (arguments from the environment).
+    config.distributed = False
+    # Non-finite loss or gradients: 'skip' the step (counted, up to max_skipped) or 'stop'.
+    config.nonfinite = "skip"
+    config.max_skipped = 20
+    return config

@@ -1,0 +1,1 @@
+"""The application: a Flax LLaMA pre-trained with golore_jax, sharded with jax.jit."""

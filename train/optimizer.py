@@ -1,0 +1,83 @@
+"""The optimizer a config asks for, built from golore_jax and optax as any user would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import golore_jax as gl
+
+OPTIMIZERS = ("adamw", "galore", "golore", "hybrid")
+INNERS = ("adamw", "msgd")
+
+
+def learning_rate_schedule(opt: Any, num_steps: int) -> optax.Schedule:
+    """Linear warmup to ``learning_rate`` then cosine decay to ``learning_rate*min_lr_ratio``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=opt.learning_rate,
+        warmup_steps=min(opt.warmup_steps, num_steps),
+        decay_steps=max(num_steps, opt.warmup_steps + 1),
+        end_value=opt.learning_rate * opt.min_lr_ratio,
+    )
+
+
+def _matrices(params: Any) -> Any:
+    """Weight decay on matrices only (not norms), as in the LLaMA pre-training recipes."""
+    return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def validate(opt: Any) -> None:
+    """Rejects an optimizer block the trainer cannot build, before anything compiles."""
+    if opt.name not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
+    if opt.inner not in INNERS:
+        raise ValueError(f"config.optimizer.inner must be one of {INNERS}, got {opt.inner!r}")
+    if opt.learning_rate <= 0:
+        raise ValueError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+
+
+def build_optimizer(opt: Any, num_steps: int) -> optax.GradientTransformation:
+    """``config.optimizer`` -> an optax transformation (clipping, subspace optimizer, lr)."""
+    validate(opt)
+    schedule = learning_rate_schedule(opt, num_steps)
+    if opt.name == "adamw" and opt.inner == "adamw":
+        tx = optax.adamw(schedule, opt.b1, opt.b2, opt.eps, opt.weight_decay, mask=_matrices)
+    elif opt.name == "adamw":  # full-parameter MSGD
+        tx = optax.chain(
+            optax.add_decayed_weights(opt.weight_decay, _matrices),
+            optax.sgd(schedule, momentum=opt.momentum),
+        )
+    else:
+        projector = {
+            "galore": gl.projectors.svd(),
+            "golore": gl.projectors.random(),
+            "hybrid": gl.golore_projector(opt.golore_fraction, num_steps),
+        }[opt.name]
+        common = dict(
+            rank=opt.rank,
+            update_every=opt.update_every,
+            scale=opt.scale,
+            weight_decay=opt.weight_decay,
+            weight_decay_mask=_matrices,
+            projector=projector,
+            momentum_projection=opt.momentum_projection,
+            seed=opt.seed,
+        )
+        if opt.inner == "adamw":
+            tx = gl.galore_adamw(
+                schedule,
+                b1=opt.b1,
+                b2=opt.b2,
+                eps=opt.eps,
+                second_moment=opt.second_moment,
+                **common,
+            )
+        else:
+            tx = gl.galore_sgd(schedule, momentum=opt.momentum, **common)
+    if opt.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
+    return tx

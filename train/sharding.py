@@ -1,0 +1,130 @@
+"""Device mesh, logical-axis rules, and the shardings of params, optimizer state and batches.
+
+The mesh has three named axes:
+
+* ``data``: pure data parallelism (params replicated),
+* ``fsdp``: data parallelism with params and optimizer state sharded (ZeRO-3 style),
+* ``tensor``: tensor parallelism over heads / MLP hidden / vocab.
+
+The batch is split over ``data`` x ``fsdp``. Model code names logical axes only; the rules
+below map them to mesh axes, so the same model runs on 1 device, N GPUs or a TPU pod.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from golore_jax.partitioning import state_partition_specs
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Weights shard their 'embed' dim over fsdp and their heads / mlp /
+# vocab dim over tensor; activations shard the batch over data x fsdp.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
+    """Resolves ``config.mesh`` (one entry may be -1) to sizes whose product is num_devices."""
+    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise ValueError(
+            f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))}: each axis must be a positive "
+            "size, with at most one -1 (meaning: all remaining devices)"
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(
+                f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not divide the "
+                f"{num_devices} devices"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} has {math.prod(sizes)} "
+            f"devices but {num_devices} are available"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mesh_config, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def _mesh_axis_size(mesh: Mesh, axes: Any) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_divisible(shapes: Any, specs: Any, mesh: Mesh, what: str) -> None:
+    """Raises if a sharded dim is not divisible by its mesh axes, naming the leaf and dim."""
+    flat_specs = jax.tree_util.tree_structure(shapes).flatten_up_to(specs)
+    for (path, leaf), spec in zip(
+        jax.tree_util.tree_leaves_with_path(shapes), flat_specs, strict=True
+    ):
+        for dim, axes in enumerate(spec):
+            size = _mesh_axis_size(mesh, axes)
+            if leaf.shape[dim] % size:
+                raise ValueError(
+                    f"{what} {jax.tree_util.keystr(path)} of shape {leaf.shape}: dim {dim} "
+                    f"({leaf.shape[dim]}) is not divisible by mesh axes {axes} of size {size}; "
+                    f"change config.mesh {dict(mesh.shape)} or the model dims"
+                )
+
+
+def logical_to_mesh(specs: Any) -> Any:
+    """Logical PartitionSpecs -> mesh PartitionSpecs under :data:`LOGICAL_RULES`."""
+    return nn.logical_to_mesh(specs, LOGICAL_RULES)
+
+
+def named(mesh: Mesh, mesh_specs: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s),
+        mesh_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def param_and_state_shardings(
+    mesh: Mesh, boxed_params: Any, opt_state_shapes: Any
+) -> tuple[Any, Any]:
+    """NamedShardings for params (from their logical names) and for the optimizer state.
+
+    The optimizer state's specs come from golore_jax: projectors take the sharding of the
+    param dim they span and low-rank moments that of the dim they keep.
+    """
+    logical = nn.get_partition_spec(boxed_params)
+    params_shapes = nn.unbox(boxed_params)
+    param_specs = logical_to_mesh(logical)
+    check_divisible(params_shapes, param_specs, mesh, "param")
+    state_specs = state_partition_specs(opt_state_shapes, params_shapes, param_specs)
+    return named(mesh, param_specs), named(mesh, state_specs)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
