@@ -78,6 +78,8 @@ def llama_config(
     config.seed = 0  # init and data order
     # Multi-host: call jax.distributed.initialize() (arguments from the environment).
     config.distributed = False
+    # Steps to run in this invocation before saving and exiting (None: up to num_steps).
+    config.run_steps = ml_collections.FieldReference(None, field_type=int)
     # Non-finite loss or gradients: 'skip' the step (counted, up to max_skipped) or 'stop'.
     config.nonfinite = "skip"
     config.max_skipped = 20

@@ -61,6 +61,9 @@ class Checkpoints:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+        """Saves ``step`` (forced: even off the interval); a step already saved is kept."""
+        if step in self._manager.all_steps():
+            return False
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(

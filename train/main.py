@@ -132,7 +132,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "finite": finite,
             "leaf_finite": leaf_finite,
         }
@@ -296,6 +296,9 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     writer = _summary_writer(workdir)
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_steps)
     step = int(state.step)
+    # Stop (after saving) when this invocation has run config.run_steps steps, e.g. to fit
+    # a long run into several time-limited jobs.
+    stop_at = None if config.run_steps is None else step + config.run_steps
     result: dict[str, Any] = {"stopped_by_signal": False}
     progress = _progress(step, config.num_steps)
     with _StopRequest() as stop, metrics_path.open("a") as metrics_file:
@@ -349,13 +352,14 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
                 checkpoints.save(step, state, meta())
             if step % config.eval_every == 0 or step % config.checkpoint_every == 0:
                 last_time = time.perf_counter()  # keep eval and saving out of tokens/s
-            if stop.signal is not None:
+            if stop.signal is not None or step == stop_at:
                 checkpoints.save(step, state, meta(), force=True)
+                reason = f"received signal {stop.signal}" if stop.signal else "run_steps reached"
                 print(
-                    f"received signal {stop.signal}: saved step {step} to "
-                    f"{checkpoints.directory}; rerun the same command to resume"
+                    f"{reason}: saved step {step} to {checkpoints.directory}; "
+                    "rerun the same command to resume"
                 )
-                result["stopped_by_signal"] = True
+                result["stopped_by_signal"] = stop.signal is not None
                 break
     progress.close()
     checkpoints.close()

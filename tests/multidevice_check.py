@@ -1,0 +1,77 @@
+"""Run with 8 fake CPU devices: losses per mesh and the shardings of params and opt state.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.multidevice_check DIR``
+prints one JSON object; tests/test_train.py runs it in a subprocess (the device count is fixed
+when jax starts).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+
+from tests.train_fixtures import tiny_config
+from train import data as data_lib
+from train import main as main_lib
+from train import sharding as sharding_lib
+
+MESHES = {"1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
+
+
+def run(tmp: pathlib.Path, steps: int = 3) -> dict:
+    config = tiny_config(tmp)
+    datasets = data_lib.build_datasets(
+        config.data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=0
+    )
+    batches = [next(datasets.train) for _ in range(steps)]
+    out = {"devices": jax.device_count(), "losses": {}, "specs": {}}
+    for name, shape in MESHES.items():
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+        devices = jax.devices()[: shape[0] * shape[1] * shape[2]]
+        mesh = sharding_lib.make_mesh(config.mesh, devices)
+        trainer = main_lib.build_trainer(config, mesh)
+        state = trainer.init(jax.random.key(0))
+        losses = []
+        for batch in batches:
+            state, metrics = trainer.train_step(
+                state, main_lib.to_global(batch, trainer.batch_sharding)
+            )
+            losses.append(float(metrics["loss"]))
+        out["losses"][name] = losses
+        subspace = state.opt_state[1][0]  # chain(clip, galore_adamw) -> scale_by_subspace
+        layer = "layers_0"
+        out["specs"][name] = {
+            "q_kernel": str(
+                state.params["model"][layer]["self_attn"]["q_proj"]["kernel"].sharding.spec
+            ),
+            "q_basis": str(
+                subspace.bases["model"][layer]["self_attn"]["q_proj"]["kernel"].sharding.spec
+            ),
+            "q_mu": str(
+                subspace.inner_state.mu["model"][layer]["self_attn"]["q_proj"][
+                    "kernel"
+                ].sharding.spec
+            ),
+            "down_basis": str(
+                subspace.bases["model"][layer]["mlp"]["down_proj"]["kernel"].sharding.spec
+            ),
+            "down_mu": str(
+                subspace.inner_state.mu["model"][layer]["mlp"]["down_proj"]["kernel"].sharding.spec
+            ),
+            "q_kernel_shards": len(
+                state.params["model"][layer]["self_attn"]["q_proj"]["kernel"].addressable_shards
+            ),
+            "q_mu_shard_shape": list(
+                subspace.inner_state.mu["model"][layer]["self_attn"]["q_proj"]["kernel"]
+                .addressable_shards[0]
+                .data.shape
+            ),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(pathlib.Path(sys.argv[1]))))

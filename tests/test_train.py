@@ -1,0 +1,143 @@
+"""The trainer: loss falls, exact resume, sharding on 8 fake devices, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tests.train_fixtures import tiny_config
+from train import main as main_lib
+from train import sharding as sharding_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _records(workdir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_held_out_loss_and_writes_outputs(tmp_path):
+    """12 steps: held-out loss falls clearly; metrics, TensorBoard, PNG, checkpoints written."""
+    config = tiny_config(tmp_path, num_steps=12, eval_every=6, checkpoint_every=6)
+    result = main_lib.train_and_evaluate(config, tmp_path / "run")
+    assert result["step"] == 12
+    assert result["eval_loss"] < result["first_eval_loss"] - 1.0
+    records = _records(tmp_path / "run")
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 13))
+    assert {"loss", "learning_rate", "tokens_per_s", "grad_norm"} <= set(train_records[0])
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 6, 12]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [6, 12]
+
+
+def test_resume_is_exact_across_refresh_and_hybrid_switch(tmp_path):
+    """Stopping at step 3 and resuming gives bit-identical losses to an uninterrupted run.
+
+    update_every=2 and the hybrid switch at step 3 (50% of 6): the resumed part crosses a
+    projector refresh (step 4) and the switch to random projections.
+    """
+    full = tiny_config(tmp_path)
+    main_lib.train_and_evaluate(full, tmp_path / "full")
+    split = tiny_config(tmp_path, run_steps=3)
+    first = main_lib.train_and_evaluate(split, tmp_path / "split")
+    assert first["step"] == 3
+    split.run_steps = None
+    second = main_lib.train_and_evaluate(split, tmp_path / "split")
+    assert second["step"] == 6
+
+    def losses(workdir):
+        return [(r["step"], r["loss"]) for r in _records(workdir) if "loss" in r]
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
+def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
+    """Meshes (8,1,1), (2,4,1), (2,2,2) give the losses of 1 device; params AND state sharded."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.multidevice_check", str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    reference = result["losses"]["1"]
+    for name in ("8x1x1", "2x4x1", "2x2x2"):
+        # fp32 compute; only the order of cross-device reductions differs.
+        assert result["losses"][name] == pytest.approx(reference, rel=1e-5), name
+    specs = result["specs"]["2x2x2"]
+    assert specs["q_kernel"] == "P('fsdp', 'tensor')"
+    assert specs["q_kernel_shards"] == 8
+    # Left-projected q (64 x 64): P spans rows (fsdp), the r x n moment keeps cols (tensor).
+    assert specs["q_basis"] == "P('fsdp', None)"
+    assert specs["q_mu"] == "P(None, 'tensor')"
+    assert specs["q_mu_shard_shape"] == [8, 32]  # r=8, 64 columns over tensor=2
+    # Right-projected down_proj (128 x 64): Q spans cols (fsdp), the m x r moment keeps rows.
+    assert specs["down_basis"] == "P('fsdp', None)"
+    assert specs["down_mu"] == "P('tensor', None)"
+
+
+def test_bad_mesh_raises_before_compiling():
+    with pytest.raises(ValueError, match="devices but 1 are available"):
+        sharding_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding_lib.make_mesh({"data": -1, "fsdp": -1, "tensor": 1})
+
+
+def test_model_dim_not_divisible_by_mesh_names_the_param():
+    mesh = jax.sharding.Mesh([[[d]] for d in jax.devices()[:1]], sharding_lib.MESH_AXES)
+    shapes = {"w": jax.ShapeDtypeStruct((6, 4), "float32")}
+    fake_mesh = type("M", (), {"shape": {"data": 1, "fsdp": 4, "tensor": 1}})()
+    with pytest.raises(ValueError, match=r"param \['w'\].*dim 0 \(6\).*fsdp"):
+        sharding_lib.check_divisible(
+            shapes, {"w": jax.sharding.PartitionSpec("fsdp")}, fake_mesh, "param"
+        )
+    del mesh
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"optimizer.name": "sophia"}, ValueError, "optimizer.name"),
+        ({"seq_len": 64}, ValueError, "max_seq_len"),
+        ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ({"data.paths": ["/nonexistent/corpus.txt"]}, FileNotFoundError, "/nonexistent"),
+        ({"model.vocab_size": 100}, ValueError, "100"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+    ],
+)
+def test_bad_config_raises_clear_error(tmp_path, overrides, error, match):
+    config = tiny_config(tmp_path, **overrides)
+    with pytest.raises(error, match=match):
+        main_lib.train_and_evaluate(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="not writable"):
+        main_lib.train_and_evaluate(tiny_config(tmp_path), blocker / "run")
+
+
+def test_checkpoint_from_other_config_is_refused_and_kept(tmp_path):
+    """Resuming with a different rank names the mismatch and leaves the checkpoint intact."""
+    main_lib.train_and_evaluate(tiny_config(tmp_path, num_steps=3), tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"optimizer.rank"):
+        main_lib.train_and_evaluate(
+            tiny_config(tmp_path, num_steps=6, **{"optimizer.rank": 4}), tmp_path / "run"
+        )
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
