@@ -46,6 +46,59 @@ class SVDProjector:
 
 
 @dataclasses.dataclass(frozen=True)
+class GramEighProjector:
+    """GaLore's subspace from the eigenvectors of the ``d x d`` Gram matrix ``g g^T``.
+
+    The top-``r`` eigenvectors of ``g g^T`` are the top-``r`` left singular vectors of ``g``;
+    ``d`` is the smaller side, so this is one symmetric eigendecomposition instead of an SVD
+    (about 10x faster on GPUs). Forming ``g g^T`` squares the condition number: directions with
+    singular values below ``sqrt(eps) * s_max`` are resolved less accurately than by an SVD,
+    which does not matter for the top of a decaying spectrum (the captured energy is checked in
+    the tests).
+    """
+
+    uses_gradient: bool = dataclasses.field(default=True, init=False)
+
+    def __call__(self, key, g, previous, step):
+        del key, step
+        rank = previous.shape[-1]
+        g = g.astype(jnp.float32)
+        _, vectors = jnp.linalg.eigh(g @ g.T)  # ascending eigenvalues
+        return vectors[:, ::-1][:, :rank]
+
+
+@dataclasses.dataclass(frozen=True)
+class SubspaceIterationProjector:
+    """Top-``r`` subspace by block power (subspace) iteration, warm-started from ``previous``.
+
+    Between refreshes the gradient's top subspace moves slowly, so a few iterations
+    ``X <- orth(g g^T X)`` from the previous basis recover it with matmuls and one QR each;
+    a Rayleigh-Ritz step (an ``r x r`` eigendecomposition) then orders the basis like the SVD's
+    singular vectors. Before the first refresh (``previous == 0``) it starts from a Gaussian
+    matrix and runs ``cold_iterations``.
+    """
+
+    iterations: int = 2
+    cold_iterations: int = 8
+    uses_gradient: bool = dataclasses.field(default=True, init=False)
+
+    def __call__(self, key, g, previous, step):
+        del step
+        g = g.astype(jnp.float32)
+        cold = jnp.all(previous == 0)
+        start = jnp.where(cold, jax.random.normal(key, previous.shape, jnp.float32), previous)
+
+        def body(_, x):
+            q, _ = jnp.linalg.qr(g @ (g.T @ x))
+            return q
+
+        x = lax.fori_loop(0, jnp.where(cold, self.cold_iterations, self.iterations), body, start)
+        b = x.T @ g  # r x k, the projected matrix
+        _, rotation = jnp.linalg.eigh(b @ b.T)
+        return x @ rotation[:, ::-1]
+
+
+@dataclasses.dataclass(frozen=True)
 class RandomProjector:
     """GoLore: a basis drawn uniformly (Haar) from the Stiefel manifold ``St(d, r)``.
 
@@ -123,6 +176,20 @@ def haar_stiefel(key: jax.Array, shape: tuple[int, int], method: str = "qr") -> 
 def svd() -> SVDProjector:
     """GaLore's projector: top-r singular vectors of the minibatch (or large-batch) gradient."""
     return SVDProjector()
+
+
+def gram_eigh() -> GramEighProjector:
+    """GaLore's subspace through an eigendecomposition of the smaller Gram matrix (fast)."""
+    return GramEighProjector()
+
+
+def subspace_iteration(iterations: int = 2, cold_iterations: int = 8) -> SubspaceIterationProjector:
+    """GaLore's subspace by warm-started subspace iteration: a few matmuls and QRs a refresh."""
+    if iterations < 1 or cold_iterations < 1:
+        raise ValueError(
+            f"iterations and cold_iterations must be >= 1, got {iterations}, {cold_iterations}"
+        )
+    return SubspaceIterationProjector(iterations, cold_iterations)
 
 
 def random(method: str = "qr") -> RandomProjector:

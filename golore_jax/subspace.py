@@ -192,6 +192,37 @@ def _map_moments(state: Any, treedef: Any, fn_for_field: Callable[[str], Callabl
     return state
 
 
+def _same_shape_groups(layouts: list[MatrixLayout | None]) -> list[list[int]]:
+    """Indices of projected leaves grouped by (projected dim, other dim, rank), in leaf order."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, lay in enumerate(layouts):
+        if lay is not None:
+            other = lay.cols if lay.side == layout_lib.LEFT else lay.rows
+            groups.setdefault((lay.projected_dim, other, lay.rank), []).append(i)
+    return list(groups.values())
+
+
+def _guarded_choice(
+    projector: projectors_lib.Projector,
+    key: jax.Array,
+    g: jax.Array,
+    previous: jax.Array,
+    step: jax.Array,
+) -> jax.Array:
+    """``projector(key, g, previous, step)``, keeping ``previous`` if the choice is unusable.
+
+    Never writes NaN into the state: a non-finite candidate, or (for projectors that read the
+    gradient) a non-finite or all-zero gradient, keeps the previous basis.
+    """
+    # The projector never sees inf/NaN (LAPACK's SVD can hang on inf); `ok` below still
+    # rejects the candidate of a non-finite gradient.
+    candidate = projector(key, jnp.where(jnp.isfinite(g), g, 0.0), previous, step)
+    ok = jnp.all(jnp.isfinite(candidate))
+    if projector.uses_gradient:
+        ok &= jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
+    return jnp.where(ok, candidate, previous)
+
+
 def scale_by_subspace(
     inner: optax.GradientTransformation,
     *,
@@ -205,6 +236,7 @@ def scale_by_subspace(
     matrix_split: Callable[[str, tuple[int, ...]], int | None] | None = None,
     allow_full_rank: bool = False,
     seed: int | jax.Array = 0,
+    refresh_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Runs ``inner`` in a rank-``r`` subspace of each projected leaf (Algorithm 1).
 
@@ -229,6 +261,10 @@ def scale_by_subspace(
         default: the most square split (see :mod:`golore_jax.layout`).
       allow_full_rank: permit ``rank == min(m, n)`` (no saving; used for equivalence checks).
       seed: int seed or PRNG key for random projectors.
+      refresh_sharding: where the refresh runs. Same-shape leaves are stacked and their
+        projectors vmapped; with a sharding (e.g. ``PartitionSpec(("data", "fsdp"))`` under a
+        mesh context, or a ``NamedSharding``) on the stacked axis, each device decomposes its
+        share of the matrices instead of every device repeating every decomposition.
 
     Extra args:
       ``subspace_grads``: a gradient tree like ``updates`` used only to choose the subspace
@@ -243,7 +279,7 @@ def scale_by_subspace(
         raise ValueError(
             f"scale_by_subspace: rank must be a positive int or a function, got {rank!r}"
         )
-    if not math.isfinite(float(scale)):
+    if isinstance(scale, int | float) and not math.isfinite(scale):  # traced under inject
         raise ValueError(f"scale_by_subspace: scale must be finite, got {scale!r}")
     if second_moment not in SECOND_MOMENT_POLICIES:
         raise ValueError(
@@ -316,23 +352,35 @@ def scale_by_subspace(
         grads = treedef.flatten_up_to(updates)
         chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)
         old_bases = treedef.flatten_up_to(state.bases)
-        projected = [i for i, lay in enumerate(layouts) if lay is not None]
         next_key, refresh_key = jax.random.split(state.key)
 
         def refresh(operands):
             bases, inner_state = operands
             new = list(bases)
-            for i in projected:
-                lay = layouts[i]
-                g = layout_lib.projected_rows(
-                    layout_lib.as_matrix(chooser[i].astype(jnp.float32), lay), lay
+            for group in _same_shape_groups(layouts):
+                # One vmapped projector call per group of same-shape leaves: a refresh is a few
+                # large batched kernels, and the stacked axis can be spread over devices.
+                g = jnp.stack(
+                    [
+                        layout_lib.projected_rows(
+                            layout_lib.as_matrix(chooser[i].astype(jnp.float32), layouts[i]),
+                            layouts[i],
+                        )
+                        for i in group
+                    ]
                 )
-                candidate = projector(jax.random.fold_in(refresh_key, i), g, bases[i], state.count)
-                # Never write NaN into the state: a bad candidate keeps the previous basis.
-                ok = jnp.all(jnp.isfinite(candidate))
-                if projector.uses_gradient:
-                    ok &= jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
-                new[i] = jnp.where(ok, candidate, bases[i])
+                previous = jnp.stack([bases[i] for i in group])
+                if refresh_sharding is not None:
+                    g = lax.with_sharding_constraint(g, refresh_sharding)
+                    previous = lax.with_sharding_constraint(previous, refresh_sharding)
+                keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+                    refresh_key, jnp.asarray(group, jnp.uint32)
+                )
+                chosen = jax.vmap(_guarded_choice, in_axes=(None, 0, 0, 0, None))(
+                    projector, keys, g, previous, state.count
+                )
+                for j, i in enumerate(group):
+                    new[i] = chosen[j]
             if rotates_state:
                 inner_state = change_of_basis(inner_state, treedef, layouts, bases, new)
             return new, inner_state
