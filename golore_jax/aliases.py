@@ -47,7 +47,7 @@ def _subspace_optimizer(
     **subspace_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     parts = [scale_by_subspace(inner, **subspace_kwargs)]
-    if weight_decay:
+    if not isinstance(weight_decay, int | float) or weight_decay:  # may be traced (inject)
         # Decoupled weight decay on the full weights, as GaLore does.
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))

@@ -46,6 +46,29 @@ class SVDProjector:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImportanceSVDProjector:
+    """``r`` singular directions sampled without replacement, with probability ~ singular value.
+
+    The GoLore authors' code (pkumelon/Golore) chooses its SVD-phase directions this way
+    (``torch.multinomial(s, rank)``) instead of the top ``r``. Sampling without replacement
+    uses the Gumbel-top-k trick: the ``r`` largest ``log s_i + Gumbel_i`` are a sample of
+    ``multinomial(s, r)`` without replacement, under jit and in fixed shapes.
+    """
+
+    uses_gradient: bool = dataclasses.field(default=True, init=False)
+
+    def __call__(self, key, g, previous, step):
+        del step
+        rank = previous.shape[-1]
+        u, s, _ = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+        scores = jnp.log(jnp.maximum(s, jnp.finfo(jnp.float32).tiny)) + jax.random.gumbel(
+            key, s.shape
+        )
+        _, chosen = lax.top_k(scores, rank)
+        return u[:, jnp.sort(chosen)]
+
+
+@dataclasses.dataclass(frozen=True)
 class GramEighProjector:
     """GaLore's subspace from the eigenvectors of the ``d x d`` Gram matrix ``g g^T``.
 
@@ -176,6 +199,11 @@ def haar_stiefel(key: jax.Array, shape: tuple[int, int], method: str = "qr") -> 
 def svd() -> SVDProjector:
     """GaLore's projector: top-r singular vectors of the minibatch (or large-batch) gradient."""
     return SVDProjector()
+
+
+def importance_svd() -> ImportanceSVDProjector:
+    """The GoLore authors' SVD variant: directions sampled with probability ~ singular value."""
+    return ImportanceSVDProjector()
 
 
 def gram_eigh() -> GramEighProjector:

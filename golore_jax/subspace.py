@@ -192,6 +192,16 @@ def _map_moments(state: Any, treedef: Any, fn_for_field: Callable[[str], Callabl
     return state
 
 
+def _as_key(seed: int | jax.Array) -> jax.Array:
+    """A typed PRNG key from an int seed (possibly traced, e.g. under inject_hyperparams),
+    a typed key, or legacy uint32[2] key data."""
+    if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return seed
+    if jnp.ndim(seed) == 1:
+        return jax.random.wrap_key_data(jnp.asarray(seed, jnp.uint32))
+    return jax.random.key(seed)
+
+
 def _same_shape_groups(layouts: list[MatrixLayout | None]) -> list[list[int]]:
     """Indices of projected leaves grouped by (projected dim, other dim, rank), in leaf order."""
     groups: dict[tuple[int, int, int], list[int]] = {}
@@ -304,7 +314,7 @@ def scale_by_subspace(
             leaf if lay is None else jnp.zeros(lay.low_rank_shape, jnp.float32)
             for leaf, lay in zip(leaves, layouts, strict=True)
         ]
-        key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+        key = _as_key(seed)
         return ScaleBySubspaceState(
             count=jnp.zeros([], jnp.int32),
             key=key,

@@ -1,0 +1,95 @@
+"""Tests for golore_jax/partitioning.py: PartitionSpecs of an optimizer state from param specs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+import golore_jax as gl
+from golore_jax.partitioning import state_partition_specs
+
+RANK = 2
+PARAMS = {
+    "wide": jax.ShapeDtypeStruct((4, 8), jnp.float32),  # left: P (4, r), R (r, 8)
+    "tall": jax.ShapeDtypeStruct((8, 4), jnp.float32),  # right: Q (4, r), R (8, r)
+    "qkernel": jax.ShapeDtypeStruct((8, 2, 3), jnp.float32),  # 8 x 6: right
+    "okernel": jax.ShapeDtypeStruct((2, 3, 8), jnp.float32),  # 6 x 8: left
+    "norm": jax.ShapeDtypeStruct((4,), jnp.float32),  # not projected
+}
+SPECS = {
+    "wide": P("x", "y"),
+    "tall": P("x", "y"),
+    "qkernel": P("x", "y", None),
+    "okernel": P(None, "y", "x"),
+    "norm": P("x"),
+}
+# (basis spec, low-rank moment spec) per projected leaf.
+EXPECTED = {
+    "wide": (P("x", None), P(None, "y")),  # basis: row spec; moments: (None, col)
+    "tall": (P("y", None), P("x", None)),  # basis: col spec; moments: (row, None)
+    "qkernel": (P("y", None), P("x", None)),  # merged cols (heads, head_dim) -> "y"
+    "okernel": (P("y", None), P(None, "x")),  # merged rows (heads, head_dim) -> "y"
+}
+
+
+def _is_spec(x):
+    return isinstance(x, P)
+
+
+def _check_same_structure(specs, state):
+    assert jax.tree.structure(specs, is_leaf=_is_spec) == jax.tree.structure(state)
+    for spec, leaf in zip(
+        jax.tree.leaves(specs, is_leaf=_is_spec), jax.tree.leaves(state), strict=True
+    ):
+        assert len(spec) <= len(leaf.shape), (spec, leaf.shape)
+
+
+def test_galore_adamw_state_specs():
+    """Bases (row|col, None), low-rank moments (None, col)|(row, None), others param/replicated."""
+    opt = gl.galore_adamw(1e-3, rank=RANK, update_every=5, weight_decay=0.1)
+    state = jax.eval_shape(opt.init, PARAMS)
+    specs = state_partition_specs(state, PARAMS, SPECS)
+    _check_same_structure(specs, state)
+    sub = specs[0]
+    assert sub.count == P() and sub.key == P()
+    adam = sub.inner_state
+    assert adam.count == P()
+    for name, (basis, low) in EXPECTED.items():
+        assert state[0].bases[name].shape[1] == RANK
+        assert sub.bases[name] == basis, name
+        assert adam.mu[name] == low and adam.nu[name] == low, name
+    assert isinstance(sub.bases["norm"], optax.MaskedNode)
+    assert adam.mu["norm"] == P("x") and adam.nu["norm"] == P("x")
+
+
+def test_plain_optax_state_specs_follow_params():
+    """A plain optax.adamw state: moments take the param specs, counts are replicated."""
+    state = jax.eval_shape(optax.adamw(1e-3).init, PARAMS)
+    specs = state_partition_specs(state, PARAMS, SPECS)
+    _check_same_structure(specs, state)
+    assert specs[0].mu == SPECS and specs[0].nu == SPECS
+    assert specs[0].count == P()
+
+
+def test_specs_for_a_custom_split_and_nested_wrappers():
+    """Specs follow a non-default matrix_split and survive MultiSteps / inject_hyperparams."""
+    sub = gl.scale_by_subspace(
+        optax.trace(0.9),
+        rank=RANK,
+        update_every=3,
+        mask={k: k == "qkernel" for k in PARAMS},
+        matrix_split=lambda path, shape: 2,  # (8*2, 3): right, Q (3, r)
+    )
+    factory = optax.inject_hyperparams(lambda lr: optax.chain(sub, optax.scale(-lr)))
+    opt = optax.MultiSteps(factory(lr=0.1), every_k_schedule=2)
+    state = jax.eval_shape(opt.init, PARAMS)
+    specs = state_partition_specs(state, PARAMS, SPECS)
+    _check_same_structure(specs, state)
+    inner = specs.inner_opt_state.inner_state[0]
+    assert inner.bases["qkernel"] == P(None, None)  # cols = head_dim, unsharded
+    assert inner.inner_state.trace["qkernel"] == P("x", None)  # rows (8, 2) -> "x"
+    assert inner.inner_state.trace["wide"] == SPECS["wide"]
+    assert specs.acc_grads == SPECS
+    assert specs.inner_opt_state.hyperparams["lr"] == P()
