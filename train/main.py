@@ -269,13 +269,15 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     checkpoints = checkpoint_lib.Checkpoints(
         workdir, keep=config.keep_checkpoints, every=config.checkpoint_every
     )
-    latest = checkpoints.latest_step()
-    if latest is None:
+    # The newest readable checkpoint; unreadable newer ones are moved aside with a warning.
+    restored = checkpoints.restore_latest(trainer.abstract_state, config)
+    latest = None
+    if restored is None:
         state = trainer.init(jax.random.key(config.seed))
         logging.info("starting from scratch: %s", datasets.description)
         initial_eval = evaluate(trainer, state.params, eval_batches)
     else:
-        state, meta = checkpoints.restore(latest, trainer.abstract_state, config)
+        latest, state, meta = restored
         datasets.train.set_state(meta["data_position"])
         logging.info("resumed from step %d in %s", latest, checkpoints.directory)
 
@@ -290,8 +292,8 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     metrics_path = workdir / "metrics.jsonl"
     history, evals = [], []
     if metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            record = json.loads(line)
+        records = _read_metrics(metrics_path, keep_until=-1 if latest is None else latest)
+        for record in records:
             (evals if "eval_loss" in record else history).append(record)
     writer = _summary_writer(workdir)
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.num_steps)
@@ -322,10 +324,11 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
                     f"the last checkpoint is step {checkpoints.latest_step()}"
                 )
             if step % config.log_every == 0 or step == config.num_steps:
+                loss = float(metrics["loss"])  # waits for the step: time it after this
                 now = time.perf_counter()
                 record = {
                     "step": step,
-                    "loss": float(metrics["loss"]),
+                    "loss": loss,
                     "grad_norm": float(metrics["grad_norm"]),
                     "learning_rate": float(schedule(step - 1)),
                     "tokens_per_s": (step - last_step) * tokens_per_step / (now - last_time),
@@ -374,6 +377,35 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
         first_eval_loss=evals[0]["eval_loss"] if evals else None,
     )
     return result
+
+
+def _read_metrics(path: pathlib.Path, keep_until: int) -> list[dict]:
+    """The records of ``path`` up to step ``keep_until``: the ones after it are dropped.
+
+    Steps run after the checkpoint a run resumes from (before a crash or kill) are run again,
+    so their old records are removed (the file is rewritten atomically) and every step appears
+    once. A torn last line (a kill mid-write) is dropped too.
+    """
+    lines = path.read_text().splitlines()
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= keep_until:
+            records.append(record)
+    if len(records) != len(lines):
+        logging.warning(
+            "%s: dropped %d records past the resumed step %d (they will be run again)",
+            path,
+            len(lines) - len(records),
+            keep_until,
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(path)
+    return records
 
 
 def _write(metrics_file, writer, record: dict) -> None:
