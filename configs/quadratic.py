@@ -3,6 +3,8 @@
     python -m train.quadratic --config configs/quadratic.py --workdir /tmp/quadratic
     python -m train.quadratic --config configs/quadratic.py --workdir /tmp/minimal \
         --config.problem=minimal
+    python -m train.quadratic --config configs/quadratic.py --workdir /tmp/family \
+        --config.family=True   # + GaSare, GoSare, OSD, importance-sampled SVD
 
 ``problem="paper"`` is problem (1): ``f(X) = 1/2 ||A X||_F^2 + <B, X>_F`` with noise
 ``xi * sigma * C``. ``problem="minimal"`` is the instance from the proof of Theorem 1 (Theorem 5 in
@@ -41,6 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.scale = 1.0  # alpha (the GoLore authors' toy script uses 1).
     config.golore_fraction = 0.5  # GoLore@x%: random projections for the last x of the steps.
     config.large_batch = 1024  # B: gradients averaged to choose large-batch GaLore's subspace.
+    # The family of issue 10 (GaSare, GoSare, OSD, importance-sampled SVD): off by default to
+    # keep the default command fast; --config.family=True adds them (figure1_family.png).
+    config.family = False
+    # GaSare/GoSare's k; 0 means rank * n (as many values as GaLore's rank-r moments).
+    config.sparse_k = 0
 
     # AdamW in optax's convention (b1 = 0.9 is the paper's b1 = 0.1). No weight decay: decay
     # would move the minimiser away from f*'s and, in the minimal instance, shrink row 1.

@@ -4,31 +4,51 @@ He et al., "Subspace Optimization for Large Language Models with Convergence Gua
 (arXiv 2410.11289); Zhao et al., "GaLore" (arXiv 2403.03507).
 """
 
-from golore_jax import layout, projectors
+from golore_jax import layout, online_pca, projectors, sparse
 from golore_jax.aliases import (
     galore_adamw,
     galore_sgd,
+    gasare_adamw,
+    gasare_sgd,
     golore_adamw,
     golore_projector,
     golore_sgd,
+    gosare_adamw,
+    gosare_sgd,
+    osd_adamw,
+    osd_sgd,
     paper_msgd_hyperparams,
 )
 from golore_jax.memory import optimizer_state_floats, subspace_state_floats
+from golore_jax.online_pca import ScaleByOnlineSubspaceState, scale_by_online_subspace
+from golore_jax.sparse import ScaleBySparseSubspaceState, scale_by_sparse_subspace
 from golore_jax.subspace import ScaleBySubspaceState, default_mask, scale_by_subspace
 
 __all__ = [
+    "ScaleByOnlineSubspaceState",
+    "ScaleBySparseSubspaceState",
     "ScaleBySubspaceState",
     "default_mask",
     "galore_adamw",
     "galore_sgd",
+    "gasare_adamw",
+    "gasare_sgd",
     "golore_adamw",
     "golore_projector",
     "golore_sgd",
+    "gosare_adamw",
+    "gosare_sgd",
     "layout",
+    "online_pca",
     "optimizer_state_floats",
+    "osd_adamw",
+    "osd_sgd",
     "paper_msgd_hyperparams",
     "projectors",
+    "scale_by_online_subspace",
+    "scale_by_sparse_subspace",
     "scale_by_subspace",
+    "sparse",
     "subspace_state_floats",
 ]
 

@@ -15,6 +15,8 @@ from typing import Any
 import optax
 
 from golore_jax import projectors as projectors_lib
+from golore_jax.online_pca import scale_by_online_subspace
+from golore_jax.sparse import scale_by_sparse_subspace
 from golore_jax.subspace import RankRule, scale_by_subspace
 
 
@@ -158,3 +160,186 @@ def golore_sgd(
     return galore_sgd(
         learning_rate, projector=golore_projector(golore_fraction, total_steps), **kwargs
     )
+
+
+def _finish(
+    core: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+    weight_decay_mask: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """``core``, then decoupled weight decay on the full weights, then the learning rate."""
+    parts = [core]
+    if not isinstance(weight_decay, int | float) or weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def _sparse_optimizer(
+    inner: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    selector: str,
+    *,
+    k: Any,
+    density: float | None,
+    update_every: int,
+    scale: float,
+    weight_decay: float,
+    weight_decay_mask: Any,
+    mask: Any,
+    seed: int,
+) -> optax.GradientTransformationExtraArgs:
+    if k is not None:
+        density = None  # an explicit k replaces the default density
+    core = scale_by_sparse_subspace(
+        inner,
+        k=k,
+        density=density,
+        update_every=update_every,
+        selector=selector,
+        scale=scale,
+        mask=mask,
+        seed=seed,
+    )
+    return _finish(core, learning_rate, weight_decay, weight_decay_mask)
+
+
+def gasare_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    density: float | None = 0.25,
+    k: Any = None,
+    update_every: int = 200,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    weight_decay_mask: Any = None,
+    mask: Any = None,
+    seed: int = 0,
+    selector: str = "topk",
+) -> optax.GradientTransformationExtraArgs:
+    """GaSare-AdamW (Appendix C, Algorithm 5): Adam on the Top-k entries of ``|G|``.
+
+    ``density=0.25`` keeps as many values as GaLore's rank 128 on 512-wide matrices
+    (LLaMA-60M); ``k`` (an int or a rule) overrides it. Other defaults as :func:`galore_adamw`.
+    """
+    return _sparse_optimizer(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        learning_rate,
+        selector,
+        k=k,
+        density=density,
+        update_every=update_every,
+        scale=scale,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        mask=mask,
+        seed=seed,
+    )
+
+
+def gosare_adamw(
+    learning_rate: optax.ScalarOrSchedule, **kwargs: Any
+) -> optax.GradientTransformationExtraArgs:
+    """GoSare-AdamW: Adam on ``k`` entries chosen uniformly at random (see gasare_adamw)."""
+    return gasare_adamw(learning_rate, selector="random", **kwargs)
+
+
+def gasare_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    density: float | None = 0.25,
+    k: Any = None,
+    update_every: int = 200,
+    scale: float = 0.25,
+    momentum: float | None = 0.9,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    mask: Any = None,
+    seed: int = 0,
+    selector: str = "topk",
+) -> optax.GradientTransformationExtraArgs:
+    """GaSare with (momentum) SGD: Algorithm 5's MSGD (optax convention, see the module doc)."""
+    inner = optax.identity() if momentum is None else optax.trace(decay=momentum)
+    return _sparse_optimizer(
+        inner,
+        learning_rate,
+        selector,
+        k=k,
+        density=density,
+        update_every=update_every,
+        scale=scale,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        mask=mask,
+        seed=seed,
+    )
+
+
+def gosare_sgd(
+    learning_rate: optax.ScalarOrSchedule, **kwargs: Any
+) -> optax.GradientTransformationExtraArgs:
+    """GoSare with (momentum) SGD: random masks (see gasare_sgd)."""
+    return gasare_sgd(learning_rate, selector="random", **kwargs)
+
+
+def osd_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: RankRule = 128,
+    update_every: int = 1,
+    projector_optimizer: optax.GradientTransformation | None = None,
+    orthonormalize_every: int | None = None,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    weight_decay_mask: Any = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Online Subspace Descent with AdamW (arXiv 2408.12857): P tracked by online PCA.
+
+    ``projector_optimizer`` defaults to AdamW with lr ``1/200`` (the authors' code, see
+    :mod:`golore_jax.online_pca`). Other defaults as :func:`galore_adamw`.
+    """
+    core = scale_by_online_subspace(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        rank=rank,
+        update_every=update_every,
+        projector_optimizer=projector_optimizer,
+        orthonormalize_every=orthonormalize_every,
+        scale=scale,
+        mask=mask,
+    )
+    return _finish(core, learning_rate, weight_decay, weight_decay_mask)
+
+
+def osd_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: RankRule = 128,
+    update_every: int = 1,
+    projector_optimizer: optax.GradientTransformation | None = None,
+    orthonormalize_every: int | None = None,
+    scale: float = 0.25,
+    momentum: float | None = 0.9,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Online Subspace Descent with (momentum) SGD inside (optax's momentum convention)."""
+    inner = optax.identity() if momentum is None else optax.trace(decay=momentum)
+    core = scale_by_online_subspace(
+        inner,
+        rank=rank,
+        update_every=update_every,
+        projector_optimizer=projector_optimizer,
+        orthonormalize_every=orthonormalize_every,
+        scale=scale,
+        mask=mask,
+    )
+    return _finish(core, learning_rate, weight_decay, weight_decay_mask)

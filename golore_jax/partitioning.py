@@ -25,6 +25,8 @@ import optax
 from jax.sharding import PartitionSpec
 
 from golore_jax import layout as layout_lib
+from golore_jax.online_pca import ScaleByOnlineSubspaceState
+from golore_jax.sparse import ScaleBySparseSubspaceState
 from golore_jax.subspace import ScaleBySubspaceState
 
 
@@ -77,10 +79,56 @@ def _split_of(shape: tuple[int, ...], basis_shape: tuple[int, int]) -> int:
     raise ValueError(f"no split of a leaf of shape {shape} has a basis of shape {basis_shape}")
 
 
+def _sparse_specs(
+    state: ScaleBySparseSubspaceState, params: Any, param_specs: Any
+) -> ScaleBySparseSubspaceState:
+    """The k values and indices of a sparsified leaf are replicated (its k positions are
+    scattered over the whole matrix); moments of other leaves take their param's spec."""
+    treedef = jax.tree_util.tree_structure(params)
+    indices = treedef.flatten_up_to(state.indices)
+    kept = [isinstance(i, optax.MaskedNode) for i in indices]
+    values = [
+        spec if k else PartitionSpec()
+        for k, spec in zip(kept, treedef.flatten_up_to(param_specs), strict=True)
+    ]
+    return ScaleBySparseSubspaceState(
+        count=PartitionSpec(),
+        key=PartitionSpec(),
+        indices=treedef.unflatten(
+            [i if k else PartitionSpec() for k, i in zip(kept, indices, strict=True)]
+        ),
+        inner_state=_walk(state.inner_state, treedef, treedef.unflatten(values), None),
+    )
+
+
+def _online_specs(
+    state: ScaleByOnlineSubspaceState, params: Any, param_specs: Any
+) -> ScaleByOnlineSubspaceState:
+    """Like scale_by_subspace's state; the projector optimizer's moments follow the bases."""
+    specs = _subspace_specs(
+        ScaleBySubspaceState(state.count, None, state.bases, state.inner_state),
+        params,
+        param_specs,
+    )
+    bases_treedef = jax.tree_util.tree_structure(state.bases)
+    return ScaleByOnlineSubspaceState(
+        count=PartitionSpec(),
+        bases=specs.bases,
+        projector_state=_walk(state.projector_state, bases_treedef, specs.bases, None),
+        inner_state=specs.inner_state,
+    )
+
+
 def _walk(state: Any, treedef: Any, specs_tree: Any, params_and_specs: Any) -> Any:
     """Specs for ``state``: params-shaped subtrees get ``specs_tree``; the rest replicated."""
-    if isinstance(state, ScaleBySubspaceState) and params_and_specs is not None:
-        return _subspace_specs(state, *params_and_specs)
+    if params_and_specs is not None:
+        for state_type, specs_fn in (
+            (ScaleBySubspaceState, _subspace_specs),
+            (ScaleBySparseSubspaceState, _sparse_specs),
+            (ScaleByOnlineSubspaceState, _online_specs),
+        ):
+            if isinstance(state, state_type):
+                return specs_fn(state, *params_and_specs)
     if jax.tree_util.tree_structure(state) == treedef and jax.tree_util.tree_leaves(state):
         return specs_tree
     if isinstance(state, tuple) and hasattr(state, "_fields"):

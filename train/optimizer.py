@@ -10,7 +10,7 @@ import optax
 
 import golore_jax as gl
 
-OPTIMIZERS = ("adamw", "galore", "golore", "hybrid")
+OPTIMIZERS = ("adamw", "galore", "golore", "hybrid", "importance", "gasare", "gosare", "osd")
 INNERS = ("adamw", "msgd")
 
 
@@ -28,6 +28,48 @@ def learning_rate_schedule(opt: Any, num_steps: int) -> optax.Schedule:
 def _matrices(params: Any) -> Any:
     """Weight decay on matrices only (not norms), as in the LLaMA pre-training recipes."""
     return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def _sparse_k(rank: int) -> Any:
+    """GaSare/GoSare's k per leaf: ``rank * max(m, n)``, the values GaLore's rank-r moments hold
+    (an optional ``optimizer.density`` replaces it)."""
+
+    def rule(path: str, shape: tuple[int, ...]) -> int:
+        lay = gl.layout.make_layout(shape, rank)
+        return min(rank * max(lay.rows, lay.cols), lay.rows * lay.cols - 1)
+
+    return rule
+
+
+def _family_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """GaSare / GoSare (Algorithm 5) and Online Subspace Descent (arXiv 2408.12857)."""
+    common = dict(
+        scale=opt.scale,
+        weight_decay=opt.weight_decay,
+        weight_decay_mask=_matrices,
+    )
+    if opt.inner == "adamw":
+        common.update(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    else:
+        common.update(momentum=opt.momentum)
+    if opt.name == "osd":
+        alias = gl.osd_adamw if opt.inner == "adamw" else gl.osd_sgd
+        lr = opt.get("projector_learning_rate") or gl.online_pca.DEFAULT_PROJECTOR_LEARNING_RATE
+        return alias(
+            schedule,
+            rank=opt.rank,
+            projector_optimizer=gl.online_pca.default_projector_optimizer(lr),
+            **common,
+        )
+    alias = {
+        ("gasare", "adamw"): gl.gasare_adamw,
+        ("gasare", "msgd"): gl.gasare_sgd,
+        ("gosare", "adamw"): gl.gosare_adamw,
+        ("gosare", "msgd"): gl.gosare_sgd,
+    }[opt.name, opt.inner]
+    density = opt.get("density")
+    sparsity = {"density": density} if density else {"k": _sparse_k(opt.rank)}
+    return alias(schedule, update_every=opt.update_every, seed=opt.seed, **sparsity, **common)
 
 
 def validate(opt: Any) -> None:
@@ -51,8 +93,11 @@ def build_optimizer(opt: Any, num_steps: int) -> optax.GradientTransformation:
             optax.add_decayed_weights(opt.weight_decay, _matrices),
             optax.sgd(schedule, momentum=opt.momentum),
         )
+    elif opt.name in ("gasare", "gosare", "osd"):
+        tx = _family_optimizer(opt, schedule)
     else:
         projector = {
+            "importance": gl.projectors.importance_svd(),
             "galore": gl.projectors.svd(),
             "golore": gl.projectors.random(),
             "hybrid": gl.golore_projector(opt.golore_fraction, num_steps),

@@ -54,6 +54,12 @@ from ml_collections import config_flags
 import golore_jax as gl
 
 METHODS = ("full", "galore", "golore", "golore@50%", "large_batch_galore")
+# The family of issue 10, run with --config.family=True: sparse masks (Appendix C, Algorithm 5),
+# Online Subspace Descent (arXiv 2408.12857) and the GoLore authors' importance-sampled SVD.
+FAMILY_METHODS = ("gasare", "gosare", "osd", "importance_svd")
+ALL_METHODS = METHODS + FAMILY_METHODS
+# Reference lines drawn with the family in figure1_family.png.
+FAMILY_REFERENCES = ("galore", "golore")
 OPTIMIZERS = ("adamw", "msgd")
 PROBLEMS = ("paper", "minimal")
 OPTIMIZER_TITLES = {"adamw": "AdamW", "msgd": "MSGD"}
@@ -71,7 +77,17 @@ def method_label(method: str, config: ml_collections.ConfigDict) -> str:
         "golore": "GoLore",
         "golore@50%": f"GoLore@{round(100 * config.golore_fraction)}%",
         "large_batch_galore": f"L.B. GaLore (B={config.large_batch})",
+        "gasare": f"GaSare (k={sparse_k(config)})",
+        "gosare": f"GoSare (k={sparse_k(config)})",
+        "osd": "OSD",
+        "importance_svd": "GaLore, importance-sampled SVD",
     }[method]
+
+
+def sparse_k(config: ml_collections.ConfigDict) -> int:
+    """GaSare/GoSare's k: ``config.sparse_k``, or by default ``rank * n``, the number of values
+    GaLore's rank-r state holds for an n x n matrix (same memory for the moments)."""
+    return config.sparse_k if config.get("sparse_k") else config.rank * config.n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,14 +205,25 @@ def make_optimizer(
 
     ``seed`` (an int or a PRNG key) seeds the random projections of GoLore.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
     subspace = dict(
         rank=config.rank, update_every=config.update_every, scale=config.scale, seed=seed
+    )
+    sparse = dict(
+        k=sparse_k(config), update_every=config.update_every, scale=config.scale, seed=seed
+    )
+    # OSD steps P every iteration with lr 1 / update_proj_gap (the authors' code): tau here.
+    osd = dict(
+        rank=config.rank,
+        scale=config.scale,
+        projector_optimizer=gl.online_pca.default_projector_optimizer(1.0 / config.update_every),
     )
     if method in ("golore", "golore@50%"):
         fraction = 1.0 if method == "golore" else config.golore_fraction
         projector = gl.golore_projector(fraction, config.num_steps)
+    elif method == "importance_svd":
+        projector = gl.projectors.importance_svd()
     else:
         projector = gl.projectors.svd()  # GaLore and large-batch GaLore (its G_sub differs).
 
@@ -206,6 +233,11 @@ def make_optimizer(
         adam = dict(b1=hp.b1, b2=hp.b2, eps=hp.eps, weight_decay=hp.weight_decay)
         if method == "full":
             return optax.with_extra_args_support(optax.adamw(lr, **adam))
+        if method in ("gasare", "gosare"):
+            alias = gl.gasare_adamw if method == "gasare" else gl.gosare_adamw
+            return alias(lr, **adam, **sparse)
+        if method == "osd":
+            return gl.osd_adamw(lr, **adam, **osd)
         return gl.galore_adamw(
             lr,
             projector=projector,
@@ -222,6 +254,12 @@ def make_optimizer(
         lr = learning_rate_schedule(config, hp["learning_rate"])
         if method == "full":
             return optax.with_extra_args_support(optax.sgd(lr, momentum=hp["momentum"]))
+        if method in ("gasare", "gosare"):
+            # Algorithm 5's masked momentum: optax's trace, remapped at each mask change.
+            alias = gl.gasare_sgd if method == "gasare" else gl.gosare_sgd
+            return alias(lr, momentum=hp["momentum"], **sparse)
+        if method == "osd":
+            return gl.osd_sgd(lr, momentum=hp["momentum"], **osd)
         # Momentum projection (equation (2)) is galore_sgd's default: the paper's MSGD has it.
         return gl.galore_sgd(lr, momentum=hp["momentum"], projector=projector, **subspace)
 
@@ -320,18 +358,25 @@ def run_methods(
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs every optimizer x method x seed; writes results.json, curves.csv and figure1.png."""
+    """Runs every optimizer x method x seed; writes results.json, curves.csv and figure1.png.
+
+    With ``config.family`` the methods of :data:`FAMILY_METHODS` run too; they are drawn with
+    GaLore and GoLore in ``figure1_family.png`` (figure1.png keeps ``config.methods``).
+    """
     start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     problem = problem_from_config(config)
-    for name in config.methods:
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    methods = list(config.methods)
+    if config.get("family"):
+        methods += [m for m in FAMILY_METHODS if m not in methods]
+    for name in methods:
+        if name not in ALL_METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}")
     logged = np.unique(
         np.append(np.arange(0, config.num_steps + 1, config.log_every), config.num_steps)
     )
 
-    pairs = [(opt, method) for opt in config.optimizers for method in config.methods]
+    pairs = [(opt, method) for opt in config.optimizers for method in methods]
     raw: dict[str, dict[str, dict[str, np.ndarray]]] = {opt: {} for opt in config.optimizers}
     for (optimizer, method), out in run_methods(config, pairs).items():
         raw[optimizer][method] = out
@@ -372,11 +417,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "results": results,
     }
     _write_csv(os.path.join(workdir, "curves.csv"), raw, config.seeds, logged)
-    plot_figure1(results, config, os.path.join(workdir, "figure1.png"))
+    main_methods = [m for m in methods if m in config.methods]
+    plot_figure1(_subset(results, main_methods), config, os.path.join(workdir, "figure1.png"))
+    if config.get("family"):
+        family = [m for m in FAMILY_REFERENCES + FAMILY_METHODS if m in methods]
+        plot_figure1(_subset(results, family), config, os.path.join(workdir, "figure1_family.png"))
     summary["runtime_s"] = time.perf_counter() - start
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2, default=_json_default)
     return summary
+
+
+def _subset(results: dict, methods: Sequence[str]) -> dict:
+    """``results`` restricted to ``methods`` (in that order), per optimizer."""
+    return {opt: {m: per[m] for m in methods if m in per} for opt, per in results.items()}
 
 
 def _json_default(value: Any) -> Any:
@@ -475,8 +529,9 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
                 f"||grad f||^2 {entry['final_grad_norm_sq']:.3e} "
                 f"(from {entry['initial_grad_norm_sq']:.3e})"
             )
+    figures = "figure1.png,figure1_family.png" if config.get("family") else "figure1.png"
     print(
-        f"wrote {workdir_flag.value}/{{results.json,curves.csv,figure1.png}} "
+        f"wrote {workdir_flag.value}/{{results.json,curves.csv,{figures}}} "
         f"in {summary['runtime_s']:.1f}s"
     )
     return summary

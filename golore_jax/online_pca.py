@@ -1,0 +1,251 @@
+"""``scale_by_online_subspace``: Online Subspace Descent (Liang et al. 2024, arXiv 2408.12857).
+
+GaLore recomputes its basis by an SVD every ``tau`` steps. Online Subspace Descent (OSD) instead
+tracks the gradient's principal subspace by online PCA: ``P`` (``d x r``, on the side chosen by
+:mod:`golore_jax.layout`) is a trainable matrix stepped by its own optimizer on the
+reconstruction loss of the normalised gradient ``Ĝ = G / ||G||_F``::
+
+    left:  L(P) = ||P P^T Ĝ - Ĝ||_F^2        right: L(Q) = ||Ĝ Q Q^T - Ĝ||_F^2
+
+(the right side is the left one on ``Ĝ^T``; the authors store ``Q^T``, ``r x n``). One step,
+following the authors' code (kyleliang919/Online-Subspace-Descent, ``proj_type continuous*``)::
+
+    if t == 0:  P = top-r left singular vectors of G   # the only SVD, in a lax.cond branch
+    R = P^T G;  N = inner(R);  update = scale * P N    # the weight update uses P before its step
+    if t > 0 and t % tau == 0:
+        P <- projector_optimizer step on grad_P L(P)   # jax.grad; no SVD
+
+Keeping ``P`` near orthonormal. The global minimisers of ``E L(P)`` are the orthonormal bases
+of the top-``r`` subspace of ``E[Ĝ Ĝ^T]`` (the tied-weight linear autoencoder of Baldi & Hornik
+1989: a column of ``P`` whose norm drifts from 1, or that leaves ``range(Ĝ)``, increases the
+loss), so the loss itself pulls ``P^T P`` back to ``I``; this is the authors' mechanism and the
+default here. ``orthonormalize_every=N`` additionally replaces ``P`` by the Q factor of its QR
+decomposition (signs fixed so ``diag(R) > 0``: a continuous choice) every ``N`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from golore_jax import layout as layout_lib
+from golore_jax import projectors as projectors_lib
+from golore_jax import subspace as subspace_lib
+from golore_jax.layout import MatrixLayout
+
+# OSD's code steps P with lr = 1 / update_proj_gap; 200 is GaLore's C4 gap (ALGORITHMS.md).
+DEFAULT_PROJECTOR_LEARNING_RATE = 1.0 / 200
+
+
+class ScaleByOnlineSubspaceState(NamedTuple):
+    """State of :func:`scale_by_online_subspace`.
+
+    Attributes:
+      count: number of updates applied so far (int32).
+      bases: per projected leaf its fp32 ``(d, r)`` basis, or ``optax.MaskedNode()``.
+      projector_state: state of ``projector_optimizer`` on the bases.
+      inner_state: state of the inner transform on the low-rank shapes.
+    """
+
+    count: jax.Array
+    bases: Any
+    projector_state: Any
+    inner_state: Any
+
+
+def default_projector_optimizer(
+    learning_rate: float = DEFAULT_PROJECTOR_LEARNING_RATE,
+) -> optax.GradientTransformation:
+    """AdamW with ``torch.optim.AdamW``'s defaults, the OSD authors' default projector optimizer.
+
+    ``b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01`` are PyTorch's defaults, which their
+    ``get_optim`` does not override.
+    """
+    return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+
+
+def pca_loss(basis: jax.Array, g_rows: jax.Array) -> jax.Array:
+    """``||P P^T Ĝ - Ĝ||_F^2`` with ``Ĝ = g_rows / ||g_rows||_F`` (rows: the projected dim).
+
+    A zero or non-finite gradient gives ``Ĝ = 0`` (zero loss and zero gradient).
+    """
+    norm = jnp.linalg.norm(g_rows)
+    ok = jnp.isfinite(norm) & (norm > 0)
+    g_hat = jnp.where(ok, g_rows / jnp.where(ok, norm, 1.0), 0.0)
+    return jnp.sum(jnp.square(basis @ (basis.T @ g_hat) - g_hat))
+
+
+def orthonormalize(basis: jax.Array) -> jax.Array:
+    """The Q factor of ``basis = Q R`` with ``diag(R) >= 0`` (closest to ``basis`` in spirit)."""
+    q, r = jnp.linalg.qr(basis)
+    return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)[None, :]
+
+
+def scale_by_online_subspace(
+    inner: optax.GradientTransformation,
+    *,
+    rank: subspace_lib.RankRule,
+    update_every: int = 1,
+    projector_optimizer: optax.GradientTransformation | None = None,
+    scale: float = 1.0,
+    mask: Any = None,
+    orthonormalize_every: int | None = None,
+    matrix_split: Callable[[str, tuple[int, ...]], int | None] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Runs ``inner`` in a rank-``r`` subspace tracked by online PCA (Online Subspace Descent).
+
+    Args:
+      inner: any optax transformation, run on ``R = P^T G`` (or ``G Q``) of projected leaves and
+        on the full gradients of the others; it receives no ``params``.
+      rank: ``r``, an int or ``(path, (m, n)) -> int | None``, as in ``scale_by_subspace``.
+      update_every: ``P`` takes one optimizer step at steps ``t > 0`` with ``t % tau == 0``
+        (default 1: every step, the authors' ``continuous`` projection).
+      projector_optimizer: optimizer of the bases; default :func:`default_projector_optimizer`
+        (AdamW, lr ``1/200``: the authors' ``1 / update_proj_gap`` with GaLore's gap 200).
+      scale: ``alpha``, multiplies the back-projected update of projected leaves.
+      mask: which leaves are projected, as in ``scale_by_subspace`` (default ``default_mask``).
+      orthonormalize_every: if set, re-orthonormalise ``P`` by QR at steps ``t > 0`` with
+        ``t % N == 0`` (after its optimizer step). Default None: the loss alone keeps ``P``
+        near-orthonormal, as in the authors' code.
+      matrix_split: as in ``scale_by_subspace``, for leaves with more than 2 dims.
+
+    Extra args:
+      ``subspace_grads``: a gradient tree used only for the initial SVD and the PCA loss (a
+      larger-batch estimate). Other extra args are passed to ``inner``.
+    """
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
+        raise ValueError(
+            f"scale_by_online_subspace: update_every must be a positive int, got {update_every!r}"
+        )
+    if orthonormalize_every is not None and (
+        isinstance(orthonormalize_every, bool)
+        or not isinstance(orthonormalize_every, int)
+        or orthonormalize_every <= 0
+    ):
+        raise ValueError(
+            "scale_by_online_subspace: orthonormalize_every must be None or a positive int, "
+            f"got {orthonormalize_every!r}"
+        )
+    if isinstance(scale, int | float) and not math.isfinite(scale):
+        raise ValueError(f"scale_by_online_subspace: scale must be finite, got {scale!r}")
+    projector_optimizer = (
+        projector_optimizer if projector_optimizer is not None else default_projector_optimizer()
+    )
+    inner = optax.with_extra_args_support(inner)
+    initial_svd = projectors_lib.svd()
+
+    def plan(tree) -> tuple[list[MatrixLayout | None], Any]:
+        return subspace_lib._plan(tree, mask, rank, matrix_split, False)
+
+    def rows_of(g: jax.Array, lay: MatrixLayout) -> jax.Array:
+        return layout_lib.projected_rows(layout_lib.as_matrix(g.astype(jnp.float32), lay), lay)
+
+    def init_fn(params):
+        layouts, treedef = plan(params)
+        leaves = treedef.flatten_up_to(params)
+        bases = treedef.unflatten(
+            [
+                optax.MaskedNode() if lay is None else jnp.zeros(lay.basis_shape, jnp.float32)
+                for lay in layouts
+            ]
+        )
+        low_rank = [
+            leaf if lay is None else jnp.zeros(lay.low_rank_shape, jnp.float32)
+            for leaf, lay in zip(leaves, layouts, strict=True)
+        ]
+        return ScaleByOnlineSubspaceState(
+            count=jnp.zeros([], jnp.int32),
+            bases=bases,
+            projector_state=projector_optimizer.init(bases),
+            inner_state=inner.init(treedef.unflatten(low_rank)),
+        )
+
+    def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
+        layouts, treedef = plan(updates)
+        grads = treedef.flatten_up_to(updates)
+        chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)
+
+        def first_bases(bases):
+            # The one SVD: runs only in this branch, taken at count == 0.
+            return [
+                b
+                if lay is None
+                else subspace_lib._guarded_choice(
+                    initial_svd, jax.random.key(0), rows_of(chooser[i], lay), b, state.count
+                )
+                for i, (b, lay) in enumerate(zip(bases, layouts, strict=True))
+            ]
+
+        bases = lax.cond(
+            state.count == 0, first_bases, lambda b: list(b), treedef.flatten_up_to(state.bases)
+        )
+
+        low_rank = [
+            g
+            if lay is None
+            else layout_lib.project(layout_lib.as_matrix(g.astype(jnp.float32), lay), bases[i], lay)
+            for i, (g, lay) in enumerate(zip(grads, layouts, strict=True))
+        ]
+        inner_updates, inner_state = inner.update(
+            treedef.unflatten(low_rank), state.inner_state, None, **extra_args
+        )
+        param_leaves = None if params is None else treedef.flatten_up_to(params)
+        out = []
+        for i, (n, lay) in enumerate(
+            zip(treedef.flatten_up_to(inner_updates), layouts, strict=True)
+        ):
+            if lay is None:
+                out.append(n)
+                continue
+            dtype = grads[i].dtype if param_leaves is None else param_leaves[i].dtype
+            out.append((scale * layout_lib.back_project(n, bases[i], lay)).astype(dtype))
+
+        def pca_step(operands):
+            bases_tree, projector_state = operands
+
+            def loss(tree):
+                leaves = treedef.flatten_up_to(tree)
+                return sum(
+                    pca_loss(b, rows_of(chooser[i], lay))
+                    for i, (b, lay) in enumerate(zip(leaves, layouts, strict=True))
+                    if lay is not None
+                )
+
+            pca_grads = jax.grad(loss)(bases_tree)
+            steps, projector_state = projector_optimizer.update(
+                pca_grads, projector_state, bases_tree
+            )
+            return optax.apply_updates(bases_tree, steps), projector_state
+
+        bases_tree = treedef.unflatten(
+            [
+                optax.MaskedNode() if lay is None else b
+                for lay, b in zip(layouts, bases, strict=True)
+            ]
+        )
+        stepped = (state.count > 0) & (state.count % update_every == 0)
+        bases_tree, projector_state = lax.cond(
+            stepped, pca_step, lambda operands: operands, (bases_tree, state.projector_state)
+        )
+        if orthonormalize_every is not None:
+            bases_tree = lax.cond(
+                (state.count > 0) & (state.count % orthonormalize_every == 0),
+                lambda tree: jax.tree.map(orthonormalize, tree),
+                lambda tree: tree,
+                bases_tree,
+            )
+        new_state = ScaleByOnlineSubspaceState(
+            count=optax.safe_increment(state.count),
+            bases=bases_tree,
+            projector_state=projector_state,
+            inner_state=inner_state,
+        )
+        return treedef.unflatten(out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

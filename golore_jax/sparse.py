@@ -1,0 +1,283 @@
+"""``scale_by_sparse_subspace``: GaSare and GoSare (Appendix C, Algorithm 5 of arXiv 2410.11289).
+
+Instead of a low-rank projection ``P^T G``, sparse subspace optimization keeps ``S * G`` for a
+0/1 mask ``S`` with ``k`` ones, refreshed every ``tau`` steps:
+
+* GaSare (``selector="topk"``): ``S = Top_k(|G|)``, the ``k`` largest entries of the gradient;
+* GoSare (``selector="random"``): ``S ~ U(S_k)``, ``k`` positions uniformly at random.
+
+Algorithm 5 masks the moments with the current ``S`` at every step (paper convention, ``b1``
+weighting the new gradient)::
+
+    M <- (1 - b1) S * M + b1 S * G,     V <- (1 - b2) S * V + b2 (S * G)^2.
+
+Between refreshes ``M`` and ``V`` are already supported on ``S``, so the mask only matters at a
+change: entries at positions that stay selected carry over, entries at newly selected positions
+start at 0, entries that leave the mask are dropped. Here the mask is stored as ``k`` sorted flat
+indices per leaf and the inner optax transform runs on the ``k`` selected values (a ``(k,)``
+vector), so the state holds ``k`` int32 indices plus the inner state on ``k`` values, never a
+dense ``m x n`` array. At a refresh every moment field of the inner state (``mu``, ``nu``,
+``trace``, ``ema``, ``momentum``) is remapped by that rule: with optax's ``ema`` of decay
+``1 - b1`` (undebiased) as ``inner`` the back-projected update is exactly Algorithm 5's ``M``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from golore_jax import subspace as subspace_lib
+
+SELECTORS = ("topk", "random")
+MOMENT_FIELDS = subspace_lib.FIRST_MOMENT_FIELDS | subspace_lib.SECOND_MOMENT_FIELDS
+
+CountRule = int | Callable[[str, tuple[int, ...]], int | None]
+
+
+class ScaleBySparseSubspaceState(NamedTuple):
+    """State of :func:`scale_by_sparse_subspace`.
+
+    Attributes:
+      count: number of updates applied so far (int32); refreshes when ``count % tau == 0``.
+      key: typed PRNG key, split at every step (GoSare's draws; a leaf folds in its index).
+      indices: per selected leaf, its ``k`` flat positions (int32, sorted ascending), or
+        ``optax.MaskedNode()`` for leaves that are not sparsified.
+      inner_state: state of the inner transform on the ``(k,)`` value vectors (full shapes for
+        the other leaves).
+    """
+
+    count: jax.Array
+    key: jax.Array
+    indices: Any
+    inner_state: Any
+
+
+def _leaf_count(
+    path: str, leaf: Any, selected: bool, k: CountRule | None, density: float | None
+) -> int | None:
+    """Validates one leaf and returns its ``k`` (None when it is not sparsified)."""
+    if not selected:
+        return None
+    shape = tuple(jnp.shape(leaf))
+    size = math.prod(shape)
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        raise TypeError(
+            f"scale_by_sparse_subspace: leaf {path} is selected but has non-floating dtype "
+            f"{jnp.result_type(leaf)}"
+        )
+    if size >= 2**31:  # indices are int32
+        raise ValueError(
+            f"scale_by_sparse_subspace: leaf {path} of shape {shape} has {size} >= 2^31 entries"
+        )
+    if density is not None:
+        count = max(1, round(density * size))
+    else:
+        count = k(path, shape) if callable(k) else k
+        if count is None:
+            return None
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 < count < size:
+        raise ValueError(
+            f"scale_by_sparse_subspace: k for leaf {path} of shape {shape} must be an int with "
+            f"0 < k < {size} (its size), got {count!r}"
+        )
+    return count
+
+
+def _plan(tree: Any, mask: Any, k: CountRule | None, density: float | None):
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    selected = subspace_lib._resolve_mask(mask, tree)
+    counts = [
+        _leaf_count(jax.tree_util.keystr(path), leaf, sel, k, density)
+        for (path, leaf), sel in zip(leaves_with_paths, selected, strict=True)
+    ]
+    return counts, treedef
+
+
+def select_indices(selector: str, key: jax.Array, g: jax.Array, k: int) -> jax.Array:
+    """``k`` sorted distinct flat positions of ``g``: Top-k of ``|g|`` or uniform at random.
+
+    Random: the ``k`` largest of i.i.d. uniform scores form a uniformly random ``k``-subset
+    (every ordering of the scores is equally likely), in fixed shapes under jit.
+    """
+    flat = g.reshape(-1)
+    if selector == "topk":
+        scores = jnp.where(jnp.isfinite(flat), jnp.abs(flat), 0.0)
+    else:
+        scores = jax.random.uniform(key, flat.shape)
+    _, idx = lax.top_k(scores, k)
+    return jnp.sort(idx).astype(jnp.int32)
+
+
+def remap_values(values: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
+    """Values stored at sorted positions ``old``, moved to sorted positions ``new``.
+
+    A position in both keeps its value; a position only in ``new`` gets 0 (Algorithm 5's
+    ``S_new * M_prev``, with ``M_prev`` supported on ``S_old``). O(k log k) by binary search.
+    """
+    pos = jnp.clip(jnp.searchsorted(old, new), 0, old.shape[0] - 1)
+    found = old[pos] == new
+    return jnp.where(found, values[pos], jnp.zeros_like(values))
+
+
+def gather(g: jax.Array, idx: jax.Array) -> jax.Array:
+    """``S * G`` in compressed form: the fp32 values of ``g`` at ``idx``."""
+    return g.reshape(-1)[idx].astype(jnp.float32)
+
+
+def scatter(values: jax.Array, idx: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The dense array that is ``values`` at ``idx`` and 0 elsewhere."""
+    return jnp.zeros(math.prod(shape), values.dtype).at[idx].set(values).reshape(shape)
+
+
+def scale_by_sparse_subspace(
+    inner: optax.GradientTransformation,
+    *,
+    k: CountRule | None = None,
+    density: float | None = None,
+    update_every: int,
+    selector: str = "topk",
+    scale: float = 1.0,
+    mask: Any = None,
+    remap_moments: bool = True,
+    seed: int | jax.Array = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Runs ``inner`` on ``k`` entries of each selected leaf (GaSare / GoSare, Algorithm 5).
+
+    Args:
+      inner: any optax transformation; it sees the ``(k,)`` vectors ``S * G`` of selected
+        leaves (compressed) and the full gradients of the others, and receives no ``params``.
+      k: entries kept per leaf: an int, or ``(path, shape) -> int | None`` (None: not
+        sparsified). Exactly one of ``k`` and ``density`` must be given.
+      density: fraction of each selected leaf's entries kept, ``k = max(1, round(density*size))``.
+      update_every: ``tau``; the mask is refreshed when ``count % tau == 0`` (from step 0).
+      selector: ``"topk"`` (GaSare: the ``k`` largest ``|G|``) or ``"random"`` (GoSare).
+      scale: ``alpha``, multiplies the scattered update of selected leaves.
+      mask: which leaves are sparsified, as in :func:`golore_jax.scale_by_subspace` (default
+        :func:`golore_jax.subspace.default_mask`: matrices other than embeddings and head).
+      remap_moments: at a refresh, remap the inner state's moments to the new mask by
+        Algorithm 5 (kept positions carry over, new ones start at 0). Off: the moment vectors are
+        kept as they are, slot by slot (the analogue of GaLore's code keeping Adam's moments).
+      seed: int seed or PRNG key for GoSare.
+
+    Extra args:
+      ``subspace_grads``: a gradient tree like ``updates`` used only to choose the mask
+      (Algorithm 5's large-batch variant). Other extra args are passed to ``inner``.
+    """
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
+        raise ValueError(
+            f"scale_by_sparse_subspace: update_every must be a positive int, got {update_every!r}"
+        )
+    if (k is None) == (density is None):
+        raise ValueError(
+            f"scale_by_sparse_subspace: give exactly one of k and density, got k={k!r}, "
+            f"density={density!r}"
+        )
+    if density is not None and not 0.0 < density < 1.0:
+        raise ValueError(f"scale_by_sparse_subspace: density must be in (0, 1), got {density!r}")
+    if selector not in SELECTORS:
+        raise ValueError(
+            f"scale_by_sparse_subspace: selector must be one of {SELECTORS}, got {selector!r}"
+        )
+    if isinstance(scale, int | float) and not math.isfinite(scale):
+        raise ValueError(f"scale_by_sparse_subspace: scale must be finite, got {scale!r}")
+    inner = optax.with_extra_args_support(inner)
+
+    def plan(tree):
+        return _plan(tree, mask, k, density)
+
+    def init_fn(params):
+        counts, treedef = plan(params)
+        leaves = treedef.flatten_up_to(params)
+        # Distinct placeholder positions: a refresh that keeps them (all-zero first gradient)
+        # still holds a valid mask.
+        indices = [
+            optax.MaskedNode() if c is None else jnp.arange(c, dtype=jnp.int32) for c in counts
+        ]
+        values = [
+            leaf if c is None else jnp.zeros((c,), jnp.float32)
+            for leaf, c in zip(leaves, counts, strict=True)
+        ]
+        return ScaleBySparseSubspaceState(
+            count=jnp.zeros([], jnp.int32),
+            key=subspace_lib._as_key(seed),
+            indices=treedef.unflatten(indices),
+            inner_state=inner.init(treedef.unflatten(values)),
+        )
+
+    def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
+        counts, treedef = plan(updates)
+        grads = treedef.flatten_up_to(updates)
+        chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)
+        old_indices = treedef.flatten_up_to(state.indices)
+        next_key, refresh_key = jax.random.split(state.key)
+
+        def refresh(operands):
+            indices, inner_state = operands
+            new = list(indices)
+            for i, c in enumerate(counts):
+                if c is None:
+                    continue
+                g = chooser[i]
+                candidate = select_indices(
+                    selector, jax.random.fold_in(refresh_key, i), g.astype(jnp.float32), c
+                )
+                if selector == "topk":
+                    # Never choose from a non-finite or all-zero gradient: keep the old mask.
+                    ok = jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
+                    candidate = jnp.where(ok, candidate, indices[i])
+                new[i] = candidate
+            if remap_moments:
+
+                def remap(tree):
+                    leaves = treedef.flatten_up_to(tree)
+                    return treedef.unflatten(
+                        [
+                            x if c is None else remap_values(x, indices[i], new[i])
+                            for i, (x, c) in enumerate(zip(leaves, counts, strict=True))
+                        ]
+                    )
+
+                inner_state = subspace_lib._map_moments(
+                    inner_state, treedef, lambda name: remap if name in MOMENT_FIELDS else None
+                )
+            return new, inner_state
+
+        is_refresh = state.count % update_every == 0
+        new_indices, inner_state = lax.cond(
+            is_refresh, refresh, lambda operands: operands, (old_indices, state.inner_state)
+        )
+        values = [
+            g if c is None else gather(g, new_indices[i])
+            for i, (g, c) in enumerate(zip(grads, counts, strict=True))
+        ]
+        inner_updates, inner_state = inner.update(
+            treedef.unflatten(values), inner_state, None, **extra_args
+        )
+        param_leaves = None if params is None else treedef.flatten_up_to(params)
+        out = []
+        for i, (n, c) in enumerate(zip(treedef.flatten_up_to(inner_updates), counts, strict=True)):
+            if c is None:
+                out.append(n)
+                continue
+            dtype = grads[i].dtype if param_leaves is None else param_leaves[i].dtype
+            out.append(scatter(scale * n, new_indices[i], grads[i].shape).astype(dtype))
+        new_state = ScaleBySparseSubspaceState(
+            count=optax.safe_increment(state.count),
+            key=next_key,
+            indices=treedef.unflatten(
+                [
+                    optax.MaskedNode() if c is None else idx
+                    for c, idx in zip(counts, new_indices, strict=True)
+                ]
+            ),
+            inner_state=inner_state,
+        )
+        return treedef.unflatten(out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
