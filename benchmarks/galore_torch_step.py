@@ -1,0 +1,328 @@
+"""The PyTorch reference: galore-torch's GaLoreAdamW and torch AdamW on a HF LlamaForCausalLM.
+
+    python -m benchmarks.galore_torch_step --models llama_60m,llama_350m,llama_1b \
+        --json benchmarks/results/galore_torch_step.json
+    python -m benchmarks.galore_torch_step --device cpu --tiny          # smoke test
+
+The side-by-side of :mod:`benchmarks.train_step` (same models, ranks, batches at seq 256):
+``LlamaForCausalLM`` (transformers) in bf16 (``model.to(torch.bfloat16)``, as GaLore's
+``torchrun_main.py --dtype bfloat16``), sdpa attention, random tokens, loss on the inputs
+shifted by one (``labels=input_ids``). Optimizers:
+
+* ``galore_torch``: ``galore_torch.GaLoreAdamW`` (galore-torch 1.0) with GaLore's param groups:
+  every ``nn.Linear`` whose module name contains ``attn`` or ``mlp`` in the GaLore group
+  (rank 128/256/512, ``update_proj_gap=200``, ``scale=0.25``, ``proj_type="std"``), everything
+  else (embeddings, norms, ``lm_head``) in the regular group; lr 1e-3, no weight decay.
+* ``adamw``: ``torch.optim.AdamW`` (fused where available), the torch baseline.
+
+galore-torch's ``__init__`` imports bitsandbytes (for ``GaLoreAdamW8bit``), which is not
+needed here: a stub ``bitsandbytes.optim.optimizer.Optimizer2State`` is put in ``sys.modules``
+when the real package is missing. galore-torch itself is imported from the environment or, if
+absent, straight from its wheel (``.whl/galore_torch-1.0-py3-none-any.whl``, pure Python, on
+``sys.path`` as a zip) so that nothing has to be installed.
+
+Timing. galore-torch refreshes a matrix's projector when its step counter (0-based, counted
+per parameter) is a multiple of ``update_proj_gap``, so optimizer step 0 refreshes. The first
+``--warmup`` steps (including that refresh and CUDA/cuBLAS warm-up) are not timed; steady steps
+are the next ``--steps`` (no refresh, as long as warmup + steps < 200). Then every projector's
+gap is set to 1 and ``--refresh-steps`` steps (1 if the first step took over 10 s) are timed:
+the refresh step (SVD of every GaLore matrix). Amortized over ``update_proj_gap = 200``:
+``steady + (refresh - steady) / 200``. Peak memory is ``torch.cuda.max_memory_allocated``
+over the whole run (refresh steps included) and over the steady steps alone. Each (model,
+optimizer) runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.metadata
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+import types
+from typing import Any
+
+# hidden, intermediate, heads, layers, GaLore rank, batch at seq 256 (benchmarks/train_step.py)
+MODELS = {
+    "llama_60m": (512, 1376, 8, 8, 128, 128),
+    "llama_130m": (768, 2048, 12, 12, 256, 64),
+    "llama_350m": (1024, 2736, 16, 24, 256, 32),
+    "llama_1b": (2048, 5461, 32, 24, 512, 16),
+}
+TINY = (64, 172, 4, 2, 16, 2)  # CPU smoke test; vocab 1000, seq 32
+OPTIMIZERS = ("adamw", "galore_torch")
+UPDATE_PROJ_GAP = 200
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def import_galore_torch() -> Any:
+    """Imports ``galore_torch`` (from the environment or its wheel), stubbing bitsandbytes."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        import torch
+
+        stub_optimizer = types.ModuleType("bitsandbytes.optim.optimizer")
+
+        class Optimizer2State(torch.optim.Optimizer):
+            """Stand-in base of galore_torch.GaLoreAdamW8bit (not used here)."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                raise ImportError("bitsandbytes is not installed (stubbed for galore_torch)")
+
+        stub_optimizer.Optimizer2State = Optimizer2State
+        stub = types.ModuleType("bitsandbytes")
+        stub_optim = types.ModuleType("bitsandbytes.optim")
+        stub.optim = stub_optim
+        stub_optim.optimizer = stub_optimizer
+        sys.modules.update(
+            {
+                "bitsandbytes": stub,
+                "bitsandbytes.optim": stub_optim,
+                "bitsandbytes.optim.optimizer": stub_optimizer,
+            }
+        )
+    try:
+        import galore_torch
+    except ImportError:
+        wheels = sorted(glob.glob(str(REPO / ".whl" / "galore_torch-*.whl")))
+        if not wheels:
+            raise
+        sys.path.insert(0, wheels[-1])
+        import galore_torch
+    return galore_torch
+
+
+def galore_param_groups(model: Any, rank: int) -> list[dict]:
+    """GaLore's ``torchrun_main.py`` groups: attn/mlp ``nn.Linear`` weights get the projector."""
+    from torch import nn
+
+    galore_params = [
+        module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(key in name for key in ("attn", "mlp"))
+    ]
+    ids = {id(p) for p in galore_params}
+    regular = [p for p in model.parameters() if id(p) not in ids]
+    return [
+        {"params": regular},
+        {
+            "params": galore_params,
+            "rank": rank,
+            "update_proj_gap": UPDATE_PROJ_GAP,
+            "scale": 0.25,
+            "proj_type": "std",
+        },
+    ]
+
+
+def run_one(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
+    """Measures one (model, optimizer) in this process."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = torch.device(args.device)
+    if args.tiny:
+        hidden, inter, heads, layers, rank, default_batch = TINY
+        vocab, seq = 1000, 32
+    else:
+        hidden, inter, heads, layers, rank, default_batch = MODELS[model_name]
+        vocab, seq = 32000, args.seq
+    batch = args.batch or max(1, default_batch * 256 // seq)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        num_hidden_layers=layers,
+        max_position_embeddings=max(seq, 1024),
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    if opt_name == "galore_torch":
+        galore_torch = import_galore_torch()
+        optimizer = galore_torch.GaLoreAdamW(
+            galore_param_groups(model, rank), lr=1e-3, weight_decay=0.0,
+            no_deprecation_warning=True,
+        )  # fmt: skip
+        impl = (
+            f"galore_torch {importlib.metadata.version('galore-torch')} ({galore_torch.__file__})"
+        )
+    elif opt_name == "adamw":
+        try:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+            impl = "torch.optim.AdamW(fused=True)"
+        except (RuntimeError, TypeError, ValueError):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+            impl = "torch.optim.AdamW"
+    else:
+        raise ValueError(f"unknown optimizer {opt_name!r}")
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=gen, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step() -> torch.Tensor:
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def timed(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            loss = step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        if not torch.isfinite(loss.detach().float()):
+            raise FloatingPointError(f"{model_name} {opt_name}: loss is {float(loss)}")
+        return times
+
+    if args.warmup + args.steps >= UPDATE_PROJ_GAP:
+        raise ValueError(f"warmup + steps must be < {UPDATE_PROJ_GAP} (no refresh while steady)")
+    first = timed(1)[0]  # optimizer step 0: galore-torch refreshes every projector here
+    timed(args.warmup - 1)
+    cuda = device.type == "cuda"
+    peak_warmup = torch.cuda.max_memory_allocated(device) if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    steady_times = timed(args.steps)
+    steady = statistics.median(steady_times)
+    peak_steady = torch.cuda.max_memory_allocated(device) if cuda else None
+    result: dict[str, Any] = {
+        "model": "llama_tiny" if args.tiny else model_name,
+        "optimizer": opt_name,
+        "impl": impl,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "seq": seq,
+        "batch": batch,
+        "params": n_params,
+        "rank": rank if opt_name == "galore_torch" else None,
+        "first_step_s": first,
+        "steady_step_s": steady,
+        "steady_step_min_s": min(steady_times),
+    }
+    state_tensors = [
+        t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+    ]
+    projectors = [s["projector"] for s in optimizer.state.values() if "projector" in s]
+    projector_bytes = sum(
+        p.ortho_matrix.numel() * p.ortho_matrix.element_size() for p in projectors
+    )
+    result["state_bytes"] = sum(t.numel() * t.element_size() for t in state_tensors)
+    result["state_bytes"] += projector_bytes
+    if opt_name == "galore_torch":
+        for p in projectors:
+            p.update_proj_gap = 1  # every step refreshes from now on
+        # A long first step means a long refresh: then one more refresh step is enough.
+        refresh = statistics.median(timed(1 if first > 10.0 else args.refresh_steps))
+        result["refresh_step_s"] = refresh
+        result["amortized_step_s"] = steady + (refresh - steady) / UPDATE_PROJ_GAP
+        result["galore_matrices"] = len(projectors)
+    else:
+        result["refresh_step_s"] = None
+        result["amortized_step_s"] = steady
+    tokens_per_step = batch * seq
+    result["steady_tokens_per_s"] = tokens_per_step / steady
+    result["amortized_tokens_per_s"] = tokens_per_step / result["amortized_step_s"]
+    result["peak_bytes"] = (
+        max(peak_warmup, torch.cuda.max_memory_allocated(device)) if cuda else None
+    )
+    result["peak_steady_bytes"] = peak_steady
+    return result
+
+
+def _gib(x: float | None) -> str:
+    return "-" if not x else f"{x / 2**30:.1f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    """The markdown table (one row per (model, optimizer))."""
+    print(
+        "| model | optimizer | seq x batch | state MiB | peak GiB (steady / with refresh) "
+        "| steady step ms | steady tok/s | refresh step s | amortized tok/s (gap 200) | vs adamw |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = {r["model"]: r["amortized_tokens_per_s"] for r in rows if r["optimizer"] == "adamw"}
+    for r in rows:
+        ratio = r["amortized_tokens_per_s"] / base[r["model"]] if r["model"] in base else None
+        refresh = f"{r['refresh_step_s']:.3f}" if r["refresh_step_s"] else "-"
+        print(
+            f"| {r['model']} | {r['optimizer']} | {r['seq']}x{r['batch']} | "
+            f"{r['state_bytes'] / 2**20:.0f} | {_gib(r['peak_steady_bytes'])} / "
+            f"{_gib(r['peak_bytes'])} | {r['steady_step_s'] * 1e3:.1f} | "
+            f"{r['steady_tokens_per_s']:,.0f} | {refresh} | "
+            f"{r['amortized_tokens_per_s']:,.0f} | {f'{ratio:.3f}' if ratio else '-'} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="llama_60m")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps, first included")
+    parser.add_argument("--steps", type=int, default=20, help="timed steady steps")
+    parser.add_argument("--refresh-steps", type=int, default=3, help="timed refresh steps")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    parser.add_argument("--timeout", type=float, default=480.0, help="per subprocess, s")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step refreshes)")
+    if args.one:
+        print("RESULT " + json.dumps(run_one(*args.one, args)), flush=True)
+        return
+    models = ["llama_tiny"] if args.tiny else args.models.split(",")
+    rows = []
+    for model_name in models:
+        for opt_name in args.optimizers.split(","):
+            cmd = [sys.executable, "-m", "benchmarks.galore_torch_step", "--one", model_name]
+            cmd += [opt_name, "--seq", str(args.seq), "--warmup", str(args.warmup)]
+            cmd += ["--steps", str(args.steps), "--refresh-steps", str(args.refresh_steps)]
+            cmd += ["--device", args.device] + (["--tiny"] if args.tiny else [])
+            if args.batch:
+                cmd += ["--batch", str(args.batch)]
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{model_name} {opt_name} timed out after {args.timeout:.0f} s", flush=True)
+                continue
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not lines:
+                print(f"{model_name} {opt_name} failed:\n{out.stderr[-3000:]}", flush=True)
+                continue
+            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+            print(json.dumps(rows[-1]), flush=True)
+    print()
+    print_table(rows)
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
