@@ -29,6 +29,9 @@ def optimizer_config() -> ml_collections.ConfigDict:
             "b2": 0.999,
             "eps": 1e-8,
             "momentum": 0.9,  # for inner=msgd, optax convention
+            # GaLore's projector (and the hybrid's before the switch): svd (the reference),
+            # gram_eigh (same subspace, 8-16x faster on an H100) or subspace_iteration.
+            "projector": "gram_eigh",
             "rank": 128,
             "update_every": 200,
             "scale": 1.0,

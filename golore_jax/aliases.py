@@ -27,8 +27,13 @@ def paper_msgd_hyperparams(learning_rate: float, beta1: float) -> dict[str, floa
     return {"learning_rate": learning_rate * beta1, "momentum": 1.0 - beta1}
 
 
-def golore_projector(golore_fraction: float, total_steps: int | None) -> projectors_lib.Projector:
-    """GoLore@x%: random for the last ``golore_fraction`` of ``total_steps``, SVD before."""
+def golore_projector(
+    golore_fraction: float,
+    total_steps: int | None,
+    before: projectors_lib.Projector | None = None,
+) -> projectors_lib.Projector:
+    """GoLore@x%: random for the last ``golore_fraction`` of ``total_steps``, ``before``
+    (default: the exact SVD) until then."""
     if not 0.0 < golore_fraction <= 1.0:
         raise ValueError(f"golore_fraction must be in (0, 1], got {golore_fraction}")
     if golore_fraction == 1.0:
@@ -38,7 +43,9 @@ def golore_projector(golore_fraction: float, total_steps: int | None) -> project
             f"golore_fraction={golore_fraction} needs total_steps > 0 to place the switch, "
             f"got total_steps={total_steps}"
         )
-    return projectors_lib.hybrid(switch_step=round((1.0 - golore_fraction) * total_steps))
+    return projectors_lib.hybrid(
+        switch_step=round((1.0 - golore_fraction) * total_steps), before=before
+    )
 
 
 def _subspace_optimizer(
@@ -73,6 +80,7 @@ def galore_adamw(
     second_moment: str = "keep",
     mu_dtype: Any = None,
     seed: int = 0,
+    batch_refresh: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore-AdamW: Adam in the top-``rank`` singular subspace, refreshed every ``update_every``.
 
@@ -92,6 +100,7 @@ def galore_adamw(
         momentum_projection=momentum_projection,
         second_moment=second_moment,
         seed=seed,
+        batch_refresh=batch_refresh,
     )
 
 
@@ -127,6 +136,7 @@ def galore_sgd(
     mask: Any = None,
     momentum_projection: bool = True,
     seed: int = 0,
+    batch_refresh: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore with (momentum) SGD, optax's momentum convention (``T <- momentum * T + R``).
 
@@ -146,6 +156,7 @@ def galore_sgd(
         mask=mask,
         momentum_projection=momentum_projection,
         seed=seed,
+        batch_refresh=batch_refresh,
     )
 
 

@@ -97,28 +97,30 @@ class SubspaceIterationProjector:
     Between refreshes the gradient's top subspace moves slowly, so a few iterations
     ``X <- orth(g g^T X)`` from the previous basis recover it with matmuls and one QR each;
     a Rayleigh-Ritz step (an ``r x r`` eigendecomposition) then orders the basis like the SVD's
-    singular vectors. Before the first refresh (``previous == 0``) it starts from a Gaussian
-    matrix and runs ``cold_iterations``.
+    singular vectors. The first refresh (``previous == 0``) has nothing to start from and uses
+    :class:`GramEighProjector` (exact), so the approximation error never compounds from a
+    random start.
     """
 
     iterations: int = 2
-    cold_iterations: int = 8
     uses_gradient: bool = dataclasses.field(default=True, init=False)
 
     def __call__(self, key, g, previous, step):
-        del step
         g = g.astype(jnp.float32)
-        cold = jnp.all(previous == 0)
-        start = jnp.where(cold, jax.random.normal(key, previous.shape, jnp.float32), previous)
 
-        def body(_, x):
-            q, _ = jnp.linalg.qr(g @ (g.T @ x))
-            return q
+        def warm():
+            def body(_, x):
+                q, _ = jnp.linalg.qr(g @ (g.T @ x))
+                return q
 
-        x = lax.fori_loop(0, jnp.where(cold, self.cold_iterations, self.iterations), body, start)
-        b = x.T @ g  # r x k, the projected matrix
-        _, rotation = jnp.linalg.eigh(b @ b.T)
-        return x @ rotation[:, ::-1]
+            x = lax.fori_loop(0, self.iterations, body, previous)
+            b = x.T @ g  # r x k, the projected matrix
+            _, rotation = jnp.linalg.eigh(b @ b.T)
+            return x @ rotation[:, ::-1]
+
+        return lax.cond(
+            jnp.all(previous == 0), lambda: GramEighProjector()(key, g, previous, step), warm
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,13 +213,11 @@ def gram_eigh() -> GramEighProjector:
     return GramEighProjector()
 
 
-def subspace_iteration(iterations: int = 2, cold_iterations: int = 8) -> SubspaceIterationProjector:
+def subspace_iteration(iterations: int = 2) -> SubspaceIterationProjector:
     """GaLore's subspace by warm-started subspace iteration: a few matmuls and QRs a refresh."""
-    if iterations < 1 or cold_iterations < 1:
-        raise ValueError(
-            f"iterations and cold_iterations must be >= 1, got {iterations}, {cold_iterations}"
-        )
-    return SubspaceIterationProjector(iterations, cold_iterations)
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    return SubspaceIterationProjector(iterations)
 
 
 def random(method: str = "qr") -> RandomProjector:

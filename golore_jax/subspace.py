@@ -202,8 +202,11 @@ def _as_key(seed: int | jax.Array) -> jax.Array:
     return jax.random.key(seed)
 
 
-def _same_shape_groups(layouts: list[MatrixLayout | None]) -> list[list[int]]:
-    """Indices of projected leaves grouped by (projected dim, other dim, rank), in leaf order."""
+def _same_shape_groups(layouts: list[MatrixLayout | None], batch: bool) -> list[list[int]]:
+    """Indices of projected leaves grouped by (projected dim, other dim, rank), in leaf order
+    (each leaf alone when ``batch`` is False)."""
+    if not batch:
+        return [[i] for i, lay in enumerate(layouts) if lay is not None]
     groups: dict[tuple[int, int, int], list[int]] = {}
     for i, lay in enumerate(layouts):
         if lay is not None:
@@ -247,6 +250,7 @@ def scale_by_subspace(
     allow_full_rank: bool = False,
     seed: int | jax.Array = 0,
     refresh_sharding: Any = None,
+    batch_refresh: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Runs ``inner`` in a rank-``r`` subspace of each projected leaf (Algorithm 1).
 
@@ -271,10 +275,12 @@ def scale_by_subspace(
         default: the most square split (see :mod:`golore_jax.layout`).
       allow_full_rank: permit ``rank == min(m, n)`` (no saving; used for equivalence checks).
       seed: int seed or PRNG key for random projectors.
-      refresh_sharding: where the refresh runs. Same-shape leaves are stacked and their
-        projectors vmapped; with a sharding (e.g. ``PartitionSpec(("data", "fsdp"))`` under a
-        mesh context, or a ``NamedSharding``) on the stacked axis, each device decomposes its
-        share of the matrices instead of every device repeating every decomposition.
+      batch_refresh: stack same-shape leaves and vmap their projector (one batched kernel per
+        shape); False decomposes each leaf on its own (no stacked copy of the gradients).
+      refresh_sharding: where the batched refresh runs: with a sharding on the stacked axis
+        (e.g. ``PartitionSpec(("data", "fsdp"))`` under a mesh context, or a
+        ``NamedSharding``), each device decomposes its share of the matrices instead of every
+        device repeating every decomposition.
 
     Extra args:
       ``subspace_grads``: a gradient tree like ``updates`` used only to choose the subspace
@@ -367,7 +373,7 @@ def scale_by_subspace(
         def refresh(operands):
             bases, inner_state = operands
             new = list(bases)
-            for group in _same_shape_groups(layouts):
+            for group in _same_shape_groups(layouts, batch_refresh):
                 # One vmapped projector call per group of same-shape leaves: a refresh is a few
                 # large batched kernels, and the stacked axis can be spread over devices.
                 g = jnp.stack(

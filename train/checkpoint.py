@@ -3,19 +3,29 @@
 A checkpoint directory ``WORKDIR/checkpoints/<step>`` holds the train state (restored with the
 shardings of the current mesh, so a run can resume on a different device count) and a JSON item
 with the data position and the config fields that must match to resume. Orbax writes to a
-temporary directory and renames it when complete, so an interrupted save never damages the
-previous checkpoint.
+temporary directory and renames it when complete, so an interrupted save (even ``kill -9``)
+never damages the previous checkpoint; the leftover temporary directory is removed at the next
+start. A checkpoint that cannot be read (corrupted or truncated files) is skipped: the run
+resumes from the newest readable one, and the unreadable ones are moved, not deleted, to
+``WORKDIR/checkpoints_unreadable/`` with a warning. Orbax stores raw array chunks without
+checksums, so flipped bytes inside a data file would restore silently; each saved checkpoint
+therefore also gets ``crc32.json`` (a CRC-32 of every file, written after the commit) that is
+checked before restoring.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import tempfile
+import zlib
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
+CHECKSUMS = "crc32.json"
 # Config fields that must match between a checkpoint and the run that resumes it.
 MUST_MATCH = ("model", "optimizer.name", "optimizer.inner", "optimizer.rank", "seq_len")
 
@@ -50,7 +60,9 @@ class Checkpoints:
         self.every = every
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, cleanup_tmp_directories=True
+            ),
             item_names=("state", "meta"),
         )
 
@@ -72,7 +84,48 @@ class Checkpoints:
             force=force,
         )
         self._manager.wait_until_finished()
+        if saved and jax.process_index() == 0:
+            self._write_checksums(step)
         return saved
+
+    def _files(self, step: int) -> dict[str, pathlib.Path]:
+        root = self.directory / str(step)
+        return {
+            str(p.relative_to(root)): p
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS
+        }
+
+    def _write_checksums(self, step: int) -> None:
+        sums = {name: _crc32(path) for name, path in self._files(step).items()}
+        path = self.directory / str(step) / CHECKSUMS
+        tmp = path.with_name(CHECKSUMS + ".tmp")
+        tmp.write_text(json.dumps(sums, indent=0))
+        tmp.replace(path)
+
+    def verify(self, step: int) -> None:
+        """Raises RuntimeError when a file of ``step`` is missing or its CRC-32 has changed.
+
+        A checkpoint without ``crc32.json`` (killed between commit and writing it, or saved
+        by an older version) is not checked here.
+        """
+        root = self.directory / str(step)
+        path = root / CHECKSUMS
+        if not path.exists():
+            return
+        try:
+            expected = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"checkpoint {root}: {CHECKSUMS} is unreadable: {e}") from e
+        files = self._files(step)
+        for name, crc in expected.items():
+            if name not in files:
+                raise RuntimeError(f"checkpoint {root} is incomplete: {name} is missing")
+            if _crc32(files[name]) != crc:
+                raise RuntimeError(
+                    f"checkpoint {root} is corrupted: {name} does not match its CRC-32 in "
+                    f"{CHECKSUMS}"
+                )
 
     def restore(self, step: int, abstract_state: Any, config: Any) -> tuple[Any, dict[str, Any]]:
         """Restores ``step`` into ``abstract_state``'s shapes and shardings.
@@ -81,6 +134,7 @@ class Checkpoints:
         RuntimeError naming the checkpoint when it cannot be read; nothing is deleted.
         """
         path = self.directory / str(step)
+        self.verify(step)
         try:
             meta = self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -103,5 +157,58 @@ class Checkpoints:
             raise RuntimeError(f"checkpoint {path} is unreadable (its train state): {e}") from e
         return restored["state"], meta
 
+    def restore_latest(
+        self, abstract_state: Any, config: Any
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """Restores the newest readable checkpoint: ``(step, state, meta)``, or None if none.
+
+        A newer checkpoint that cannot be read is skipped with a warning and, once an older one
+        has been restored, moved to ``checkpoints_unreadable/`` (so this run can save that step
+        again). Raises RuntimeError listing them when no checkpoint is readable (nothing moved),
+        and ValueError at once when a checkpoint belongs to another config.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        errors: list[str] = []
+        for step in steps:
+            try:
+                state, meta = self.restore(step, abstract_state, config)
+            except RuntimeError as e:
+                logging.warning("skipping checkpoint %s: %s", self.directory / str(step), e)
+                errors.append(str(e))
+                continue
+            for bad in steps[: len(errors)]:
+                moved = self._move_aside(bad)
+                logging.warning(
+                    "checkpoint step %d was unreadable: moved it to %s; resuming from step %d",
+                    bad,
+                    moved,
+                    step,
+                )
+            return step, state, meta
+        if errors:
+            raise RuntimeError(
+                f"no readable checkpoint in {self.directory} (nothing was moved or deleted; "
+                "move the directory away to start afresh): " + " | ".join(errors)
+            )
+        return None
+
+    def _move_aside(self, step: int) -> pathlib.Path:
+        aside = self.directory.parent / "checkpoints_unreadable"
+        aside.mkdir(exist_ok=True)
+        target, n = aside / str(step), 1
+        while target.exists():
+            target, n = aside / f"{step}.{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self._manager.reload()
+        return target
+
     def close(self) -> None:
         self._manager.close()
+
+
+def _crc32(path: pathlib.Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc

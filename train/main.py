@@ -82,7 +82,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     """Builds the model, optimizer, shardings and the jitted init / train / eval steps."""
     model_config = model_lib.LlamaConfig.from_dict(config.model)
     model = model_lib.LlamaForCausalLM(model_config)
-    tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
+    tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps, num_devices=mesh.size)
     dummy = jnp.zeros((1, config.seq_len), jnp.int32)
 
     with nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
