@@ -21,6 +21,7 @@ from golore_jax.aliases import (
 )
 from golore_jax.memory import optimizer_state_floats, subspace_state_floats
 from golore_jax.online_pca import ScaleByOnlineSubspaceState, scale_by_online_subspace
+from golore_jax.quantized import scale_by_adam_8bit
 from golore_jax.sparse import ScaleBySparseSubspaceState, scale_by_sparse_subspace
 from golore_jax.subspace import ScaleBySubspaceState, default_mask, scale_by_subspace
 
@@ -45,6 +46,7 @@ __all__ = [
     "osd_sgd",
     "paper_msgd_hyperparams",
     "projectors",
+    "scale_by_adam_8bit",
     "scale_by_online_subspace",
     "scale_by_sparse_subspace",
     "scale_by_subspace",

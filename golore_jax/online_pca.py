@@ -186,25 +186,9 @@ def scale_by_online_subspace(
             state.count == 0, first_bases, lambda b: list(b), treedef.flatten_up_to(state.bases)
         )
 
-        low_rank = [
-            g
-            if lay is None
-            else layout_lib.project(layout_lib.as_matrix(g.astype(jnp.float32), lay), bases[i], lay)
-            for i, (g, lay) in enumerate(zip(grads, layouts, strict=True))
-        ]
-        inner_updates, inner_state = inner.update(
-            treedef.unflatten(low_rank), state.inner_state, None, **extra_args
+        out, inner_state = subspace_lib.update_in_subspace(
+            inner, treedef, grads, layouts, bases, state.inner_state, params, scale, extra_args
         )
-        param_leaves = None if params is None else treedef.flatten_up_to(params)
-        out = []
-        for i, (n, lay) in enumerate(
-            zip(treedef.flatten_up_to(inner_updates), layouts, strict=True)
-        ):
-            if lay is None:
-                out.append(n)
-                continue
-            dtype = grads[i].dtype if param_leaves is None else param_leaves[i].dtype
-            out.append((scale * layout_lib.back_project(n, bases[i], lay)).astype(dtype))
 
         def pca_step(operands):
             bases_tree, projector_state = operands

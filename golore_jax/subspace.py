@@ -192,6 +192,42 @@ def _map_moments(state: Any, treedef: Any, fn_for_field: Callable[[str], Callabl
     return state
 
 
+def update_in_subspace(
+    inner: optax.GradientTransformationExtraArgs,
+    treedef: Any,
+    grads: list[jax.Array],
+    layouts: list[MatrixLayout | None],
+    bases: list[Any],
+    inner_state: Any,
+    params: Any,
+    scale: float,
+    extra_args: dict[str, Any],
+) -> tuple[list[jax.Array], Any]:
+    """``R = P^T G``, ``N = inner(R)``, ``scale * P N`` in the param dtype, leaf by leaf.
+
+    Leaves without a layout go through ``inner`` at full shape. Shared by the transforms whose
+    subspace is a basis (SVD/random refreshes here, online PCA in :mod:`golore_jax.online_pca`).
+    """
+    low_rank = [
+        g
+        if lay is None
+        else layout_lib.project(layout_lib.as_matrix(g.astype(jnp.float32), lay), bases[i], lay)
+        for i, (g, lay) in enumerate(zip(grads, layouts, strict=True))
+    ]
+    inner_updates, inner_state = inner.update(
+        treedef.unflatten(low_rank), inner_state, None, **extra_args
+    )
+    param_leaves = None if params is None else treedef.flatten_up_to(params)
+    out = []
+    for i, (n, lay) in enumerate(zip(treedef.flatten_up_to(inner_updates), layouts, strict=True)):
+        if lay is None:
+            out.append(n)
+            continue
+        dtype = grads[i].dtype if param_leaves is None else param_leaves[i].dtype
+        out.append((scale * layout_lib.back_project(n, bases[i], lay)).astype(dtype))
+    return out, inner_state
+
+
 def _as_key(seed: int | jax.Array) -> jax.Array:
     """A typed PRNG key from an int seed (possibly traced, e.g. under inject_hyperparams),
     a typed key, or legacy uint32[2] key data."""
@@ -406,27 +442,9 @@ def scale_by_subspace(
             is_refresh, refresh, lambda operands: operands, (old_bases, state.inner_state)
         )
 
-        low_rank = [
-            g
-            if lay is None
-            else layout_lib.project(
-                layout_lib.as_matrix(g.astype(jnp.float32), lay), new_bases[i], lay
-            )
-            for i, (g, lay) in enumerate(zip(grads, layouts, strict=True))
-        ]
-        inner_updates, inner_state = inner.update(
-            treedef.unflatten(low_rank), inner_state, None, **extra_args
+        out, inner_state = update_in_subspace(
+            inner, treedef, grads, layouts, new_bases, inner_state, params, scale, extra_args
         )
-        param_leaves = None if params is None else treedef.flatten_up_to(params)
-        out = []
-        for i, (n, lay) in enumerate(
-            zip(treedef.flatten_up_to(inner_updates), layouts, strict=True)
-        ):
-            if lay is None:
-                out.append(n)
-                continue
-            dtype = grads[i].dtype if param_leaves is None else param_leaves[i].dtype
-            out.append((scale * layout_lib.back_project(n, new_bases[i], lay)).astype(dtype))
         new_state = ScaleBySubspaceState(
             count=optax.safe_increment(state.count),
             key=next_key,
