@@ -5,7 +5,8 @@ Dettmers, Lewis, Shleifer and Zettlemoyer, "8-bit Optimizers via Block-wise Quan
 ``block_size`` and cut into blocks; a block stores one fp32 ``absmax`` scale and one 8-bit code
 per element. A code indexes a fixed table of levels in ``[-1, 1]`` (first moment) or ``[0, 1]``
 (second moment) and dequantises to ``level * absmax``. Quantisation picks the *nearest* level
-(a binary search over the midpoints between levels, as bitsandbytes does), so for every element
+(bitsandbytes binary-searches its table; these maps invert in closed form, then the nearest
+of three neighbouring levels is taken), so for every element
 
     |x - dequantize(quantize(x))| <= absmax_of_its_block * max_gap(table) / 2.
 
@@ -91,7 +92,10 @@ def _num_blocks(size: int, block_size: int) -> int:
 
 
 def quantize_blockwise(x: jax.Array, levels: np.ndarray, block_size: int) -> QuantizedArray:
-    """Nearest-level block-wise quantisation of ``x`` with the map ``levels`` (ascending).
+    """Nearest-level block-wise quantisation of ``x`` with the map ``levels``.
+
+    ``levels`` must be :data:`SIGNED_LEVELS` or :data:`UNSIGNED_LEVELS` (the level is found by
+    inverting those maps in closed form, not by a search over an arbitrary table).
 
     Codes are int8 (``index - 127``) when ``levels`` has 255 entries starting at -1 (the signed
     map), uint8 indices otherwise.
@@ -103,9 +107,21 @@ def quantize_blockwise(x: jax.Array, levels: np.ndarray, block_size: int) -> Qua
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     safe = jnp.where(absmax > 0, absmax, 1.0)
     normalized = blocks / safe[:, None]
-    midpoints = jnp.asarray((levels[1:].astype(np.float64) + levels[:-1]) / 2.0, jnp.float32)
-    index = jnp.searchsorted(midpoints, normalized, method="scan_unrolled")
+    table = jnp.asarray(levels)
     signed = levels[0] < 0
+    # The maps are sign(c) (c / L)^p: invert, then pick the nearest of three neighbours in the
+    # linear domain, so fp32 error in the inverse cannot pick a non-nearest level.
+    power, top = (2.0, SIGNED_OFFSET) if signed else (4.0, levels.size - 1)
+    guess = jnp.floor(top * jnp.abs(normalized) ** (1.0 / power) + 0.5).astype(jnp.int32)
+    guess = jnp.where(normalized < 0, -guess, guess) + (SIGNED_OFFSET if signed else 0)
+    index = guess
+    best = jnp.abs(table[jnp.clip(guess, 0, levels.size - 1)] - normalized)
+    for shift in (-1, 1):
+        candidate = jnp.clip(guess + shift, 0, levels.size - 1)
+        error = jnp.abs(table[candidate] - normalized)
+        index = jnp.where(error < best, candidate, index)
+        best = jnp.minimum(error, best)
+    index = jnp.clip(index, 0, levels.size - 1)
     codes = (index - SIGNED_OFFSET).astype(jnp.int8) if signed else index.astype(jnp.uint8)
     return QuantizedArray(codes=codes, absmax=absmax)
 
