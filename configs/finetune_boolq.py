@@ -1,0 +1,87 @@
+"""The paper's BoolQ fine-tuning recipe for ``python -m train.finetune``.
+
+GoLore@20% (``optimizer.name='hybrid'``: GaLore's SVD-family projector, then random projections
+for the last 20% of steps) with MSGD inside the subspace, rank 1024 (clipped per matrix to
+``min(m, n) - 1`` on smaller models), subspace refresh every 500 steps, scale 4, learning rate
+1e-4, batch size 1, sequences of 2048 tokens. The tests (tests/test_finetune.py) override these
+for a tiny random-init model.
+
+Nothing is downloaded: point the config at your own local copies of the weights and the data::
+
+    python -m train.finetune --config configs/finetune_boolq.py --workdir runs/boolq \\
+        --config.init.hf_checkpoint=/models/Llama-2-7b-hf \\
+        --config.init.tokenizer=/models/Llama-2-7b-hf/tokenizer.json \\
+        --config.data.train_file=/data/boolq/train.jsonl \\
+        --config.data.eval_file=/data/boolq/validation.jsonl
+
+* ``init.hf_checkpoint``: a Hugging Face LLaMA directory (``config.json`` + ``*.safetensors``).
+  Left as None, the model is a random init of ``config.model`` with a byte-level BPE of
+  ``init.bpe_vocab_size`` ids trained on the task text (smoke runs only).
+* ``init.tokenizer``: its ``tokenizer.json`` or SentencePiece ``tokenizer.model``; if None,
+  the checkpoint directory's own ``tokenizer.json`` / ``tokenizer.model`` is used.
+* ``data.train_file`` / ``data.eval_file``: jsonl, one ``{"question", "passage", "answer": bool}``
+  per line (BoolQ's own format). They default to None; a run without them stops with an error
+  naming the field. For WinoGrande set ``--config.data.task=winogrande`` and give files of
+  ``{"sentence" with "_", "option1", "option2", "answer": "1"|"2"}``.
+
+Each run appends the train loss and the eval accuracy to ``WORKDIR/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.base import llama_config
+
+BOOLQ_TRAIN_EXAMPLES = 9427
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """BoolQ, GoLore@20% + MSGD, rank 1024, lr 1e-4, batch 1, seq 2048, one epoch."""
+    # config.model is only used for a random init (init.hf_checkpoint=None); a checkpoint brings
+    # its own shape and takes only dtype / param_dtype / remat from here.
+    config = llama_config(hidden=256, intermediate=688, heads=4, layers=4, vocab=1024)
+    for key in ("data", "mesh", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+        del config[key]
+    for key in ("distributed", "run_steps", "nonfinite", "max_skipped"):
+        del config[key]
+    config.model.max_seq_len = 2048
+
+    config.init = ml_collections.ConfigDict(
+        {
+            "hf_checkpoint": ml_collections.FieldReference(None, field_type=str),
+            "tokenizer": ml_collections.FieldReference(None, field_type=str),
+            "eos_token": ml_collections.FieldReference(None, field_type=str),
+            "bpe_vocab_size": 1024,  # random init only
+        }
+    )
+    config.data = ml_collections.ConfigDict(
+        {
+            "task": "boolq",  # boolq | winogrande
+            "train_file": ml_collections.FieldReference(None, field_type=str),
+            "eval_file": ml_collections.FieldReference(None, field_type=str),
+            "max_train_examples": ml_collections.FieldReference(None, field_type=int),
+            "max_eval_examples": ml_collections.FieldReference(None, field_type=int),
+        }
+    )
+
+    opt = config.optimizer
+    opt.name = "hybrid"  # GoLore@20%
+    opt.golore_fraction = 0.2
+    opt.inner = "msgd"
+    opt.rank = 1024
+    opt.update_every = 500
+    opt.scale = 4.0
+    opt.learning_rate = 1e-4
+    opt.warmup_steps = 0
+    opt.min_lr_ratio = 1.0  # constant learning rate
+    opt.weight_decay = 0.0
+
+    config.seq_len = 2048
+    config.batch_size = 1
+    config.num_steps = BOOLQ_TRAIN_EXAMPLES  # one epoch at batch size 1
+    config.log_every = 50
+    config.eval_every = 2000
+    config.eval_batch_size = 8
+    config.seed = 0
+    return config
