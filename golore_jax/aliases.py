@@ -81,6 +81,7 @@ def galore_adamw(
     mu_dtype: Any = None,
     seed: int = 0,
     batch_refresh: bool = True,
+    refresh_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore-AdamW: Adam in the top-``rank`` singular subspace, refreshed every ``update_every``.
 
@@ -101,6 +102,7 @@ def galore_adamw(
         second_moment=second_moment,
         seed=seed,
         batch_refresh=batch_refresh,
+        refresh_sharding=refresh_sharding,
     )
 
 
@@ -137,6 +139,7 @@ def galore_sgd(
     momentum_projection: bool = True,
     seed: int = 0,
     batch_refresh: bool = True,
+    refresh_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore with (momentum) SGD, optax's momentum convention (``T <- momentum * T + R``).
 
@@ -157,6 +160,7 @@ def galore_sgd(
         momentum_projection=momentum_projection,
         seed=seed,
         batch_refresh=batch_refresh,
+        refresh_sharding=refresh_sharding,
     )
 
 

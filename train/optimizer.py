@@ -7,8 +7,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
 import golore_jax as gl
+from train.sharding import MESH_AXES
 
 OPTIMIZERS = ("adamw", "galore", "golore", "hybrid", "importance", "gasare", "gosare", "osd")
 INNERS = ("adamw", "msgd")
@@ -97,8 +99,9 @@ def build_optimizer(
 ) -> optax.GradientTransformation:
     """``config.optimizer`` -> an optax transformation (clipping, subspace optimizer, lr).
 
-    ``num_devices > 1`` decomposes each matrix on its own at a refresh: the batched (vmapped)
-    refresh was seen to hang when partitioned over 8 fake CPU devices.
+    With ``num_devices > 1`` the refresh is spread: same-shape matrices are stacked and the
+    stack is sharded over every mesh axis, so each device decomposes its share. (Left to the
+    partitioner, the batched decompositions were seen to hang on 8 fake CPU devices.)
     """
     validate(opt)
     schedule = learning_rate_schedule(opt, num_steps)
@@ -133,7 +136,7 @@ def build_optimizer(
             projector=projector,
             momentum_projection=opt.momentum_projection,
             seed=opt.seed,
-            batch_refresh=num_devices == 1,
+            refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
         )
         if opt.inner == "adamw":
             tx = gl.galore_adamw(
