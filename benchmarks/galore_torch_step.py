@@ -46,6 +46,8 @@ import time
 import types
 from typing import Any
 
+from benchmarks import report
+
 # hidden, intermediate, heads, layers, GaLore rank, batch at seq 256 (benchmarks/train_step.py)
 MODELS = {
     "llama_60m": (512, 1376, 8, 8, 128, 128),
@@ -318,10 +320,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     print()
     print_table(rows)
-    if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rows, indent=2))
+    report.write_json(rows, args.json)
 
 
 if __name__ == "__main__":

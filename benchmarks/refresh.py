@@ -43,13 +43,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from benchmarks import report
 
 SHAPES = {  # name -> list of (m, n, rank): LLaMA MLP shapes, GaLore paper ranks
     "paper": [(512, 1376, 128), (1024, 2736, 256), (2048, 5461, 512), (4096, 11008, 1024)],
@@ -446,14 +447,9 @@ def main() -> None:
     if full_rows:
         print()
         print_full_table(full_rows)
-    if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if k not in ("shape", "full", "backend")}
-        config["XLA_PYTHON_CLIENT_MEM_FRACTION"] = env_note
-        path.write_text(
-            json.dumps({"config": config, "shapes": shape_rows, "full": full_rows}, indent=2)
-        )
+    config = {k: v for k, v in vars(args).items() if k not in ("shape", "full", "backend")}
+    config["XLA_PYTHON_CLIENT_MEM_FRACTION"] = env_note
+    report.write_json({"config": config, "shapes": shape_rows, "full": full_rows}, args.json)
 
 
 if __name__ == "__main__":

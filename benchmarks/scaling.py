@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
 import time
 
 import jax
 import numpy as np
 
+from benchmarks import report
 from train import main as main_lib
 from train import sharding as sharding_lib
 
@@ -98,8 +98,7 @@ def main() -> None:
             f"{r['tokens_per_s_per_device'] / base:.2f} | "
             f"{r['refresh_step_s'] or float('nan'):.3f} |"
         )
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
+    report.write_json(rows, args.json)
 
 
 if __name__ == "__main__":

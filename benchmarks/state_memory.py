@@ -10,14 +10,13 @@ the state that ``galore_adamw(...).init`` builds.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import golore_jax as gl
+from benchmarks import report
 
 # hidden, intermediate, layers, vocab, GaLore paper rank (GaLore configs/llama_*.json).
 SHAPES = {
@@ -89,10 +88,7 @@ def main() -> None:
             f"{r['adamw_state_floats'] / 1e6:.1f}M | {r['galore_state_floats'] / 1e6:.1f}M | "
             f"{r['ratio']:.3f} | {r['saving_gib_fp32']:.2f} GiB |"
         )
-    if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rows, indent=2))
+    report.write_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks import report
 
 MODELS = {  # hidden, intermediate, heads, layers, GaLore rank, batch at seq 256
     "llama_tiny": (256, 688, 4, 4, 64, 16),
@@ -177,10 +178,7 @@ def main() -> None:
             f"{r['state_bytes'] / 2**20:.0f} | {peak} | {r['steady_tokens_per_s']:,.0f} | "
             f"{refresh} | {r['amortized_tokens_per_s']:,.0f} | {vs} | {mfu} |"
         )
-    if args.json:
-        path = pathlib.Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rows, indent=2))
+    report.write_json(rows, args.json)
 
 
 if __name__ == "__main__":

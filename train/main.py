@@ -101,7 +101,6 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     replicated = sharding_lib.replicated(mesh)
     state_sharding = TrainState(replicated, param_sharding, opt_sharding, replicated)
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    nonfinite = config.nonfinite
 
     def init(key):
         params = nn.unbox(model.init(key, dummy)["params"])
@@ -152,7 +151,6 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         jit_eval = jax.jit(
             eval_step, in_shardings=(param_sharding, batch_sharding), out_shardings=replicated
         )
-    del nonfinite
     param_paths = [
         jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_shapes)
     ]
