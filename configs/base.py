@@ -18,7 +18,8 @@ def optimizer_config() -> ml_collections.ConfigDict:
         {
             # adamw (full-parameter) | galore (SVD) | golore (random) | hybrid (GoLore@x%).
             "name": "hybrid",
-            # adamw | msgd: the optimizer run inside the subspace (and for adamw, alone).
+            # adamw | adamw8bit (8-bit block-wise moments) | msgd: the optimizer run inside the
+            # subspace (and for name=adamw, alone).
             "inner": "adamw",
             "learning_rate": 1e-3,
             "warmup_steps": 1000,
@@ -39,6 +40,9 @@ def optimizer_config() -> ml_collections.ConfigDict:
             "momentum_projection": False,
             "second_moment": "keep",
             "seed": 0,  # PRNG seed of the random projector
+            # ReLoRA-like path (train/relora.py): layers run as W0 + P A, backward forms only
+            # A's low-rank gradient between refreshes. Needs grad_clip=0 and weight_decay=0.
+            "relora": False,
         }
     )
 

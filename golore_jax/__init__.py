@@ -23,7 +23,12 @@ from golore_jax.memory import optimizer_state_floats, subspace_state_floats
 from golore_jax.online_pca import ScaleByOnlineSubspaceState, scale_by_online_subspace
 from golore_jax.quantized import scale_by_adam_8bit
 from golore_jax.sparse import ScaleBySparseSubspaceState, scale_by_sparse_subspace
-from golore_jax.subspace import ScaleBySubspaceState, default_mask, scale_by_subspace
+from golore_jax.subspace import (
+    ScaleBySubspaceState,
+    default_mask,
+    scale_by_subspace,
+    subspace_layouts,
+)
 
 __all__ = [
     "ScaleByOnlineSubspaceState",
@@ -51,6 +56,7 @@ __all__ = [
     "scale_by_sparse_subspace",
     "scale_by_subspace",
     "sparse",
+    "subspace_layouts",
     "subspace_state_floats",
 ]
 

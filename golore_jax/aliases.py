@@ -16,6 +16,7 @@ import optax
 
 from golore_jax import projectors as projectors_lib
 from golore_jax.online_pca import scale_by_online_subspace
+from golore_jax.quantized import scale_by_adam_8bit
 from golore_jax.sparse import scale_by_sparse_subspace
 from golore_jax.subspace import RankRule, scale_by_subspace
 
@@ -79,6 +80,7 @@ def galore_adamw(
     momentum_projection: bool = False,
     second_moment: str = "keep",
     mu_dtype: Any = None,
+    quantized_moments: bool = False,
     seed: int = 0,
     batch_refresh: bool = True,
     refresh_sharding: Any = None,
@@ -87,9 +89,16 @@ def galore_adamw(
 
     Hyperparameters follow optax's conventions (``b1 = 0.9`` is the paper's ``b1 = 0.1``). The
     defaults match GaLore's code: no moment projection, moments kept at a refresh, scale 0.25.
+    ``quantized_moments=True`` keeps Adam's moments in 8 bits
+    (:func:`golore_jax.quantized.scale_by_adam_8bit`, the paper's Figure 6; ``mu_dtype`` is
+    then ignored).
     """
+    if quantized_moments:
+        inner = scale_by_adam_8bit(b1=b1, b2=b2, eps=eps)
+    else:
+        inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
     return _subspace_optimizer(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+        inner,
         learning_rate,
         weight_decay,
         weight_decay_mask,

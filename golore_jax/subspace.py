@@ -320,8 +320,15 @@ def scale_by_subspace(
 
     Extra args:
       ``subspace_grads``: a gradient tree like ``updates`` used only to choose the subspace
-      (large-batch GaLore: the mean of several minibatch gradients). Other extra args are passed
-      to ``inner``.
+      (large-batch GaLore: the mean of several minibatch gradients).
+      ``in_subspace``: True when the projected leaves of ``updates`` already are the low-rank
+      gradients ``R`` (``P^T G`` or ``G Q``), as in the ReLoRA-like reparameterisation
+      ``W = W0 + P A`` (Algorithm 6), where ``R`` is the gradient of ``A``. Then ``params``
+      (full shapes) is required, the projected leaves of the result are ``scale * N`` in the
+      low-rank shape (the update of ``A``, not back-projected), and no refresh happens: the
+      caller sends the full gradient (``in_subspace=False``) at refresh steps
+      (``count % update_every == 0``).
+      Other extra args are passed to ``inner``.
     """
     if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
         raise ValueError(
@@ -399,7 +406,15 @@ def scale_by_subspace(
 
         return _map_moments(inner_state, treedef, fn_for_field)
 
-    def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
+    def update_fn(
+        updates, state, params=None, *, subspace_grads=None, in_subspace=False, **extra_args
+    ):
+        if in_subspace:
+            if params is None:
+                raise ValueError(
+                    "scale_by_subspace: in_subspace=True needs params (the full shapes)"
+                )
+            return low_rank_update(updates, state, params, extra_args)
         layouts, treedef = plan(updates)
         grads = treedef.flatten_up_to(updates)
         chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)
@@ -455,6 +470,37 @@ def scale_by_subspace(
                 ]
             ),
             inner_state=inner_state,
+        )
+        return treedef.unflatten(out), new_state
+
+    def low_rank_update(updates, state, params, extra_args):
+        """``N = inner(R)`` on given low-rank gradients; returns ``scale * N`` for them."""
+        layouts, treedef = plan(params)
+        grads = treedef.flatten_up_to(updates)
+        for i, (g, lay) in enumerate(zip(grads, layouts, strict=True)):
+            if lay is not None and tuple(g.shape) != lay.low_rank_shape:
+                path = jax.tree_util.keystr(jax.tree_util.tree_leaves_with_path(params)[i][0])
+                raise ValueError(
+                    f"scale_by_subspace: with in_subspace=True the update of leaf {path} must "
+                    f"have the low-rank shape {lay.low_rank_shape}, got {tuple(g.shape)}"
+                )
+        low_rank = [
+            g if lay is None else g.astype(jnp.float32)
+            for g, lay in zip(grads, layouts, strict=True)
+        ]
+        inner_updates, inner_state = inner.update(
+            treedef.unflatten(low_rank), state.inner_state, None, **extra_args
+        )
+        param_leaves = treedef.flatten_up_to(params)
+        out = [
+            n if lay is None else (scale * n).astype(p.dtype)
+            for n, lay, p in zip(
+                treedef.flatten_up_to(inner_updates), layouts, param_leaves, strict=True
+            )
+        ]
+        next_key, _ = jax.random.split(state.key)
+        new_state = state._replace(
+            count=optax.safe_increment(state.count), key=next_key, inner_state=inner_state
         )
         return treedef.unflatten(out), new_state
 

@@ -460,3 +460,62 @@ def test_state_is_a_namedtuple_with_masked_nodes_for_unprojected_leaves():
     assert state.inner_state.mu["a"].shape == (2, 6)
     assert state.inner_state.mu["b"].shape == (6, 2)
     assert state.inner_state.mu["d"].shape == (3, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# in_subspace: updates given as low-rank gradients (the ReLoRA-like path of train/relora.py)
+# --------------------------------------------------------------------------------------------
+
+
+class InSubspaceTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_low_rank_gradients_give_the_projected_update_and_state(self):
+        """Between refreshes, feeding R = P^T G (left) / G Q (right) with in_subspace=True gives
+        scale * N with P (scale * N) == the plain update, and the same next state."""
+        grads = _grad_sequence(steps=3)
+        params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:]), grads)
+        tx = gl.scale_by_subspace(
+            optax.scale_by_adam(), rank=2, update_every=3, mask=MASK, scale=0.5
+        )
+
+        lays = gl.subspace_layouts(params, rank=2, mask=MASK)
+        lays = {k: lays[f"['{k}']"] for k in SHAPES}
+
+        def run(gs):
+            state = tx.init(params)
+            _, state = tx.update(jax.tree.map(lambda g: g[0], gs), state, params)  # refresh
+            g1 = jax.tree.map(lambda g: g[1], gs)
+            plain, plain_state = tx.update(g1, state, params)
+            low = {
+                k: g if lays[k] is None else layout.project(g, state.bases[k], lays[k])
+                for k, g in g1.items()
+            }
+            got, got_state = tx.update(low, state, params, in_subspace=True)
+            return plain, plain_state, got, got_state, state.bases
+
+        plain, plain_state, got, got_state, bases = self.variant(run)(grads)
+        for k in SHAPES:
+            lay = lays[k]
+            back = got[k] if lay is None else layout.back_project(got[k], bases[k], lay)
+            if lay is not None:
+                assert got[k].shape == lay.low_rank_shape
+            np.testing.assert_allclose(back, plain[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        assert int(got_state.count) == int(plain_state.count) == 2
+        np.testing.assert_array_equal(
+            jax.random.key_data(got_state.key), jax.random.key_data(plain_state.key)
+        )
+        chex.assert_trees_all_close(
+            (got_state.bases, got_state.inner_state),
+            (plain_state.bases, plain_state.inner_state),
+            rtol=1e-5,
+            atol=1e-7,
+        )
+
+    def test_errors_name_the_leaf(self):
+        params = {"a": jnp.zeros((4, 6)), "c": jnp.zeros((5,))}
+        tx = gl.scale_by_subspace(optax.identity(), rank=2, update_every=3)
+        state = tx.init(params)
+        with pytest.raises(ValueError, match="needs params"):
+            tx.update(params, state, None, in_subspace=True)
+        with pytest.raises(ValueError, match=r"leaf \['a'\] must have the low-rank shape \(2, 6\)"):
+            tx.update(params, state, params, in_subspace=True)

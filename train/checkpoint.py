@@ -27,7 +27,14 @@ import orbax.checkpoint as ocp
 
 CHECKSUMS = "crc32.json"
 # Config fields that must match between a checkpoint and the run that resumes it.
-MUST_MATCH = ("model", "optimizer.name", "optimizer.inner", "optimizer.rank", "seq_len")
+MUST_MATCH = (
+    "model",
+    "optimizer.name",
+    "optimizer.inner",
+    "optimizer.rank",
+    "optimizer.relora",
+    "seq_len",
+)
 
 
 def _lookup(config: Any, dotted: str) -> Any:

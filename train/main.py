@@ -28,6 +28,7 @@ from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import model as model_lib
 from train import optimizer as optimizer_lib
+from train import relora as relora_lib
 from train import sharding as sharding_lib
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -38,6 +39,8 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     skipped: jax.Array  # int32, steps skipped for non-finite loss or gradients
+    # ReLoRA-like runs (config.optimizer.relora): A per projected leaf, whose params hold W0.
+    adapters: Any = None
 
 
 @dataclasses.dataclass
@@ -54,6 +57,8 @@ class Trainer:
     eval_step: Callable[[Any, dict], dict]
     param_paths: list[str]
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore target
+    # The model's weights of a state: its params, or W0 + P A in a ReLoRA-like run.
+    weights: Callable[[TrainState], Any] = lambda state: state.params
 
 
 def validate_config(config: Any) -> None:
@@ -71,6 +76,11 @@ def validate_config(config: Any) -> None:
             f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}"
         )
     optimizer_lib.validate(config.optimizer)
+    if config.optimizer.relora and config.model.scan_layers:
+        raise ValueError(
+            "config.optimizer.relora=True needs config.model.scan_layers=False (the ReLoRA-like "
+            "path reparameterises each layer's 2-D kernels)"
+        )
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -99,35 +109,42 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
             f"axes ({batch_size_per_shard})"
         )
     replicated = sharding_lib.replicated(mesh)
-    state_sharding = TrainState(replicated, param_sharding, opt_sharding, replicated)
+    relora = bool(config.optimizer.relora)
+    layouts = relora_lib.layouts_of(param_shapes, config.optimizer.rank) if relora else None
+    adapter_sharding = relora_lib.adapter_shardings(param_sharding, layouts) if relora else None
+    state_sharding = TrainState(
+        replicated, param_sharding, opt_sharding, replicated, adapter_sharding
+    )
     batch_sharding = sharding_lib.batch_sharding(mesh)
 
     def init(key):
         params = nn.unbox(model.init(key, dummy)["params"])
         zero = jnp.zeros([], jnp.int32)
-        return TrainState(zero, params, tx.init(params), zero)
+        adapters = relora_lib.init_adapters(params, layouts) if relora else None
+        return TrainState(zero, params, tx.init(params), zero, adapters)
 
     def loss_fn(params, batch):
         return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
 
-    def train_step(state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    def finish(state, loss, grads, apply):
+        """Applies the update only if loss and gradients are finite; the step's metrics."""
         leaf_finite = jnp.stack(
             [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
         )
         finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
-
-        def apply(operands):
-            params, opt_state = operands
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
         # A non-finite step changes nothing but the counters (policy 'skip' or 'stop').
-        params, opt_state = jax.lax.cond(
-            finite, apply, lambda operands: operands, (state.params, state.opt_state)
+        params, opt_state, adapters = jax.lax.cond(
+            finite,
+            apply,
+            lambda operands: operands,
+            (state.params, state.opt_state, state.adapters),
         )
         new_state = TrainState(
-            state.step + 1, params, opt_state, state.skipped + (~finite).astype(jnp.int32)
+            state.step + 1,
+            params,
+            opt_state,
+            state.skipped + (~finite).astype(jnp.int32),
+            adapters,
         )
         metrics = {
             "loss": loss,
@@ -136,6 +153,27 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
             "leaf_finite": leaf_finite,
         }
         return new_state, metrics
+
+    def train_step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+
+        def apply(operands):
+            params, opt_state, adapters = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, adapters
+
+        return finish(state, loss, grads, apply)
+
+    if relora:
+        train_step = relora_lib.make_train_step(
+            model.apply, cross_entropy, tx, layouts, config.optimizer.update_every, finish
+        )
+
+    def weights(state):
+        if not relora:
+            return state.params
+        bases = relora_lib.subspace_state(state.opt_state).bases
+        return relora_lib.merge(state.params, state.adapters, bases, layouts)
 
     def eval_step(params, batch):
         return {"loss": loss_fn(params, batch)}
@@ -151,13 +189,22 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         jit_eval = jax.jit(
             eval_step, in_shardings=(param_sharding, batch_sharding), out_shardings=replicated
         )
+        jit_weights = jax.jit(weights, in_shardings=(state_sharding,), out_shardings=param_sharding)
     param_paths = [
         jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_shapes)
     ]
     step_shape = jax.ShapeDtypeStruct((), jnp.int32)
     abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        TrainState(step_shape, param_shapes, opt_shapes, step_shape),
+        TrainState(
+            step_shape,
+            param_shapes,
+            opt_shapes,
+            step_shape,
+            jax.eval_shape(lambda p: relora_lib.init_adapters(p, layouts), param_shapes)
+            if relora
+            else None,
+        ),
         state_sharding,
     )
     return Trainer(
@@ -171,6 +218,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         _in_context(mesh, jit_eval),
         param_paths,
         abstract_state,
+        _in_context(mesh, jit_weights) if relora else (lambda state: state.params),
     )
 
 
@@ -273,7 +321,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     if restored is None:
         state = trainer.init(jax.random.key(config.seed))
         logging.info("starting from scratch: %s", datasets.description)
-        initial_eval = evaluate(trainer, state.params, eval_batches)
+        initial_eval = evaluate(trainer, trainer.weights(state), eval_batches)
     else:
         latest, state, meta = restored
         datasets.train.set_state(meta["data_position"])
@@ -344,7 +392,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
                         f"(config.max_skipped={config.max_skipped}); stopping"
                     )
             if step % config.eval_every == 0 or step == config.num_steps:
-                eval_loss = evaluate(trainer, state.params, eval_batches)
+                eval_loss = evaluate(trainer, trainer.weights(state), eval_batches)
                 record = {"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss)}
                 evals.append(record)
                 _write(metrics_file, writer, record)

@@ -147,8 +147,31 @@ class LlamaConfig:
         return dataclasses.replace(self, **kwargs)
 
 
+# Variable collection of the ReLoRA-like reparameterisation (see train/relora.py): a dense
+# layer that finds ``basis`` and ``coef`` there computes ``x W0 + low-rank(x)``.
+ADAPTER = "adapter"
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` plus, when the ``adapter`` collection holds one for this layer, the low-rank
+    term of ``W = W0 + P A`` (left, ``P`` is ``in x r``) or ``W0 + A Q^T`` (right, ``Q`` is
+    ``out x r``), computed as ``(x P) A`` / ``(x A) Q^T``: the backward pass then forms only
+    ``A``'s low-rank gradient, never the ``in x out`` one (GoLore paper, Section 6)."""
+
+    def __call__(self, inputs: Array) -> Array:
+        y = super().__call__(inputs)
+        if not self.has_variable(ADAPTER, "basis"):
+            return y
+        basis = jnp.asarray(self.get_variable(ADAPTER, "basis"), self.dtype)
+        coef = jnp.asarray(self.get_variable(ADAPTER, "coef"), self.dtype)
+        x = jnp.asarray(inputs, self.dtype)
+        if inputs.shape[-1] <= self.features:  # golore_jax.layout's side rule on (in, out)
+            return y + (x @ basis) @ coef
+        return y + (x @ coef) @ basis.T
+
+
 def _dense(features: int, axes: tuple[str, str], config: LlamaConfig, name: str) -> nn.Dense:
-    return nn.Dense(
+    return Dense(
         features,
         use_bias=False,
         dtype=config.dtype,

@@ -13,7 +13,8 @@ import golore_jax as gl
 from train.sharding import MESH_AXES
 
 OPTIMIZERS = ("adamw", "galore", "golore", "hybrid", "importance", "gasare", "gosare", "osd")
-INNERS = ("adamw", "msgd")
+INNERS = ("adamw", "adamw8bit", "msgd")
+RELORA_OPTIMIZERS = ("galore", "golore", "hybrid", "importance")
 
 
 def learning_rate_schedule(opt: Any, num_steps: int) -> optax.Schedule:
@@ -80,8 +81,26 @@ def validate(opt: Any) -> None:
         raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
     if opt.inner not in INNERS:
         raise ValueError(f"config.optimizer.inner must be one of {INNERS}, got {opt.inner!r}")
+    if opt.inner == "adamw8bit" and opt.name in ("gasare", "gosare", "osd"):
+        raise ValueError(
+            f"config.optimizer.inner='adamw8bit' is offered for adamw and the basis projectors, "
+            f"not for name={opt.name!r}"
+        )
     if opt.learning_rate <= 0:
         raise ValueError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+    if opt.get("relora"):
+        if opt.name not in RELORA_OPTIMIZERS:
+            raise ValueError(
+                f"config.optimizer.relora=True needs a basis projector, name one of "
+                f"{RELORA_OPTIMIZERS}, got {opt.name!r}"
+            )
+        # Both act on the full gradient / weights, which the low-rank path never forms.
+        for field in ("grad_clip", "weight_decay"):
+            if opt[field]:
+                raise ValueError(
+                    f"config.optimizer.relora=True needs config.optimizer.{field}=0, "
+                    f"got {opt[field]}"
+                )
 
 
 # GaLore's SVD-phase projectors by name. Measured on an H100 (BENCHMARKS.md), gram_eigh finds
@@ -107,6 +126,12 @@ def build_optimizer(
     schedule = learning_rate_schedule(opt, num_steps)
     if opt.name == "adamw" and opt.inner == "adamw":
         tx = optax.adamw(schedule, opt.b1, opt.b2, opt.eps, opt.weight_decay, mask=_matrices)
+    elif opt.name == "adamw" and opt.inner == "adamw8bit":
+        tx = optax.chain(
+            gl.scale_by_adam_8bit(opt.b1, opt.b2, opt.eps),
+            optax.add_decayed_weights(opt.weight_decay, _matrices),
+            optax.scale_by_learning_rate(schedule),
+        )
     elif opt.name == "adamw":  # full-parameter MSGD
         tx = optax.chain(
             optax.add_decayed_weights(opt.weight_decay, _matrices),
@@ -138,13 +163,14 @@ def build_optimizer(
             seed=opt.seed,
             refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
         )
-        if opt.inner == "adamw":
+        if opt.inner in ("adamw", "adamw8bit"):
             tx = gl.galore_adamw(
                 schedule,
                 b1=opt.b1,
                 b2=opt.b2,
                 eps=opt.eps,
                 second_moment=opt.second_moment,
+                quantized_moments=opt.inner == "adamw8bit",
                 **common,
             )
         else:

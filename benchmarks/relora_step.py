@@ -1,0 +1,172 @@
+"""ReLoRA-like path vs the plain GaLore step: step time and peak memory, one GPU.
+
+    python -m benchmarks.relora_step --models llama_350m,llama_1b \
+        --json benchmarks/results/relora_step.json
+
+Both paths are the trainer's own jitted step (``train.main.build_trainer``), GaLore-AdamW with
+the gram_eigh projector, the paper's ranks, no clipping or weight decay (what the ReLoRA-like
+path requires), random tokens, bf16 compute and fp32 master weights. Each (model, path) runs in
+its own process so the peak device memory is its own. Timed like benchmarks/train_step.py: the
+steady step (``update_every`` larger than the run: the low-rank step for ``relora``) and the
+refresh step (``update_every=1``: merge + full gradient + plain update for ``relora``); the
+amortized step at ``tau = 200`` is ``steady + (refresh - steady) / 200``.
+
+Table 1 of the GoLore paper (MSGD, per ``m x n`` layer, ``b`` tokens): GaLore's forward and
+backward take ``6bmn`` FLOPs, the ReLoRA-like ones ``4bmn + 4brm + 6brn``; the table prints that
+predicted ratio for the model's projected layers beside the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+from benchmarks import report
+from benchmarks.train_step import MODELS
+
+PATHS = ("plain", "relora")
+
+
+def _config(model_name: str, path: str, update_every: int, seq: int, batch: int):
+    from configs.base import llama_config
+
+    hidden, inter, heads, layers, rank, _ = MODELS[model_name]
+    config = llama_config(hidden=hidden, intermediate=inter, heads=heads, layers=layers)
+    config.model.max_seq_len = seq
+    config.seq_len, config.batch_size = seq, batch
+    config.num_steps = 10**6
+    opt = config.optimizer
+    opt.name, opt.projector, opt.rank, opt.update_every = "galore", "gram_eigh", rank, update_every
+    opt.grad_clip, opt.weight_decay, opt.scale = 0.0, 0.0, 0.25
+    opt.relora = path == "relora"
+    return config
+
+
+def predicted_dense_ratio(model_name: str, tokens: int) -> float:
+    """Table 1: (4bmn + 4brm + 6brn) / 6bmn summed over one layer's projected matrices."""
+    hidden, inter, _, _, r, _ = MODELS[model_name]
+    shapes = [(hidden, hidden)] * 4 + [(hidden, inter)] * 2 + [(inter, hidden)]
+    b = tokens
+    plain = sum(6 * b * m * n for m, n in shapes)
+    relora = sum(4 * b * m * n + 4 * b * r * m + 6 * b * r * n for m, n in shapes)
+    return relora / plain
+
+
+def run_one(model_name: str, path: str, seq: int, batch: int | None, steps: int) -> dict:
+    """Times one (model, path) in this process."""
+    import jax
+    import numpy as np
+
+    from train import main as main_lib
+    from train import sharding as sharding_lib
+
+    batch = batch or max(1, MODELS[model_name][5] * 256 // seq)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32000, (batch, seq + 1), dtype=np.int32)
+    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def time_steps(update_every: int, n: int) -> tuple[float, dict]:
+        config = _config(model_name, path, update_every, seq, batch)
+        mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+        trainer = main_lib.build_trainer(config, mesh)
+        state = trainer.init(jax.random.key(0))
+        device_batch = main_lib.to_global(host_batch, trainer.batch_sharding)
+        state, metrics = trainer.train_step(state, device_batch)  # compile + the step-0 refresh
+        float(metrics["loss"])
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            state, metrics = trainer.train_step(state, device_batch)
+            float(metrics["loss"])
+            times.append(time.perf_counter() - t0)
+        sizes = {
+            "params_bytes": _nbytes(state.params),
+            "opt_state_bytes": _nbytes(state.opt_state),
+            "adapter_bytes": _nbytes(state.adapters),
+        }
+        return statistics.median(times), sizes
+
+    steady, sizes = time_steps(10**6, steps)
+    refresh, _ = time_steps(1, max(3, steps // 4))
+    tokens_per_step = batch * seq
+    amortized = steady + (refresh - steady) / 200
+    stats = jax.devices()[0].memory_stats() or {}
+    return {
+        "model": model_name,
+        "path": path,
+        "seq": seq,
+        "batch": batch,
+        "device": jax.devices()[0].device_kind,
+        "steady_step_s": steady,
+        "refresh_step_s": refresh,
+        "amortized_step_s": amortized,
+        "amortized_tokens_per_s": tokens_per_step / amortized,
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+        "predicted_dense_flops_ratio": predicted_dense_ratio(model_name, tokens_per_step),
+        **sizes,
+    }
+
+
+def _nbytes(tree) -> int:
+    import jax
+
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "nbytes"))
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(
+        "| model | path | seq x batch | steady step ms | refresh step ms | amortized tok/s "
+        "(tau=200) | vs plain | Table 1 dense FLOPs ratio | peak GiB | state MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    plain = {r["model"]: r for r in rows if r["path"] == "plain"}
+    for r in rows:
+        base = plain.get(r["model"])
+        vs = f"{r['amortized_tokens_per_s'] / base['amortized_tokens_per_s']:.3f}" if base else "-"
+        peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] else "-"
+        state = (r["opt_state_bytes"] + r["adapter_bytes"]) / 2**20
+        print(
+            f"| {r['model']} | {r['path']} | {r['seq']}x{r['batch']} | "
+            f"{r['steady_step_s'] * 1e3:.1f} | {r['refresh_step_s'] * 1e3:.1f} | "
+            f"{r['amortized_tokens_per_s']:,.0f} | {vs} | "
+            f"{r['predicted_dense_flops_ratio']:.3f} | {peak} | {state:.0f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default="llama_350m,llama_1b")
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(*args.one, args.seq, args.batch, args.steps)))
+        return
+    rows = []
+    for model_name in args.models.split(","):
+        for path in PATHS:
+            cmd = [sys.executable, "-m", "benchmarks.relora_step", "--one", model_name, path]
+            cmd += ["--seq", str(args.seq), "--steps", str(args.steps)]
+            if args.batch:
+                cmd += ["--batch", str(args.batch)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not lines:
+                print(f"{model_name} {path} failed:\n{out.stderr[-3000:]}", flush=True)
+                continue
+            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+            print(json.dumps(rows[-1]), flush=True)
+    print()
+    _print_table(rows)
+    report.write_json(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
