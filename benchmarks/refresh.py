@@ -3,7 +3,10 @@
     python -m benchmarks.refresh --part shapes --json benchmarks/results/refresh_shapes.json
     python -m benchmarks.refresh --part full --models llama_1b --json .../refresh_1b.json
     python -m benchmarks.refresh --part full --models llama_7b --layers-7b 4 --json ...
+    python -m benchmarks.refresh --part full --models llama_1b --devices 1,8 --json ...
     python -m benchmarks.refresh --shapes small --part all      # CPU smoke test
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.refresh \
+        --part full --models llama_tiny --devices 1,2 --full-methods gram_eigh  # CPU, 2 devices
 
 Part ``shapes``: one ``m x n`` fp32 gradient per LLaMA MLP shape (``m <= n``, the projected
 side ``m``) with the GaLore paper's rank. Every projector of :mod:`golore_jax.projectors` is
@@ -35,12 +38,23 @@ When the warm-up refresh takes over 10 s (SVD) it is itself the measurement.
 (the refresh is a per-layer batch of decompositions, linear in the layer count); the output
 says so.
 
-Each (backend, shape) and each (model, method) runs in its own process.
+``--devices 1,N`` measures the same full refresh spread over ``N`` devices: the gradients (and
+the optimizer state, with :func:`golore_jax.partitioning.state_partition_specs`) are sharded
+FSDP-like, each leaf's first axis over a 1-D ``fsdp`` mesh of the first ``N`` devices (replicated
+where ``N`` does not divide it), and ``refresh_sharding`` spreads each stack of same-shape
+matrices over that mesh, so each device decomposes about ``1/N`` of them. A last table gives the
+refresh cost per device count and the speed-up over the 1-device run of the same invocation
+(``speedup_vs_1_device`` in the JSON rows, and the ``full_scaling`` list). On CPU the devices
+are fake (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) and share the host's cores,
+so there the speed-up only checks that the spread runs; ``peak_bytes`` is device 0's.
+
+Each (backend, shape) and each (model, method, devices) runs in its own process.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -71,6 +85,9 @@ FULL_MODELS = {  # hidden, intermediate, layers, vocab, rank
     "llama_tiny": (64, 172, 2, 256, 16),  # CPU smoke test
 }
 FULL_METHODS = ("svd", "gram_eigh", "subspace_iteration", "random")
+# Fake CPU devices: pool threads per device, above the same-shape groups (2 for LLaMA) whose
+# batched decompositions one device may run at once (see _full_env).
+CPU_POOL_PER_DEVICE = 4
 
 
 def _median_time(
@@ -215,11 +232,53 @@ def run_shape_torch(m: int, n: int, rank: int, args: argparse.Namespace) -> list
 # ----------------------------------------------------------------------------- full model
 
 
+def _fsdp_mesh(devices: int) -> Any:
+    """A 1-D ``fsdp`` mesh of the first ``devices`` devices; None for one device."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    if devices == 1:
+        return None  # the original single-device path: no mesh, no refresh_sharding
+    if jax.device_count() < devices:
+        raise SystemExit(
+            f"--devices {devices}: only {jax.device_count()} devices; on CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}"
+        )
+    return Mesh(np.array(jax.devices()[:devices]), ("fsdp",))
+
+
+def _fsdp_shardings(mesh: Any, tx: Any, shapes: Any) -> tuple[Any, Any]:
+    """NamedShardings of the gradients (first axis over ``fsdp`` where it divides) and of
+    ``tx``'s state (bases and moments follow their parameter's spec, as in the trainer)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from golore_jax.partitioning import state_partition_specs
+
+    n = mesh.devices.size
+    specs = jax.tree_util.tree_map(
+        lambda x: PartitionSpec("fsdp") if x.shape[0] % n == 0 else PartitionSpec(), shapes
+    )
+    state_specs = state_partition_specs(jax.eval_shape(tx.init, shapes), shapes, specs)
+
+    def named(tree):
+        return jax.tree_util.tree_map(
+            lambda s: NamedSharding(mesh, s),
+            tree,
+            is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
+
+    return named(specs), named(state_specs)
+
+
 def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
-    """Refresh cost of one ``scale_by_subspace`` update over a whole LLaMA param tree."""
+    """Refresh cost of one ``scale_by_subspace`` update over a whole LLaMA param tree,
+    on one device or spread over ``args.run_devices`` (FSDP-like, ``refresh_sharding``)."""
     import jax
     import jax.numpy as jnp
     import optax
+    from jax.sharding import NamedSharding, PartitionSpec
 
     import golore_jax as gl
     from benchmarks.state_memory import llama_param_shapes
@@ -229,15 +288,7 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
     shapes = llama_param_shapes(hidden, inter, measured_layers, vocab)
     dtype = jnp.dtype(args.grad_dtype)
     leaves, treedef = jax.tree_util.tree_flatten(shapes)
-
-    @jax.jit
-    def make_grads(key):
-        keys = jax.random.split(key, len(leaves))
-        return treedef.unflatten(
-            [jax.random.normal(k, x.shape, dtype) for k, x in zip(keys, leaves, strict=True)]
-        )
-
-    grads = make_grads(jax.random.key(args.seed))
+    mesh = _fsdp_mesh(args.run_devices)
     projector = {
         "svd": gl.projectors.svd(),
         "gram_eigh": gl.projectors.gram_eigh(),
@@ -245,11 +296,39 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
         "random": gl.projectors.random(),
     }[method]
     tx = gl.scale_by_subspace(
-        optax.scale_by_adam(), rank=rank, update_every=10**6, projector=projector
+        optax.scale_by_adam(),
+        rank=rank,
+        update_every=10**6,
+        projector=projector,
+        # The stacked axis of each same-shape group over the mesh: each device decomposes
+        # its share of the matrices.
+        refresh_sharding=None if mesh is None else NamedSharding(mesh, PartitionSpec("fsdp")),
     )
-    state = jax.jit(tx.init)(grads)
+    # Explicit shardings only with a mesh: on one device jit keeps its defaults as before.
+    grad_jit: dict[str, Any] = {}
+    state_jit: dict[str, Any] = {}
+    update_jit: dict[str, Any] = {}
+    if mesh is not None:
+        grad_shardings, state_shardings = _fsdp_shardings(mesh, tx, shapes)
+        grad_jit = {"out_shardings": grad_shardings}
+        state_jit = {"out_shardings": state_shardings}
+        # Same shardings in and out, so the warm state feeds the compiled update again.
+        update_jit = {
+            "in_shardings": (grad_shardings, state_shardings),
+            "out_shardings": (grad_shardings, state_shardings),
+        }
+
+    @functools.partial(jax.jit, **grad_jit)
+    def make_grads(key):
+        keys = jax.random.split(key, len(leaves))
+        return treedef.unflatten(
+            [jax.random.normal(k, x.shape, dtype) for k, x in zip(keys, leaves, strict=True)]
+        )
+
+    grads = make_grads(jax.random.key(args.seed))
+    state = jax.jit(tx.init, **state_jit)(grads)
     t0 = time.perf_counter()
-    update = jax.jit(tx.update).lower(grads, state).compile()
+    update = jax.jit(tx.update, **update_jit).lower(grads, state).compile()
     compile_s = time.perf_counter() - t0
 
     def call(count: int, s):
@@ -287,6 +366,7 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
         "matrices_measured": 7 * measured_layers,
         "grad_dtype": str(dtype),
         "device": jax.devices()[0].device_kind,
+        "devices": args.run_devices,
         "compile_s": compile_s,
         "first_refresh_update_s": first_refresh_s,
         "refresh_update_s": refresh_s,
@@ -300,10 +380,12 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def _subprocess(cmd: list[str], timeout: float) -> tuple[Any, str]:
+def _subprocess(
+    cmd: list[str], timeout: float, env: dict[str, str] | None = None
+) -> tuple[Any, str]:
     """Runs ``cmd`` and returns (the JSON after its last ``RESULT`` line or None, stderr tail)."""
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout:.0f} s"
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -340,6 +422,52 @@ def print_shapes_table(rows: list[dict]) -> None:
         )
 
 
+def _devices(row: dict) -> int:
+    """Devices a full-part row was measured on (rows written before ``--devices``: 1)."""
+    return row.get("devices", 1)
+
+
+def _model_key(row: dict) -> tuple[str, int]:
+    return row["model"], _devices(row)
+
+
+def add_speedups(rows: list[dict]) -> list[dict]:
+    """Sets ``speedup_vs_1_device`` on every full row: the 1-device refresh cost of the same
+    (model, method) in this run over its own (None without a usable 1-device row)."""
+    single = {(r["model"], r["method"]): r["refresh_cost_s"] for r in rows if _devices(r) == 1}
+    for r in rows:
+        base = single.get((r["model"], r["method"]))
+        ok = base is not None and base > 0 and r["refresh_cost_s"] > 0
+        r["speedup_vs_1_device"] = base / r["refresh_cost_s"] if ok else None
+    return rows
+
+
+def scaling_summary(rows: list[dict]) -> list[dict]:
+    """The device-count table as JSON rows: refresh cost and speed-up per (model, method, N)."""
+    keys = ("model", "method", "devices", "refresh_cost_s", "speedup_vs_1_device")
+    return [{k: r.get(k, 1 if k == "devices" else None) for k in keys} for r in rows]
+
+
+def print_devices_table(rows: list[dict]) -> None:
+    """Markdown table: refresh cost (full model, s) per device count and speed-up vs 1 device."""
+    counts = sorted({_devices(r) for r in rows})
+    cost = {(r["model"], r["method"], _devices(r)): r for r in rows}
+    others = [n for n in counts if n != 1]
+    print(
+        "| model | method | "
+        + " | ".join(f"refresh s, {n} dev" for n in counts)
+        + "".join(f" | speed-up {n} dev" for n in others)
+        + " |"
+    )
+    print("|---|---|" + "---|" * (len(counts) + len(others)))
+    for model, method in dict.fromkeys((r["model"], r["method"]) for r in rows):
+        mine = {n: cost.get((model, method, n), {}) for n in counts}  # {} where it failed
+        times = [_fmt(mine[n].get("refresh_cost_s"), ".4f") for n in counts]
+        speedups = [_fmt(mine[n].get("speedup_vs_1_device"), ".2f") for n in others]
+        speedups = [x if x == "-" else f"{x}x" for x in speedups]
+        print(f"| {model} | {method} | " + " | ".join(times + speedups) + " |")
+
+
 def print_full_table(rows: list[dict]) -> None:
     """Markdown table of the whole-model refresh cost."""
     print(
@@ -347,16 +475,17 @@ def print_full_table(rows: list[dict]) -> None:
         " | refresh cost s (full model) | vs svd | amortized over 200 steps ms | peak GiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    svd_cost = {r["model"]: r["refresh_cost_s"] for r in rows if r["method"] == "svd"}
+    svd_cost = {_model_key(r): r["refresh_cost_s"] for r in rows if r["method"] == "svd"}
     for r in rows:
-        base = svd_cost.get(r["model"])
+        base = svd_cost.get(_model_key(r))
         vs = f"{base / r['refresh_cost_s']:.1f}x" if base and r["refresh_cost_s"] > 0 else "-"
         layers = f"{r['layers_measured']}/{r['layers']}"
         if r["layer_scale"] != 1:
             layers += f" (cost x{r['layer_scale']:g})"
         peak = _fmt(r["peak_bytes"] and r["peak_bytes"] / 2**30, ".1f")
+        model = r["model"] if _devices(r) == 1 else f"{r['model']} ({_devices(r)} devices)"
         print(
-            f"| {r['model']} | {r['method']} | {layers} | {r['plain_update_s'] * 1e3:.1f} | "
+            f"| {model} | {r['method']} | {layers} | {r['plain_update_s'] * 1e3:.1f} | "
             f"{r['refresh_update_s'] * 1e3:.1f} | {r['refresh_cost_s']:.3f} | {vs} | "
             f"{r['refresh_cost_s'] / 200 * 1e3:.2f} | {peak} |"
         )
@@ -365,6 +494,34 @@ def print_full_table(rows: list[dict]) -> None:
             "\nRows with 'cost xK' were measured on fewer layers (the full stacked refresh does "
             "not fit one GPU); their refresh cost is the measured difference times K."
         )
+
+
+def _full_env(device_counts: list[int]) -> dict[str, str] | None:
+    """The environment of the full-part processes: with fake CPU devices, a larger CPU pool.
+
+    jaxlib's batched CPU LAPACK kernels (eigh, SVD, QR) split a batch over the intra-op pool
+    and block a pool thread until the pieces finish; with one such call per fake device (and
+    per same-shape group) in flight, a pool of ``cpu_count`` threads can be exhausted and the
+    run deadlocks (seen with 2 fake devices on 2 cores). ``PJRT_NPROC`` sizes that pool; it is
+    set the same for every device count of the run so their timings stay comparable.
+    """
+    env = dict(os.environ)
+    fake = "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")
+    if max(device_counts) == 1 or not fake or "PJRT_NPROC" in env or "NPROC" in env:
+        return None  # inherit the environment unchanged
+    env["PJRT_NPROC"] = str(max(os.cpu_count() or 1, CPU_POOL_PER_DEVICE * max(device_counts)))
+    return env
+
+
+def _device_counts(text: str) -> list[int]:
+    """``--devices 1,8`` -> [1, 8]; each a positive int."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--devices must be positive ints separated by commas, got {text!r}")
+    return counts
 
 
 def main() -> None:
@@ -382,6 +539,11 @@ def main() -> None:
     parser.add_argument("--grad-dtype", default="float32", help="full part: gradient dtype")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--full-repeats", type=int, default=1)
+    parser.add_argument(
+        "--devices",
+        default="1",
+        help="full part: device counts, e.g. 1,8 (FSDP-sharded grads and refresh_sharding)",
+    )
     parser.add_argument("--alpha", type=float, default=1.0, help="spectrum s_i = i^-alpha")
     parser.add_argument("--noise", type=float, default=1e-3, help="noise norm / s_1")
     parser.add_argument("--perturb", type=float, default=0.3, help="||G_prev - G|| / ||G||")
@@ -392,9 +554,11 @@ def main() -> None:
     parser.add_argument("--backend", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", type=int, nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--full", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-devices", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.models is None:
         args.models = "llama_tiny" if args.shapes == "small" else "llama_1b,llama_7b"
+    device_counts = _device_counts(args.devices)
 
     if args.shape:
         run = run_shape_torch if args.backend == "torch" else run_shape_jax
@@ -431,25 +595,37 @@ def main() -> None:
                 shape_rows += rows
                 for r in rows:
                     print(json.dumps(r), flush=True)
+    full_env = _full_env(device_counts)
     if args.part in ("full", "all"):
         for model_name in args.models.split(","):
             for method in args.full_methods.split(","):
-                cmd = [*me, "--full", model_name, method, *common]
-                row, err = _subprocess(cmd, args.timeout)
-                if row is None:
-                    print(f"{model_name} {method} failed:\n{err}", flush=True)
-                    continue
-                full_rows.append(row)
-                print(json.dumps(row), flush=True)
+                for n in device_counts:
+                    cmd = [*me, "--full", model_name, method, "--run-devices", str(n), *common]
+                    row, err = _subprocess(cmd, args.timeout, full_env)
+                    if row is None:
+                        print(f"{model_name} {method} {n} devices failed:\n{err}", flush=True)
+                        continue
+                    full_rows.append(row)
+                    print(json.dumps(row), flush=True)
+        add_speedups(full_rows)
     if shape_rows:
         print()
         print_shapes_table(shape_rows)
     if full_rows:
         print()
         print_full_table(full_rows)
-    config = {k: v for k, v in vars(args).items() if k not in ("shape", "full", "backend")}
+    if full_rows and device_counts != [1]:
+        print()
+        print_devices_table(full_rows)
+    hidden = ("shape", "full", "backend", "run_devices")
+    config = {k: v for k, v in vars(args).items() if k not in hidden}
     config["XLA_PYTHON_CLIENT_MEM_FRACTION"] = env_note
-    report.write_json({"config": config, "shapes": shape_rows, "full": full_rows}, args.json)
+    config["XLA_FLAGS"] = os.environ.get("XLA_FLAGS")  # fake CPU devices are set here
+    config["PJRT_NPROC"] = (full_env or os.environ).get("PJRT_NPROC")
+    out = {"config": config, "shapes": shape_rows, "full": full_rows}
+    if device_counts != [1]:
+        out["full_scaling"] = scaling_summary(full_rows)
+    report.write_json(out, args.json)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ Both paths are the trainer's own jitted step (``train.main.build_trainer``), GaL
 the gram_eigh projector, the paper's ranks, no clipping or weight decay (what the ReLoRA-like
 path requires), random tokens, bf16 compute and fp32 master weights. Each (model, path) runs in
 its own process so the peak device memory is its own. Timed like benchmarks/train_step.py: the
-steady step (``update_every`` larger than the run: the low-rank step for ``relora``) and the
-refresh step (``update_every=1``: merge + full gradient + plain update for ``relora``); the
-amortized step at ``tau = 200`` is ``steady + (refresh - steady) / 200``.
+steady step (the low-rank step for ``relora``) and the
+refresh step (merge + full gradient + plain update for ``relora``), told apart in one run with
+``update_every = 8`` (one compile per path); the amortized step at ``tau = 200`` is
+``steady + (refresh - steady) / 200``.
 
 Table 1 of the GoLore paper (MSGD, per ``m x n`` layer, ``b`` tokens): GaLore's forward and
 backward take ``6bmn`` FLOPs, the ReLoRA-like ones ``4bmn + 4brm + 6brn``; the table prints that
@@ -19,6 +20,7 @@ predicted ratio for the model's projected layers beside the measured one.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -31,10 +33,10 @@ from benchmarks.train_step import MODELS
 PATHS = ("plain", "relora")
 
 
-def _config(model_name: str, path: str, update_every: int, seq: int, batch: int):
+def _config(model_name: str, path: str, update_every: int, seq: int, batch: int, rank: int):
     from configs.base import llama_config
 
-    hidden, inter, heads, layers, rank, _ = MODELS[model_name]
+    hidden, inter, heads, layers, _, _ = MODELS[model_name]
     config = llama_config(hidden=hidden, intermediate=inter, heads=heads, layers=layers)
     config.model.max_seq_len = seq
     config.seq_len, config.batch_size = seq, batch
@@ -46,9 +48,9 @@ def _config(model_name: str, path: str, update_every: int, seq: int, batch: int)
     return config
 
 
-def predicted_dense_ratio(model_name: str, tokens: int) -> float:
+def predicted_dense_ratio(model_name: str, tokens: int, r: int) -> float:
     """Table 1: (4bmn + 4brm + 6brn) / 6bmn summed over one layer's projected matrices."""
-    hidden, inter, _, _, r, _ = MODELS[model_name]
+    hidden, inter, _, _, _, _ = MODELS[model_name]
     shapes = [(hidden, hidden)] * 4 + [(hidden, inter)] * 2 + [(inter, hidden)]
     b = tokens
     plain = sum(6 * b * m * n for m, n in shapes)
@@ -56,7 +58,9 @@ def predicted_dense_ratio(model_name: str, tokens: int) -> float:
     return relora / plain
 
 
-def run_one(model_name: str, path: str, seq: int, batch: int | None, steps: int) -> dict:
+def run_one(
+    model_name: str, path: str, seq: int, batch: int | None, steps: int, rank: int | None
+) -> dict:
     """Times one (model, path) in this process."""
     import jax
     import numpy as np
@@ -65,39 +69,40 @@ def run_one(model_name: str, path: str, seq: int, batch: int | None, steps: int)
     from train import sharding as sharding_lib
 
     batch = batch or max(1, MODELS[model_name][5] * 256 // seq)
+    rank = rank or MODELS[model_name][4]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 32000, (batch, seq + 1), dtype=np.int32)
     host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
-    def time_steps(update_every: int, n: int) -> tuple[float, dict]:
-        config = _config(model_name, path, update_every, seq, batch)
-        mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-        trainer = main_lib.build_trainer(config, mesh)
-        state = trainer.init(jax.random.key(0))
-        device_batch = main_lib.to_global(host_batch, trainer.batch_sharding)
-        state, metrics = trainer.train_step(state, device_batch)  # compile + the step-0 refresh
+    # One trainer per path (compiling the step takes minutes at 350M): refreshes happen at
+    # steps 0, tau, 2 tau, ...; the others are steady steps. Step 0 (compile) is not timed.
+    tau = 8
+    config = _config(model_name, path, tau, seq, batch, rank)
+    mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+    trainer = main_lib.build_trainer(config, mesh)
+    state = trainer.init(jax.random.key(0))
+    device_batch = main_lib.to_global(host_batch, trainer.batch_sharding)
+    state, metrics = trainer.train_step(state, device_batch)
+    float(metrics["loss"])
+    steady_times, refresh_times = [], []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        state, metrics = trainer.train_step(state, device_batch)
         float(metrics["loss"])
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            state, metrics = trainer.train_step(state, device_batch)
-            float(metrics["loss"])
-            times.append(time.perf_counter() - t0)
-        sizes = {
-            "params_bytes": _nbytes(state.params),
-            "opt_state_bytes": _nbytes(state.opt_state),
-            "adapter_bytes": _nbytes(state.adapters),
-        }
-        return statistics.median(times), sizes
-
-    steady, sizes = time_steps(10**6, steps)
-    refresh, _ = time_steps(1, max(3, steps // 4))
+        (refresh_times if step % tau == 0 else steady_times).append(time.perf_counter() - t0)
+    steady, refresh = statistics.median(steady_times), statistics.median(refresh_times)
+    sizes = {
+        "params_bytes": _nbytes(state.params),
+        "opt_state_bytes": _nbytes(state.opt_state),
+        "adapter_bytes": _nbytes(state.adapters),
+    }
     tokens_per_step = batch * seq
     amortized = steady + (refresh - steady) / 200
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "model": model_name,
         "path": path,
+        "rank": rank,
         "seq": seq,
         "batch": batch,
         "device": jax.devices()[0].device_kind,
@@ -106,7 +111,7 @@ def run_one(model_name: str, path: str, seq: int, batch: int | None, steps: int)
         "amortized_step_s": amortized,
         "amortized_tokens_per_s": tokens_per_step / amortized,
         "peak_bytes": stats.get("peak_bytes_in_use"),
-        "predicted_dense_flops_ratio": predicted_dense_ratio(model_name, tokens_per_step),
+        "predicted_dense_flops_ratio": predicted_dense_ratio(model_name, tokens_per_step, rank),
         **sizes,
     }
 
@@ -119,18 +124,18 @@ def _nbytes(tree) -> int:
 
 def _print_table(rows: list[dict]) -> None:
     print(
-        "| model | path | seq x batch | steady step ms | refresh step ms | amortized tok/s "
+        "| model | path | rank | seq x batch | steady step ms | refresh step ms | amortized tok/s "
         "(tau=200) | vs plain | Table 1 dense FLOPs ratio | peak GiB | state MiB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    plain = {r["model"]: r for r in rows if r["path"] == "plain"}
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    plain = {(r["model"], r["rank"]): r for r in rows if r["path"] == "plain"}
     for r in rows:
-        base = plain.get(r["model"])
+        base = plain.get((r["model"], r["rank"]))
         vs = f"{r['amortized_tokens_per_s'] / base['amortized_tokens_per_s']:.3f}" if base else "-"
         peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] else "-"
         state = (r["opt_state_bytes"] + r["adapter_bytes"]) / 2**20
         print(
-            f"| {r['model']} | {r['path']} | {r['seq']}x{r['batch']} | "
+            f"| {r['model']} | {r['path']} | {r['rank']} | {r['seq']}x{r['batch']} | "
             f"{r['steady_step_s'] * 1e3:.1f} | {r['refresh_step_s'] * 1e3:.1f} | "
             f"{r['amortized_tokens_per_s']:,.0f} | {vs} | "
             f"{r['predicted_dense_flops_ratio']:.3f} | {peak} | {state:.0f} |"
@@ -142,27 +147,30 @@ def main() -> None:
     parser.add_argument("--models", default="llama_350m,llama_1b")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=24, help="timed steps (every 8th refreshes)")
+    parser.add_argument("--ranks", default=None, help="comma list; default: GaLore paper's")
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(*args.one, args.seq, args.batch, args.steps)))
+        rank = int(args.ranks) if args.ranks else None
+        print("RESULT " + json.dumps(run_one(*args.one, args.seq, args.batch, args.steps, rank)))
         return
     rows = []
-    for model_name in args.models.split(","):
-        for path in PATHS:
-            cmd = [sys.executable, "-m", "benchmarks.relora_step", "--one", model_name, path]
-            cmd += ["--seq", str(args.seq), "--steps", str(args.steps)]
-            if args.batch:
-                cmd += ["--batch", str(args.batch)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if not lines:
-                print(f"{model_name} {path} failed:\n{out.stderr[-3000:]}", flush=True)
-                continue
-            rows.append(json.loads(lines[-1][len("RESULT ") :]))
-            print(json.dumps(rows[-1]), flush=True)
+    ranks = args.ranks.split(",") if args.ranks else [None]
+    for model_name, rank, path in itertools.product(args.models.split(","), ranks, PATHS):
+        cmd = [sys.executable, "-m", "benchmarks.relora_step", "--one", model_name, path]
+        cmd += ["--seq", str(args.seq), "--steps", str(args.steps)]
+        cmd += ["--ranks", rank] if rank else []
+        if args.batch:
+            cmd += ["--batch", str(args.batch)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            print(f"{model_name} {path} failed:\n{out.stderr[-3000:]}", flush=True)
+            continue
+        rows.append(json.loads(lines[-1][len("RESULT ") :]))
+        print(json.dumps(rows[-1]), flush=True)
     print()
     _print_table(rows)
     report.write_json(rows, args.json)
