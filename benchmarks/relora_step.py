@@ -30,7 +30,7 @@ import time
 from benchmarks import report
 from benchmarks.train_step import MODELS
 
-PATHS = ("plain", "relora")
+PATHS = ("relora", "plain")  # relora first: by default its peak memory is measured
 
 
 def _config(model_name: str, path: str, update_every: int, seq: int, batch: int, rank: int):
@@ -59,13 +59,19 @@ def predicted_dense_ratio(model_name: str, tokens: int, r: int) -> float:
 
 
 def run_one(
-    model_name: str, path: str, seq: int, batch: int | None, steps: int, rank: int | None
-) -> dict:
-    """Times one (model, path) in this process."""
+    model_name: str, paths: list[str], seq: int, batch: int | None, steps: int, rank: int | None
+) -> list[dict]:
+    """Times ``paths`` one after the other in this process.
+
+    The first path's trainer initialises the weights (compiling the init takes minutes at
+    350M); later paths start from its weights (``W0 + P A`` merged) and optimizer state. Only
+    the first path's peak memory is its own: later rows report None.
+    """
     import jax
     import numpy as np
 
     from train import main as main_lib
+    from train import relora as relora_lib
     from train import sharding as sharding_lib
 
     batch = batch or max(1, MODELS[model_name][5] * 256 // seq)
@@ -73,47 +79,60 @@ def run_one(
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 32000, (batch, seq + 1), dtype=np.int32)
     host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-
-    # One trainer per path (compiling the step takes minutes at 350M): refreshes happen at
-    # steps 0, tau, 2 tau, ...; the others are steady steps. Step 0 (compile) is not timed.
-    tau = 8
-    config = _config(model_name, path, tau, seq, batch, rank)
-    mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-    trainer = main_lib.build_trainer(config, mesh)
-    state = trainer.init(jax.random.key(0))
-    device_batch = main_lib.to_global(host_batch, trainer.batch_sharding)
-    state, metrics = trainer.train_step(state, device_batch)
-    float(metrics["loss"])
-    steady_times, refresh_times = [], []
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        state, metrics = trainer.train_step(state, device_batch)
-        float(metrics["loss"])
-        (refresh_times if step % tau == 0 else steady_times).append(time.perf_counter() - t0)
-    steady, refresh = statistics.median(steady_times), statistics.median(refresh_times)
-    sizes = {
-        "params_bytes": _nbytes(state.params),
-        "opt_state_bytes": _nbytes(state.opt_state),
-        "adapter_bytes": _nbytes(state.adapters),
-    }
     tokens_per_step = batch * seq
-    amortized = steady + (refresh - steady) / 200
-    stats = jax.devices()[0].memory_stats() or {}
-    return {
-        "model": model_name,
-        "path": path,
-        "rank": rank,
-        "seq": seq,
-        "batch": batch,
-        "device": jax.devices()[0].device_kind,
-        "steady_step_s": steady,
-        "refresh_step_s": refresh,
-        "amortized_step_s": amortized,
-        "amortized_tokens_per_s": tokens_per_step / amortized,
-        "peak_bytes": stats.get("peak_bytes_in_use"),
-        "predicted_dense_flops_ratio": predicted_dense_ratio(model_name, tokens_per_step, rank),
-        **sizes,
-    }
+    # Refreshes happen at steps 0, tau, 2 tau, ...; the others are steady steps.
+    tau = 8
+    rows, state, previous = [], None, None
+    for path in paths:
+        config = _config(model_name, path, tau, seq, batch, rank)
+        mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
+        trainer = main_lib.build_trainer(config, mesh)
+        if state is None:
+            state = trainer.init(jax.random.key(0))
+        else:  # the previous path's weights and optimizer state, at a refresh step
+            weights = previous.weights(state)
+            opt_state = state.opt_state
+            adapters = None
+            if config.optimizer.relora:
+                adapters = relora_lib.init_adapters(weights, relora_lib.layouts_of(weights, rank))
+            state = main_lib.TrainState(state.step, weights, opt_state, state.skipped, adapters)
+            state = jax.device_put(state, trainer.state_sharding)
+        device_batch = main_lib.to_global(host_batch, trainer.batch_sharding)
+        steady_times, refresh_times = [], []
+        for step in range(steps + 2):
+            t0 = time.perf_counter()
+            state, metrics = trainer.train_step(state, device_batch)
+            float(metrics["loss"])
+            if step >= 2:  # the first two calls compile (a refresh and a steady step)
+                count = int(relora_lib.subspace_state(state.opt_state).count) - 1
+                times = refresh_times if count % tau == 0 else steady_times
+                times.append(time.perf_counter() - t0)
+        previous = trainer
+        steady, refresh = statistics.median(steady_times), statistics.median(refresh_times)
+        amortized = steady + (refresh - steady) / 200
+        stats = jax.devices()[0].memory_stats() or {}
+        rows.append(
+            {
+                "model": model_name,
+                "path": path,
+                "rank": rank,
+                "seq": seq,
+                "batch": batch,
+                "device": jax.devices()[0].device_kind,
+                "steady_step_s": steady,
+                "refresh_step_s": refresh,
+                "amortized_step_s": amortized,
+                "amortized_tokens_per_s": tokens_per_step / amortized,
+                "peak_bytes": stats.get("peak_bytes_in_use") if not rows else None,
+                "predicted_dense_flops_ratio": predicted_dense_ratio(
+                    model_name, tokens_per_step, rank
+                ),
+                "params_bytes": _nbytes(state.params),
+                "opt_state_bytes": _nbytes(state.opt_state),
+                "adapter_bytes": _nbytes(state.adapters),
+            }
+        )
+    return rows
 
 
 def _nbytes(tree) -> int:
@@ -149,16 +168,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=24, help="timed steps (every 8th refreshes)")
     parser.add_argument("--ranks", default=None, help="comma list; default: GaLore paper's")
+    parser.add_argument(
+        "--separate",
+        action="store_true",
+        help="one process per path (each peak memory its own; two inits instead of one)",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         rank = int(args.ranks) if args.ranks else None
-        print("RESULT " + json.dumps(run_one(*args.one, args.seq, args.batch, args.steps, rank)))
+        model_name, paths = args.one[0], args.one[1].split("+")
+        for row in run_one(model_name, paths, args.seq, args.batch, args.steps, rank):
+            print("RESULT " + json.dumps(row))
         return
     rows = []
     ranks = args.ranks.split(",") if args.ranks else [None]
-    for model_name, rank, path in itertools.product(args.models.split(","), ranks, PATHS):
+    groups = [PATHS] if args.separate else [["+".join(PATHS)]]
+    for model_name, rank, path in itertools.product(args.models.split(","), ranks, *groups):
         cmd = [sys.executable, "-m", "benchmarks.relora_step", "--one", model_name, path]
         cmd += ["--seq", str(args.seq), "--steps", str(args.steps)]
         cmd += ["--ranks", rank] if rank else []
@@ -169,8 +196,9 @@ def main() -> None:
         if not lines:
             print(f"{model_name} {path} failed:\n{out.stderr[-3000:]}", flush=True)
             continue
-        rows.append(json.loads(lines[-1][len("RESULT ") :]))
-        print(json.dumps(rows[-1]), flush=True)
+        for line in lines:
+            rows.append(json.loads(line[len("RESULT ") :]))
+            print(json.dumps(rows[-1]), flush=True)
     print()
     _print_table(rows)
     report.write_json(rows, args.json)
