@@ -8,18 +8,31 @@ A step is timed in two variants: the steady step (no refresh: ``update_every`` l
 run) and the refresh step (``update_every=1``: every step refreshes); the refresh cost amortized
 over the GaLore paper's ``update_every=200`` is ``steady + (refresh - steady) / 200``.
 Random tokens (the data pipeline is not what is measured). bf16 compute, fp32 master params.
+
+``--memory-only`` compiles the steady step from abstract shapes and reports XLA's memory
+analysis without allocating anything (so llama_7b can be sized on a machine that cannot hold
+it). The figures are those of the backend that compiles: on XLA:CPU they are far above a GPU's
+(llama_1b adamw: 43 GiB on CPU vs 33.7 GiB measured on an H100) and remat does not lower them,
+so size a GPU run on the GPU machine. ``--profile DIR`` captures a trace of 3 steady steps per
+row under ``DIR/MODEL_OPTIMIZER`` and prints where the time goes (``python -m
+benchmarks.profile_summary``). ``--remat`` recomputes each decoder block in the backward pass
+(default: on for llama_7b only). The batch defaults to the seq-256 batch scaled by ``256 / seq``
+(tokens per step about constant, >= 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import pathlib
 import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
-from benchmarks import report
+from benchmarks import profile_summary, report
 
 MODELS = {  # hidden, intermediate, heads, layers, GaLore rank, batch at seq 256
     "llama_tiny": (256, 688, 4, 4, 64, 16),
@@ -31,6 +44,16 @@ MODELS = {  # hidden, intermediate, heads, layers, GaLore rank, batch at seq 256
 }
 OPTIMIZERS = ("adamw", "galore", "galore_gram", "golore")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+PROFILE_STEPS = 3
+# CompiledMemoryStats fields (jax 0.10) -> our JSON names; a field missing in another jax is None.
+MEMORY_FIELDS = {
+    "argument_size_in_bytes": "compiled_argument_bytes",
+    "output_size_in_bytes": "compiled_output_bytes",
+    "alias_size_in_bytes": "compiled_alias_bytes",
+    "temp_size_in_bytes": "compiled_temp_bytes",
+    "generated_code_size_in_bytes": "compiled_code_bytes",
+    "peak_memory_in_bytes": "compiled_xla_peak_bytes",
+}
 
 
 def _optimizer(name: str, rank: int, update_every: int):
@@ -51,70 +74,201 @@ def _optimizer(name: str, rank: int, update_every: int):
     )
 
 
-def run_one(model_name: str, opt_name: str, seq: int, batch: int | None, steps: int) -> dict:
-    """Measures one (model, optimizer) in this process."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import optax
+def batch_size(model_name: str, seq: int, batch: int | None) -> int:
+    """``batch`` if given, else the seq-256 batch scaled to keep tokens per step (>= 1)."""
+    return batch or max(1, MODELS[model_name][5] * 256 // seq)
 
-    import golore_jax as gl
+
+def use_remat(model_name: str, remat: bool | None) -> bool:
+    """``--remat``/``--no-remat`` if given; by default only llama_7b (it does not fit without)."""
+    return model_name == "llama_7b" if remat is None else remat
+
+
+def _model(model_name: str, seq: int, remat: bool):
     from train import model as model_lib
 
-    hidden, inter, heads, layers, rank, default_batch = MODELS[model_name]
-    batch = batch or max(1, default_batch * 256 // seq)
+    hidden, inter, heads, layers, _, _ = MODELS[model_name]
     config = model_lib.LlamaConfig(
         vocab_size=32000,
         hidden_size=hidden,
         intermediate_size=inter,
         num_heads=heads,
         num_layers=layers,
-        max_seq_len=seq,
+        max_seq_len=seq,  # RoPE tables and the length check follow --seq (2048 and beyond)
         dtype="bfloat16",
         param_dtype="float32",
-        remat=model_name == "llama_7b",
+        remat=remat,
     )
-    model = model_lib.LlamaForCausalLM(config)
+    return config, model_lib.LlamaForCausalLM(config)
+
+
+def _step_fn(model, tx):
+    """One train step; tokens are arguments (not constants) so it can be lowered abstractly."""
+    import jax
+    import optax
+
+    def loss_fn(p, inputs, targets):
+        logits = model.apply({"params": p}, inputs)
+        # named scopes let profile_summary tell the loss and the optimizer from the model
+        with jax.named_scope("loss"):
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    def step(p, s, inputs, targets):
+        loss, grads = jax.value_and_grad(loss_fn)(p, inputs, targets)
+        with jax.named_scope("optimizer"):
+            updates, s = tx.update(grads, s, p)
+            p = optax.apply_updates(p, updates)
+        return p, s, loss
+
+    return step
+
+
+def _tree_bytes(tree: Any) -> int:
+    """Bytes of a tree of arrays or ShapeDtypeStructs (nothing needs to be allocated)."""
+    import math
+
+    import jax
+
+    # dtype.itemsize, not np.dtype(...): PRNG key dtypes (key<fry>, 8 bytes) are not numpy's
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def memory_figures(compiled) -> dict:
+    """XLA's memory analysis of a compiled step, and the peak it implies.
+
+    peak estimate = arguments + temporaries + outputs - aliased (donated buffers reused as
+    outputs are counted once); XLA's own ``peak_memory_in_bytes`` is reported beside it.
+    """
+    stats = compiled.memory_analysis()
+    out = {name: getattr(stats, field, None) for field, name in MEMORY_FIELDS.items()}
+    parts = ("argument", "temp", "output", "alias")
+    if stats is not None and all(out[f"compiled_{p}_bytes"] is not None for p in parts):
+        out["compiled_peak_estimate_bytes"] = (
+            out["compiled_argument_bytes"]
+            + out["compiled_temp_bytes"]
+            + out["compiled_output_bytes"]
+            - out["compiled_alias_bytes"]
+        )
+    else:
+        out["compiled_peak_estimate_bytes"] = None
+    return out
+
+
+def _describe(model_name: str, opt_name: str, seq: int, batch: int, remat: bool) -> dict:
+    return {"model": model_name, "optimizer": opt_name, "seq": seq, "batch": batch, "remat": remat}
+
+
+def compile_memory(
+    model_name: str, opt_name: str, seq: int, batch: int | None, remat: bool | None = None
+) -> dict:
+    """Compiles the steady step from abstract shapes only and reports its memory figures."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import golore_jax as gl
+
+    batch, remat = batch_size(model_name, seq, batch), use_remat(model_name, remat)
+    _, model = _model(model_name, seq, remat)
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    params = jax.eval_shape(
+        lambda k: nn.unbox(model.init(k, jnp.zeros((1, seq), jnp.int32))["params"]),
+        jax.random.key(0),
+    )
+    tx = _optimizer(opt_name, MODELS[model_name][4], update_every=10**6)
+    state = jax.eval_shape(tx.init, params)
+    result = _describe(model_name, opt_name, seq, batch, remat)
+    result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    result["state_floats"] = gl.optimizer_state_floats(state)
+    result["state_bytes"] = _tree_bytes(state)
+    result["params_bytes"] = _tree_bytes(params)
+    t0 = time.perf_counter()
+    jitted = jax.jit(_step_fn(model, tx), donate_argnums=(0, 1))
+    compiled = jitted.lower(params, state, tokens, tokens).compile()
+    result["compile_s"] = time.perf_counter() - t0
+    result["device"] = jax.devices()[0].device_kind
+    result.update(memory_figures(compiled))
+    return result
+
+
+def _capture_profile(compiled, p, s, inputs, targets, log_dir: pathlib.Path):
+    """Traces PROFILE_STEPS steady steps; the step's optimized HLO goes beside the trace so
+    that profile_summary can name each fusion by the jax op (and scope) it came from."""
+    import jax
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with gzip.open(log_dir / "step.hlo.txt.gz", "wt") as f:
+        f.write(compiled.as_text())
+    with jax.profiler.trace(str(log_dir), create_perfetto_trace=True):
+        for i in range(PROFILE_STEPS):
+            with jax.profiler.StepTraceAnnotation("train_step", step_num=i):
+                p, s, loss = compiled(p, s, inputs, targets)
+                loss.block_until_ready()
+    return p, s
+
+
+def run_one(
+    model_name: str,
+    opt_name: str,
+    seq: int,
+    batch: int | None,
+    steps: int,
+    remat: bool | None = None,
+    profile_dir: str | None = None,
+) -> dict:
+    """Measures one (model, optimizer) in this process."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import golore_jax as gl
+    from train import model as model_lib
+
+    rank = MODELS[model_name][4]
+    batch, remat = batch_size(model_name, seq, batch), use_remat(model_name, remat)
+    config, model = _model(model_name, seq, remat)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     params = jax.jit(lambda k: nn.unbox(model.init(k, inputs[:1])["params"]))(jax.random.key(0))
-    result = {"model": model_name, "optimizer": opt_name, "seq": seq, "batch": batch}
+    result = _describe(model_name, opt_name, seq, batch, remat)
     result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
-
-    def make_step(tx):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, inputs)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-        def step(p, s):
-            loss, grads = jax.value_and_grad(loss_fn)(p)
-            updates, s = tx.update(grads, s, p)
-            return optax.apply_updates(p, updates), s, loss
-
-        return jax.jit(step, donate_argnums=(0, 1))
+    result["params_bytes"] = _tree_bytes(params)
 
     def time_steps(tx, n):
         p = jax.tree_util.tree_map(jnp.copy, params)
         s = tx.init(p)
-        step = make_step(tx)
-        p, s, loss = step(p, s)  # compile + first step
+        jitted = jax.jit(_step_fn(model, tx), donate_argnums=(0, 1))
+        compiled = jitted.lower(p, s, inputs, targets).compile()  # AOT: memory_analysis too
+        p, s, loss = compiled(p, s, inputs, targets)  # first step
         loss.block_until_ready()
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
-            p, s, loss = step(p, s)
+            p, s, loss = compiled(p, s, inputs, targets)
             loss.block_until_ready()
             times.append(time.perf_counter() - t0)
-        return statistics.median(times), s
+        return statistics.median(times), compiled, p, s
 
-    steady, state = time_steps(_optimizer(opt_name, rank, update_every=10**6), steps)
+    steady, compiled, p, state = time_steps(_optimizer(opt_name, rank, update_every=10**6), steps)
+    result.update(memory_figures(compiled))
     result["state_floats"] = gl.optimizer_state_floats(state)
     result["state_bytes"] = sum(
         x.nbytes for x in jax.tree_util.tree_leaves(state) if hasattr(x, "nbytes")
     )
     result["steady_step_s"] = steady
+    # the peak so far: the steady run only, comparable with its compiled estimate (plus the
+    # master copy of the params that time_steps keeps, params_bytes)
+    result["steady_peak_bytes"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    if profile_dir:
+        log_dir = pathlib.Path(profile_dir) / f"{model_name}_{opt_name}"
+        p, state = _capture_profile(compiled, p, state, inputs, targets, log_dir)
+        result["profile_dir"] = str(log_dir)
+        summary = profile_summary.summarize(log_dir)
+        result["profile_step_s"] = summary["step_s"]
+        result["profile_categories"] = summary["categories"]
+    del compiled, p, state  # free the steady run before the refresh run
     if opt_name != "adamw":
-        refresh, _ = time_steps(_optimizer(opt_name, rank, update_every=1), max(3, steps // 4))
+        refresh, *_ = time_steps(_optimizer(opt_name, rank, update_every=1), max(3, steps // 4))
         result["refresh_step_s"] = refresh
         result["amortized_step_s"] = steady + (refresh - steady) / 200
     else:
@@ -133,27 +287,112 @@ def run_one(model_name: str, opt_name: str, seq: int, batch: int | None, steps: 
     return result
 
 
+def _gib(x: float | None, digits: int = 1) -> str:
+    return f"{x / 2**30:.{digits}f}" if x is not None else "-"
+
+
+def print_table(rows: list[dict]) -> None:
+    """The timing table; compiled peak = XLA's estimate for the steady step, for comparison."""
+    print(
+        "| model | optimizer | seq x batch | state MiB | peak GiB | compiled peak GiB"
+        " | steady tok/s | refresh step s | amortized tok/s (tau=200) | vs adamw | MFU |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    base = {r["model"]: r["amortized_tokens_per_s"] for r in rows if r["optimizer"] == "adamw"}
+    for r in rows:
+        ratio = r["amortized_tokens_per_s"] / base[r["model"]] if r["model"] in base else None
+        refresh = f"{r['refresh_step_s']:.3f}" if r["refresh_step_s"] else "-"
+        peak = _gib(r["peak_bytes"]) if r["peak_bytes"] else "-"
+        mfu = f"{r['mfu_steady']:.1%}" if r["mfu_steady"] else "-"
+        vs = f"{ratio:.3f}" if ratio else "-"
+        print(
+            f"| {r['model']} | {r['optimizer']} | {r['seq']}x{r['batch']} | "
+            f"{r['state_bytes'] / 2**20:.0f} | {peak} | "
+            f"{_gib(r.get('compiled_peak_estimate_bytes'))} | {r['steady_tokens_per_s']:,.0f} | "
+            f"{refresh} | {r['amortized_tokens_per_s']:,.0f} | {vs} | {mfu} |"
+        )
+
+
+def print_memory_table(rows: list[dict]) -> None:
+    """The --memory-only table (GiB; nothing was run, so there is no measured peak)."""
+    print(
+        "| model | optimizer | seq x batch | remat | params GiB | state GiB | arguments GiB"
+        " | outputs GiB | aliased GiB | temp GiB | peak estimate GiB | XLA peak GiB | compile s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['optimizer']} | {r['seq']}x{r['batch']} | "
+            f"{'yes' if r['remat'] else 'no'} | {_gib(r['params_bytes'], 2)} | "
+            f"{_gib(r['state_bytes'], 2)} | {_gib(r['compiled_argument_bytes'], 2)} | "
+            f"{_gib(r['compiled_output_bytes'], 2)} | {_gib(r['compiled_alias_bytes'], 2)} | "
+            f"{_gib(r['compiled_temp_bytes'], 2)} | "
+            f"{_gib(r['compiled_peak_estimate_bytes'], 2)} | "
+            f"{_gib(r['compiled_xla_peak_bytes'], 2)} | {r['compile_s']:.1f} |"
+        )
+
+
+def _child_command(model_name: str, opt_name: str, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", model_name, opt_name]
+    cmd += ["--seq", str(args.seq), "--steps", str(args.steps)]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    if args.remat is not None:
+        cmd += ["--remat" if args.remat else "--no-remat"]
+    if args.memory_only:
+        cmd += ["--memory-only"]
+    if args.profile:
+        cmd += ["--profile", args.profile]
+    return cmd
+
+
+def _run_child(args: argparse.Namespace) -> dict:
+    model_name, opt_name = args.one
+    if args.memory_only:
+        return compile_memory(model_name, opt_name, args.seq, args.batch, args.remat)
+    return run_one(model_name, opt_name, args.seq, args.batch, args.steps, args.remat, args.profile)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default="llama_60m")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="default: seq-256 batch * 256/seq")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--remat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute decoder blocks in the backward pass (default: llama_7b only)",
+    )
+    parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="compile from abstract shapes and report XLA's memory analysis; run nothing",
+    )
+    parser.add_argument("--profile", metavar="DIR", default=None, help="trace 3 steady steps")
+    parser.add_argument("--profile-top", type=int, default=15, help="ops listed per profile")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per (model, opt)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(*args.one, args.seq, args.batch, args.steps)))
+        print("RESULT " + json.dumps(_run_child(args)))
         return
     rows = []
     for model_name in args.models.split(","):
         for opt_name in args.optimizers.split(","):
-            cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", model_name, opt_name]
-            cmd += ["--seq", str(args.seq), "--steps", str(args.steps)]
-            if args.batch:
-                cmd += ["--batch", str(args.batch)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            cmd = _child_command(model_name, opt_name, args)
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(
+                    f"{model_name} {opt_name} failed: over --timeout {args.timeout} s", flush=True
+                )
+                continue
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if not lines:
                 print(f"{model_name} {opt_name} failed:\n{out.stderr[-3000:]}", flush=True)
@@ -161,23 +400,18 @@ def main() -> None:
             rows.append(json.loads(lines[-1][len("RESULT ") :]))
             print(json.dumps(rows[-1]), flush=True)
     print()
-    print(
-        "| model | optimizer | seq x batch | state MiB | peak GiB | steady tok/s | refresh step s"
-        " | amortized tok/s (tau=200) | vs adamw | MFU |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    base = {r["model"]: r["amortized_tokens_per_s"] for r in rows if r["optimizer"] == "adamw"}
+    if args.memory_only:
+        print_memory_table(rows)
+    else:
+        print_table(rows)
     for r in rows:
-        ratio = r["amortized_tokens_per_s"] / base[r["model"]] if r["model"] in base else None
-        refresh = f"{r['refresh_step_s']:.3f}" if r["refresh_step_s"] else "-"
-        peak = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "-"
-        mfu = f"{r['mfu_steady']:.1%}" if r["mfu_steady"] else "-"
-        vs = f"{ratio:.3f}" if ratio else "-"
-        print(
-            f"| {r['model']} | {r['optimizer']} | {r['seq']}x{r['batch']} | "
-            f"{r['state_bytes'] / 2**20:.0f} | {peak} | {r['steady_tokens_per_s']:,.0f} | "
-            f"{refresh} | {r['amortized_tokens_per_s']:,.0f} | {vs} | {mfu} |"
-        )
+        if r.get("profile_dir"):
+            print(f"\n### {r['model']} {r['optimizer']}: {r['profile_dir']}\n")
+            print(
+                profile_summary.format_summary(
+                    profile_summary.summarize(r["profile_dir"]), args.profile_top
+                )
+            )
     report.write_json(rows, args.json)
 
 

@@ -24,7 +24,12 @@ Nothing is downloaded: point the config at your own local copies of the weights 
   naming the field. For WinoGrande set ``--config.data.task=winogrande`` and give files of
   ``{"sentence" with "_", "option1", "option2", "answer": "1"|"2"}``.
 
-Each run appends the train loss and the eval accuracy to ``WORKDIR/metrics.jsonl``.
+* ``mesh``: ``data x fsdp x tensor`` device counts (-1: the rest); the default is tensor
+  parallelism over all devices, as the batch of 1 cannot be split.
+* ``export``: where and in which dtype the fine-tuned weights are written (Hugging Face format).
+
+Each run appends the train loss, the eval accuracy and the eval answer loss to
+``WORKDIR/metrics.jsonl`` and writes the fine-tuned weights to ``WORKDIR/hf_export``.
 """
 
 from __future__ import annotations
@@ -41,11 +46,15 @@ def get_config() -> ml_collections.ConfigDict:
     # config.model is only used for a random init (init.hf_checkpoint=None); a checkpoint brings
     # its own shape and takes only dtype / param_dtype / remat from here.
     config = llama_config(hidden=256, intermediate=688, heads=4, layers=4, vocab=1024)
-    for key in ("data", "mesh", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+    for key in ("data", "checkpoint_every", "keep_checkpoints", "eval_batches"):
         del config[key]
     for key in ("distributed", "run_steps", "nonfinite", "max_skipped"):
         del config[key]
     config.model.max_seq_len = 2048
+    config.model.remat = True  # 7B at seq 2048: keep only each decoder layer's input
+    # Batch size 1 cannot be split over data / fsdp: tensor parallelism over every device
+    # spreads the weights, gradients and optimizer state (e.g. a 7B over 2-8 GPUs).
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, -1
 
     config.init = ml_collections.ConfigDict(
         {
@@ -65,7 +74,21 @@ def get_config() -> ml_collections.ConfigDict:
         }
     )
 
+    # The fine-tuned weights in Hugging Face format (config.json + model.safetensors + the
+    # tokenizer file); path None: WORKDIR/hf_export. float32 keeps the master weights exactly
+    # (27 GB for a 7B); bfloat16 halves that.
+    config.export = ml_collections.ConfigDict(
+        {
+            "enabled": True,
+            "path": ml_collections.FieldReference(None, field_type=str),
+            "dtype": "float32",  # float32 | bfloat16 | float16
+        }
+    )
+
     opt = config.optimizer
+    # Measured on an H100 (benchmarks/finetune_step.py): the stacked refresh makes the 7B
+    # step need 93.5 GiB; one matrix at a time, 63.5 GiB.
+    opt.batch_refresh = False
     opt.name = "hybrid"  # GoLore@20%
     opt.golore_fraction = 0.2
     opt.inner = "msgd"

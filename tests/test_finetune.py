@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import pathlib
 import random
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -18,6 +22,7 @@ from train import finetune as ft_lib
 from train import model as model_lib
 from train import tokenizer as tokenizer_lib
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 FILLER = (
     "river mountain blue green quiet house garden window morning evening yellow old small"
 ).split()
@@ -54,6 +59,7 @@ def tiny_config(tmp_path: pathlib.Path, name: str) -> ml_collections.ConfigDict:
     config.model.num_layers = 2
     config.model.max_seq_len = 48
     config.model.dtype = "float32"
+    config.model.remat = False  # the recipe's remat is for 7B; off compiles faster
     config.init.bpe_vocab_size = 300
     config.seq_len = 48
     config.batch_size = 8
@@ -219,6 +225,170 @@ def test_recipe_defaults_and_rank_rule() -> None:
     assert (opt.name, opt.inner, opt.golore_fraction, opt.rank) == ("hybrid", "msgd", 0.2, 1024)
     assert (opt.update_every, opt.scale, opt.learning_rate) == (500, 4.0, 1e-4)
     assert (config.batch_size, config.seq_len) == (1, 2048)
+    assert config.model.remat and config.model.param_dtype == "float32"
+    # Batch 1: tensor parallelism over all devices; the weights come back in HF format.
+    assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (1, 1, -1)
+    assert config.export.enabled and config.export.path is None
     rule = ft_lib.subspace_rank_rule(1024)
     assert rule("x", (64, 128)) == 63 and rule("x", (4096, 11008)) == 1024
     assert callable(ft_lib.optimizer_block(opt).rank)
+
+
+# --------------------------------------------------------------------------------------------
+# From a Hugging Face checkpoint: load, fine-tune, export; and the same run on a mesh.
+
+HF_VOCAB = 320  # > the 300-id BPE; even, so the vocab splits over tensor=2
+
+
+def write_hf_checkpoint(path: pathlib.Path, train_file: str) -> pathlib.Path:
+    """A random ``transformers.LlamaForCausalLM`` (GQA, untied) saved as safetensors, with a BPE
+    ``tokenizer.json`` trained on the task text beside it: nothing is downloaded."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    examples = ft_lib.load_examples(train_file, "boolq", "train_file")
+    tokenizer = tokenizer_lib.train_bpe(ft_lib.task_texts(examples), 300)
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=HF_VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(path)  # safetensors
+    tokenizer.save(path / "tokenizer.json")
+    assert (path / "model.safetensors").exists()
+    return path
+
+
+def hf_config(tmp_path: pathlib.Path, name: str) -> ml_collections.ConfigDict:
+    """:func:`tiny_config` pointed at a checkpoint made by :func:`write_hf_checkpoint`."""
+    config = tiny_config(tmp_path, name)
+    ckpt = tmp_path / "hf_model"
+    if not (ckpt / "model.safetensors").exists():
+        write_hf_checkpoint(ckpt, config.data.train_file)
+    config.init.hf_checkpoint = str(ckpt)  # its tokenizer.json is found there
+    return config
+
+
+def torch_logits(model_dir: pathlib.Path, inputs: np.ndarray) -> np.ndarray:
+    """fp32 logits of the transformers model saved in ``model_dir``."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        model_dir, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(inputs.astype(np.int64))).logits.float().numpy()
+
+
+def reference_answer_loss(logits: np.ndarray, encoded: dict[str, np.ndarray]) -> float:
+    """Cross-entropy per answer token, by hand (float64)."""
+    z = logits.astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    token = np.take_along_axis(logp, encoded["targets"][..., None], axis=-1)[..., 0]
+    return float(-(token * encoded["weights"]).sum() / encoded["weights"].sum())
+
+
+def test_finetune_from_hf_checkpoint_and_export(tmp_path: pathlib.Path) -> None:
+    """HF checkpoint -> GoLore@50% fine-tune -> HF export (hybrid: gram_eigh, then random).
+
+    (a) the step-0 eval answer loss equals the transformers model's on the same tokens: the run
+    starts from the checkpoint's weights; (b) accuracy and eval answer loss improve; (c) the
+    export loads in transformers and gives our fine-tuned model's logits.
+    """
+    config = hf_config(tmp_path, "hybrid")
+    ckpt = pathlib.Path(config.init.hf_checkpoint)
+    result = ft_lib.finetune(config, tmp_path / "work")
+
+    tokenizer = tokenizer_lib.load_tokenizer(ckpt / "tokenizer.json")
+    examples = ft_lib.load_examples(config.data.eval_file, "boolq", "eval_file")
+    correct = ft_lib.encode_examples(tokenizer, examples, config.seq_len, correct_only=True)
+    start = reference_answer_loss(torch_logits(ckpt, correct["inputs"]), correct)
+    assert result["first_eval_answer_loss"] == pytest.approx(start, abs=1e-4)
+    assert result["model_config"].num_kv_heads == 2
+
+    # (b) seen: accuracy 0.5 -> 1.0, answer loss 5.86 -> 0.0003 (start matched to 1e-9).
+    assert result["eval_accuracy"] >= 0.85, result
+    assert result["eval_answer_loss"] < 0.5 * result["first_eval_answer_loss"]
+
+    # (c) the export: config.json + safetensors + the tokenizer; transformers' logits = ours.
+    export = tmp_path / "work" / "hf_export"
+    assert result["export_dir"] == export
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(export))
+    model = model_lib.LlamaForCausalLM(result["model_config"])
+    ours = np.asarray(model.apply({"params": result["params"]}, correct["inputs"]))
+    theirs = torch_logits(export, correct["inputs"])
+    assert float(np.max(np.abs(ours - theirs))) < 1e-4
+    assert reference_answer_loss(theirs, correct) == pytest.approx(
+        result["eval_answer_loss"], abs=1e-4
+    )
+
+
+# (1, 1, 2): the recipe's layout (tensor parallelism only, the batch not split), on 2 devices
+# as the tiny model has 2 key/value heads.
+MESHES = {"1": (1, 1, 1), "2x2x2": (2, 2, 2), "1x1x2": (1, 1, 2)}
+
+
+def multidevice_runs(tmp_path: pathlib.Path) -> dict:
+    """Runs in a process with 8 devices: the same HF fine-tune on each of :data:`MESHES`."""
+    out: dict = {"devices": jax.device_count(), "losses": {}, "eval": {}, "q_kernel": {}}
+    for name, shape in MESHES.items():
+        config = hf_config(tmp_path, "golore")
+        # The recipe's MSGD inside; refreshes at steps 0 and 2.
+        config.optimizer.inner = "msgd"
+        config.optimizer.learning_rate = 0.05
+        config.optimizer.update_every = 2
+        config.num_steps, config.log_every, config.eval_every = 4, 1, 4
+        config.data.max_eval_examples, config.eval_batch_size = 8, 16
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+        devices = jax.devices()[: math.prod(shape)]
+        result = ft_lib.finetune(config, tmp_path / f"work_{name}", devices=devices)
+        records = (tmp_path / f"work_{name}" / "metrics.jsonl").read_text().splitlines()
+        out["losses"][name] = [json.loads(r)["train_loss"] for r in records if "train_loss" in r]
+        out["eval"][name] = [result["first_eval_answer_loss"], result["eval_answer_loss"]]
+        q = result["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+        out["q_kernel"][name] = [str(q.sharding.spec), len(q.sharding.device_set)]
+    return out
+
+
+def test_mesh_runs_match_one_device(tmp_path: pathlib.Path) -> None:
+    """8 fake CPU devices: meshes (2,2,2) and (1,1,2) give the 1-device losses; params sharded.
+
+    GoLore's random bases do not depend on the gradient, so every mesh refreshes to the same
+    subspace (an SVD-family basis of a low-rank answer-only gradient is arbitrary past its rank
+    and would differ in round-off across meshes).
+    """
+    hf_config(tmp_path, "golore")  # the checkpoint, made here where torch is imported once
+    # LLVM optimisation off: compiling the steps is most of the time on CPU (4x less).
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags, PJRT_NPROC="16")  # see tests/test_train.py
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.test_finetune", str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    reference = result["losses"]["1"]
+    assert len(reference) == 4 and reference[-1] < reference[0]
+    for name in ("2x2x2", "1x1x2"):
+        # fp32 compute; only the order of cross-device reductions differs.
+        assert result["losses"][name] == pytest.approx(reference, rel=1e-5), name
+        assert result["eval"][name] == pytest.approx(result["eval"]["1"], rel=1e-5), name
+    assert result["q_kernel"]["1"] == ["P('fsdp', 'tensor')", 1]
+    assert result["q_kernel"]["2x2x2"] == ["P('fsdp', 'tensor')", 8]
+    assert result["q_kernel"]["1x1x2"] == ["P('fsdp', 'tensor')", 2]
+
+
+if __name__ == "__main__":  # the child of test_mesh_runs_match_one_device
+    print(json.dumps(multidevice_runs(pathlib.Path(sys.argv[1]))))

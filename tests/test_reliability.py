@@ -156,7 +156,9 @@ def test_sigterm_sigint_and_kill_during_save_on_8_devices(tmp_path):
     """Sharded (2, 2, 2) golore run: SIGTERM after step 1, SIGINT after step 3 and kill -9 in
     the middle of saving step 6, then resumed: every step once, losses identical to an
     uninterrupted run, the last 2 checkpoints kept and all readable and finite."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # PJRT_NPROC: a CPU thread pool large enough that batched LAPACK calls of 8 fake
+    # devices cannot all wait on each other (a jaxlib 0.10 CPU deadlock).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PJRT_NPROC="16")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-m", "tests.reliability_run"]
     seen: list[str] = []

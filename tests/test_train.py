@@ -61,7 +61,9 @@ def test_resume_is_exact_across_refresh_and_hybrid_switch(tmp_path):
 
 def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     """Meshes (8,1,1), (2,4,1), (2,2,2) give the losses of 1 device; params AND state sharded."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # PJRT_NPROC: a CPU thread pool large enough that batched LAPACK calls of 8 fake
+    # devices cannot all wait on each other (a jaxlib 0.10 CPU deadlock).
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PJRT_NPROC="16")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
         [sys.executable, "-m", "tests.multidevice_check", str(tmp_path)],

@@ -95,13 +95,9 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps, num_devices=mesh.size)
     dummy = jnp.zeros((1, config.seq_len), jnp.int32)
 
-    with nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
-        boxed = jax.eval_shape(lambda k: model.init(k, dummy)["params"], jax.random.key(0))
-        param_shapes = nn.unbox(boxed)
-        opt_shapes = jax.eval_shape(tx.init, param_shapes)
-        param_sharding, opt_sharding = sharding_lib.param_and_state_shardings(
-            mesh, boxed, opt_shapes
-        )
+    param_shapes, opt_shapes, param_sharding, opt_sharding = sharding_lib.model_shardings(
+        mesh, model, tx, dummy
+    )
     batch_size_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % batch_size_per_shard:
         raise ValueError(

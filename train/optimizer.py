@@ -119,8 +119,10 @@ def build_optimizer(
     """``config.optimizer`` -> an optax transformation (clipping, subspace optimizer, lr).
 
     With ``num_devices > 1`` the refresh is spread: same-shape matrices are stacked and the
-    stack is sharded over every mesh axis, so each device decomposes its share. (Left to the
-    partitioner, the batched decompositions were seen to hang on 8 fake CPU devices.)
+    stack is sharded over every mesh axis, so each device decomposes its share
+    (tests/test_refresh_spread.py). Left to the partitioner, the batched decompositions hung on
+    8 fake CPU devices: a jaxlib 0.10 CPU deadlock (batched LAPACK calls waiting on an
+    exhausted thread pool), which ``PJRT_NPROC`` (a larger pool) also avoids.
     """
     validate(opt)
     schedule = learning_rate_schedule(opt, num_steps)
@@ -162,6 +164,7 @@ def build_optimizer(
             momentum_projection=opt.momentum_projection,
             seed=opt.seed,
             refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
+            batch_refresh=opt.get("batch_refresh", True),
         )
         if opt.inner in ("adamw", "adamw8bit"):
             tx = gl.galore_adamw(

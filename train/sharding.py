@@ -13,7 +13,7 @@ below map them to mesh axes, so the same model runs on 1 device, N GPUs or a TPU
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -120,6 +120,26 @@ def param_and_state_shardings(
     check_divisible(params_shapes, param_specs, mesh, "param")
     state_specs = state_partition_specs(opt_state_shapes, params_shapes, param_specs)
     return named(mesh, param_specs), named(mesh, state_specs)
+
+
+class ModelShardings(NamedTuple):
+    """Shapes and NamedShardings of a model's params and of its optimizer state."""
+
+    param_shapes: Any
+    opt_shapes: Any
+    params: Any
+    opt_state: Any
+
+
+def model_shardings(mesh: Mesh, model: nn.Module, tx: Any, tokens: jax.Array) -> ModelShardings:
+    """Shapes and shardings of ``model.init(key, tokens)['params']`` and ``tx.init`` of them,
+    found without allocating anything (``jax.eval_shape``)."""
+    with nn.logical_axis_rules(LOGICAL_RULES):
+        boxed = jax.eval_shape(lambda k: model.init(k, tokens)["params"], jax.random.key(0))
+        param_shapes = nn.unbox(boxed)
+        opt_shapes = jax.eval_shape(tx.init, param_shapes)
+        params, opt_state = param_and_state_shardings(mesh, boxed, opt_shapes)
+    return ModelShardings(param_shapes, opt_shapes, params, opt_state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
