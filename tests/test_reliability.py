@@ -24,6 +24,10 @@ from train import main as main_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# 8 fake CPU devices; LLVM optimisation off (faster compiles, see tests/conftest.py).
+EIGHT_DEVICES = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+
+
 def golore(tmp: pathlib.Path, **overrides):
     """Pure GoLore (random projector), refresh every 2 steps, 6 steps, saves at 3 and 6."""
     return tiny_config(tmp, **{"optimizer.name": "golore", **overrides})
@@ -158,7 +162,7 @@ def test_sigterm_sigint_and_kill_during_save_on_8_devices(tmp_path):
     uninterrupted run, the last 2 checkpoints kept and all readable and finite."""
     # PJRT_NPROC: a CPU thread pool large enough that batched LAPACK calls of 8 fake
     # devices cannot all wait on each other (a jaxlib 0.10 CPU deadlock).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PJRT_NPROC="16")
+    env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, PJRT_NPROC="16")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-m", "tests.reliability_run"]
     seen: list[str] = []

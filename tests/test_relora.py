@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,11 +72,12 @@ def test_same_trajectory_as_the_plain_transform(tmp_path, name, inner):
         jax.tree_util.tree_leaves(plain.params),
         strict=True,
     ):
-        # Measured: <= 4e-7 on every leaf but the embedding, where Adam's m / sqrt(v) turns
-        # round-off in a near-zero gradient (rare tokens) into a change of up to 8e-5 (lr 1e-2):
-        # its atol is 1% of one step.
+        # Measured: <= 4e-7 on the projected kernels and the norms. The embedding and lm_head
+        # rows of rare tokens get near-zero gradients, whose round-off (the two paths sum in a
+        # different order) Adam's m / sqrt(v) turns into changes of up to 8e-5 (lr 1e-2):
+        # their atol is 1% of one step.
         name = jax.tree_util.keystr(path)
-        atol = 1e-4 if "embed_tokens" in name else 1e-6
+        atol = 1e-4 if ("embed_tokens" in name or "lm_head" in name) else 1e-6
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=name)
     # The run really went through the low-rank path: A moved since the last refresh (step 6),
     # and W0 differs from the weights.
@@ -133,3 +136,23 @@ def _dot_output_shapes(jaxpr) -> set:
                 if hasattr(inner, "eqns"):
                     shapes |= _dot_output_shapes(inner)
     return shapes
+
+
+def test_resume_is_exact(tmp_path):
+    """A ReLoRA-like run stopped at step 4 (A non-zero, mid-way between refreshes at 3 and 6)
+    and resumed from its checkpoint gives the losses of the uninterrupted run; the held-out
+    loss is computed on the merged weights W0 + P A."""
+    overrides = {"optimizer.relora": True, "num_steps": 7, "eval_every": 7}
+    main_lib.train_and_evaluate(_config(tmp_path, **overrides), tmp_path / "full")
+    first = main_lib.train_and_evaluate(
+        _config(tmp_path, **overrides, run_steps=4), tmp_path / "split"
+    )
+    assert first["step"] == 4
+    second = main_lib.train_and_evaluate(_config(tmp_path, **overrides), tmp_path / "split")
+    assert second["step"] == 7
+
+    def records(workdir):
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in map(json.loads, lines)]
+
+    assert records(tmp_path / "split") == records(tmp_path / "full")

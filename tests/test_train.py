@@ -18,6 +18,10 @@ from train import sharding as sharding_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# 8 fake CPU devices; LLVM optimisation off (faster compiles, see tests/conftest.py).
+EIGHT_DEVICES = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+
+
 def _records(workdir: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -63,7 +67,7 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     """Meshes (8,1,1), (2,4,1), (2,2,2) give the losses of 1 device; params AND state sharded."""
     # PJRT_NPROC: a CPU thread pool large enough that batched LAPACK calls of 8 fake
     # devices cannot all wait on each other (a jaxlib 0.10 CPU deadlock).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PJRT_NPROC="16")
+    env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, PJRT_NPROC="16")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
         [sys.executable, "-m", "tests.multidevice_check", str(tmp_path)],
