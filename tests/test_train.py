@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tests.train_fixtures import tiny_config
@@ -122,6 +124,18 @@ def test_model_dim_not_divisible_by_mesh_names_the_param():
         ({"data.paths": ["/nonexistent/corpus.txt"]}, FileNotFoundError, "/nonexistent"),
         ({"model.vocab_size": 100}, ValueError, "100"),
         ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"optimizer.relora": True}, ValueError, "grad_clip=0"),
+        (
+            {"optimizer.relora": True, "optimizer.grad_clip": 0.0, "optimizer.name": "gosare"},
+            ValueError,
+            "basis projector",
+        ),
+        (
+            {"optimizer.relora": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True},
+            ValueError,
+            "scan_layers=False",
+        ),
+        ({"optimizer.inner": "adamw8bit", "optimizer.name": "osd"}, ValueError, "adamw8bit"),
     ],
 )
 def test_bad_config_raises_clear_error(tmp_path, overrides, error, match):
@@ -147,3 +161,56 @@ def test_checkpoint_from_other_config_is_refused_and_kept(tmp_path):
             tiny_config(tmp_path, num_steps=6, **{"optimizer.rank": 4}), tmp_path / "run"
         )
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_batch_refresh_off_gives_the_same_update(tmp_path):
+    """optimizer.batch_refresh=False (one decomposition per matrix, no stacked copy) and the
+    default stacked refresh choose the same bases and updates (two steps: the learning rate
+    is 0 at step 0 of the warmup)."""
+    from train import optimizer as optimizer_lib
+
+    params = {
+        "model": {f"layers_{i}": {"w": jnp.zeros((16, 40))} for i in range(3)},
+        "norm": jnp.zeros((16,)),
+    }
+    leaves, treedef = jax.tree.flatten(params)
+    grads = treedef.unflatten(
+        [jax.random.normal(jax.random.key(i), p.shape) for i, p in enumerate(leaves)]
+    )
+    results = []
+    for batched in (True, False):
+        config = tiny_config(
+            tmp_path, **{"optimizer.name": "galore", "optimizer.batch_refresh": batched}
+        )
+        tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
+        update = jax.jit(tx.update)
+        state = tx.init(params)
+        jaxpr = jax.make_jaxpr(tx.update)(grads, state, params).jaxpr
+        # gram_eigh: one batched eigh for the 3 same-shape matrices, or one each.
+        assert _count_primitive(jaxpr, "eigh") == (1 if batched else 3)
+        for _ in range(2):
+            step_update, state = update(grads, state, params)
+        results.append((step_update, state))
+
+    def numbers(tree):  # typed PRNG keys compare through their data
+        return [
+            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+            for x in jax.tree.leaves(tree)
+        ]
+
+    for a, b in zip(numbers(results[0]), numbers(results[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(results[0][0]["model"]["layers_0"]["w"]).max()) > 1e-4
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Occurrences of primitive ``name`` in ``jaxpr`` and its sub-jaxprs (cond branches...)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == name
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += _count_primitive(inner, name)
+    return count
