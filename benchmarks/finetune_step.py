@@ -34,10 +34,8 @@ on the H100).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -244,7 +242,7 @@ def main() -> None:
     if len(modes) == 1 or args.one:
         rows = [run_one(args, modes[0])]
         if args.one:
-            print("RESULT " + json.dumps(rows[0]))
+            report.print_result(rows[0])
             return
     else:
         rows = [_in_subprocess(args, mode) for mode in modes]
@@ -259,12 +257,11 @@ def _in_subprocess(args: argparse.Namespace, mode: str) -> dict[str, Any] | None
     cmd += ["--model", args.model, "--steps", str(args.steps), "--refreshes", str(args.refreshes)]
     cmd += ["--seq", str(args.seq), "--batch", str(args.batch), "--param-dtype", args.param_dtype]
     cmd += ["--compile-only"] if args.compile_only else []
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        print(f"--refresh {mode} failed:\n{out.stderr[-3000:]}", flush=True)
+    rows, error = report.run_child(cmd)
+    if not rows:
+        print(f"--refresh {mode} failed:\n{error}", flush=True)
         return None
-    return json.loads(lines[-1][len("RESULT ") :])
+    return rows[-1]
 
 
 if __name__ == "__main__":

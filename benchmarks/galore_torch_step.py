@@ -40,7 +40,6 @@ import importlib.metadata
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -295,7 +294,7 @@ def main() -> None:
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step refreshes)")
     if args.one:
-        print("RESULT " + json.dumps(run_one(*args.one, args)), flush=True)
+        report.print_result(run_one(*args.one, args))
         return
     models = ["llama_tiny"] if args.tiny else args.models.split(",")
     rows = []
@@ -307,16 +306,11 @@ def main() -> None:
             cmd += ["--device", args.device] + (["--tiny"] if args.tiny else [])
             if args.batch:
                 cmd += ["--batch", str(args.batch)]
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{model_name} {opt_name} timed out after {args.timeout:.0f} s", flush=True)
+            child_rows, error = report.run_child(cmd, args.timeout)
+            if not child_rows:
+                print(f"{model_name} {opt_name} failed:\n{error}", flush=True)
                 continue
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if not lines:
-                print(f"{model_name} {opt_name} failed:\n{out.stderr[-3000:]}", flush=True)
-                continue
-            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+            rows.append(child_rows[-1])
             print(json.dumps(rows[-1]), flush=True)
     print()
     print_table(rows)

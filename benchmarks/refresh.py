@@ -58,7 +58,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -383,15 +382,9 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
 def _subprocess(
     cmd: list[str], timeout: float, env: dict[str, str] | None = None
 ) -> tuple[Any, str]:
-    """Runs ``cmd`` and returns (the JSON after its last ``RESULT`` line or None, stderr tail)."""
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f} s"
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        return None, out.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT ") :]), ""
+    """Runs ``cmd`` and returns (its last result row or None, why there is none)."""
+    rows, error = report.run_child(cmd, timeout, env)
+    return (rows[-1] if rows else None), error
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -562,10 +555,10 @@ def main() -> None:
 
     if args.shape:
         run = run_shape_torch if args.backend == "torch" else run_shape_jax
-        print("RESULT " + json.dumps(run(*args.shape, args)), flush=True)
+        report.print_result(run(*args.shape, args))
         return
     if args.full:
-        print("RESULT " + json.dumps(run_full(*args.full, args)), flush=True)
+        report.print_result(run_full(*args.full, args))
         return
 
     common = [

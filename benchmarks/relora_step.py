@@ -23,7 +23,6 @@ import argparse
 import itertools
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -180,7 +179,7 @@ def main() -> None:
         rank = int(args.ranks) if args.ranks else None
         model_name, paths = args.one[0], args.one[1].split("+")
         for row in run_one(model_name, paths, args.seq, args.batch, args.steps, rank):
-            print("RESULT " + json.dumps(row))
+            report.print_result(row)
         return
     rows = []
     ranks = args.ranks.split(",") if args.ranks else [None]
@@ -191,14 +190,13 @@ def main() -> None:
         cmd += ["--ranks", rank] if rank else []
         if args.batch:
             cmd += ["--batch", str(args.batch)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not lines:
-            print(f"{model_name} {path} failed:\n{out.stderr[-3000:]}", flush=True)
+        child_rows, error = report.run_child(cmd)
+        if not child_rows:
+            print(f"{model_name} {path} failed:\n{error}", flush=True)
             continue
-        for line in lines:
-            rows.append(json.loads(line[len("RESULT ") :]))
-            print(json.dumps(rows[-1]), flush=True)
+        for row in child_rows:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print()
     _print_table(rows)
     report.write_json(rows, args.json)

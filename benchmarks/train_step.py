@@ -27,7 +27,6 @@ import gzip
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
@@ -380,24 +379,17 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(_run_child(args)))
+        report.print_result(_run_child(args))
         return
     rows = []
     for model_name in args.models.split(","):
         for opt_name in args.optimizers.split(","):
             cmd = _child_command(model_name, opt_name, args)
-            try:
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                print(
-                    f"{model_name} {opt_name} failed: over --timeout {args.timeout} s", flush=True
-                )
+            child_rows, error = report.run_child(cmd, args.timeout)
+            if not child_rows:
+                print(f"{model_name} {opt_name} failed:\n{error}", flush=True)
                 continue
-            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if not lines:
-                print(f"{model_name} {opt_name} failed:\n{out.stderr[-3000:]}", flush=True)
-                continue
-            rows.append(json.loads(lines[-1][len("RESULT ") :]))
+            rows.append(child_rows[-1])
             print(json.dumps(rows[-1]), flush=True)
     print()
     if args.memory_only:
