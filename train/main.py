@@ -58,7 +58,7 @@ class Trainer:
     param_paths: list[str]
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore target
     # The model's weights of a state: its params, or W0 + P A in a ReLoRA-like run.
-    weights: Callable[[TrainState], Any] = lambda state: state.params
+    weights: Callable[[TrainState], Any]
 
 
 def validate_config(config: Any) -> None:
@@ -165,9 +165,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
             model.apply, cross_entropy, tx, layouts, config.optimizer.update_every, finish
         )
 
-    def weights(state):
-        if not relora:
-            return state.params
+    def merged_weights(state):  # ReLoRA-like runs: W0 + P A
         bases = relora_lib.subspace_state(state.opt_state).bases
         return relora_lib.merge(state.params, state.adapters, bases, layouts)
 
@@ -185,7 +183,9 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         jit_eval = jax.jit(
             eval_step, in_shardings=(param_sharding, batch_sharding), out_shardings=replicated
         )
-        jit_weights = jax.jit(weights, in_shardings=(state_sharding,), out_shardings=param_sharding)
+        jit_weights = jax.jit(
+            merged_weights, in_shardings=(state_sharding,), out_shardings=param_sharding
+        )
     param_paths = [
         jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_shapes)
     ]
