@@ -83,7 +83,7 @@ def use_remat(model_name: str, remat: bool | None) -> bool:
     return model_name == "llama_7b" if remat is None else remat
 
 
-def _model(model_name: str, seq: int, remat: bool):
+def _model(model_name: str, seq: int, remat: bool, attention: str = "einsum"):
     from train import model as model_lib
 
     hidden, inter, heads, layers, _, _ = MODELS[model_name]
@@ -97,6 +97,7 @@ def _model(model_name: str, seq: int, remat: bool):
         dtype="bfloat16",
         param_dtype="float32",
         remat=remat,
+        attention=attention,
     )
     return config, model_lib.LlamaForCausalLM(config)
 
@@ -153,12 +154,26 @@ def memory_figures(compiled) -> dict:
     return out
 
 
-def _describe(model_name: str, opt_name: str, seq: int, batch: int, remat: bool) -> dict:
-    return {"model": model_name, "optimizer": opt_name, "seq": seq, "batch": batch, "remat": remat}
+def _describe(
+    model_name: str, opt_name: str, seq: int, batch: int, remat: bool, attention: str
+) -> dict:
+    return {
+        "model": model_name,
+        "optimizer": opt_name,
+        "seq": seq,
+        "batch": batch,
+        "remat": remat,
+        "attention": attention,
+    }
 
 
 def compile_memory(
-    model_name: str, opt_name: str, seq: int, batch: int | None, remat: bool | None = None
+    model_name: str,
+    opt_name: str,
+    seq: int,
+    batch: int | None,
+    remat: bool | None = None,
+    attention: str = "einsum",
 ) -> dict:
     """Compiles the steady step from abstract shapes only and reports its memory figures."""
     import flax.linen as nn
@@ -168,7 +183,7 @@ def compile_memory(
     import golore_jax as gl
 
     batch, remat = batch_size(model_name, seq, batch), use_remat(model_name, remat)
-    _, model = _model(model_name, seq, remat)
+    _, model = _model(model_name, seq, remat, attention)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     params = jax.eval_shape(
         lambda k: nn.unbox(model.init(k, jnp.zeros((1, seq), jnp.int32))["params"]),
@@ -176,7 +191,7 @@ def compile_memory(
     )
     tx = _optimizer(opt_name, MODELS[model_name][4], update_every=10**6)
     state = jax.eval_shape(tx.init, params)
-    result = _describe(model_name, opt_name, seq, batch, remat)
+    result = _describe(model_name, opt_name, seq, batch, remat, attention)
     result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
     result["state_floats"] = gl.optimizer_state_floats(state)
     result["state_bytes"] = _tree_bytes(state)
@@ -214,6 +229,7 @@ def run_one(
     steps: int,
     remat: bool | None = None,
     profile_dir: str | None = None,
+    attention: str = "einsum",
 ) -> dict:
     """Measures one (model, optimizer) in this process."""
     import flax.linen as nn
@@ -225,11 +241,11 @@ def run_one(
 
     rank = MODELS[model_name][4]
     batch, remat = batch_size(model_name, seq, batch), use_remat(model_name, remat)
-    config, model = _model(model_name, seq, remat)
+    config, model = _model(model_name, seq, remat, attention)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     params = jax.jit(lambda k: nn.unbox(model.init(k, inputs[:1])["params"]))(jax.random.key(0))
-    result = _describe(model_name, opt_name, seq, batch, remat)
+    result = _describe(model_name, opt_name, seq, batch, remat, attention)
     result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
     result["params_bytes"] = _tree_bytes(params)
 
@@ -293,20 +309,24 @@ def _gib(x: float | None, digits: int = 1) -> str:
 def print_table(rows: list[dict]) -> None:
     """The timing table; compiled peak = XLA's estimate for the steady step, for comparison."""
     print(
-        "| model | optimizer | seq x batch | state MiB | peak GiB | compiled peak GiB"
+        "| model | optimizer | attention | seq x batch | state MiB | peak GiB | compiled peak GiB"
         " | steady tok/s | refresh step s | amortized tok/s (tau=200) | vs adamw | MFU |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    base = {r["model"]: r["amortized_tokens_per_s"] for r in rows if r["optimizer"] == "adamw"}
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def setting(r):  # rows compared with adamw: same model, shape and attention
+        return r["model"], r["seq"], r["batch"], r.get("attention", "einsum")
+
+    base = {setting(r): r["amortized_tokens_per_s"] for r in rows if r["optimizer"] == "adamw"}
     for r in rows:
-        ratio = r["amortized_tokens_per_s"] / base[r["model"]] if r["model"] in base else None
+        ratio = r["amortized_tokens_per_s"] / base[setting(r)] if setting(r) in base else None
         refresh = f"{r['refresh_step_s']:.3f}" if r["refresh_step_s"] else "-"
         peak = _gib(r["peak_bytes"]) if r["peak_bytes"] else "-"
         mfu = f"{r['mfu_steady']:.1%}" if r["mfu_steady"] else "-"
         vs = f"{ratio:.3f}" if ratio else "-"
         print(
-            f"| {r['model']} | {r['optimizer']} | {r['seq']}x{r['batch']} | "
-            f"{r['state_bytes'] / 2**20:.0f} | {peak} | "
+            f"| {r['model']} | {r['optimizer']} | {r.get('attention', 'einsum')} | "
+            f"{r['seq']}x{r['batch']} | {r['state_bytes'] / 2**20:.0f} | {peak} | "
             f"{_gib(r.get('compiled_peak_estimate_bytes'))} | {r['steady_tokens_per_s']:,.0f} | "
             f"{refresh} | {r['amortized_tokens_per_s']:,.0f} | {vs} | {mfu} |"
         )
@@ -333,7 +353,7 @@ def print_memory_table(rows: list[dict]) -> None:
 
 def _child_command(model_name: str, opt_name: str, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", model_name, opt_name]
-    cmd += ["--seq", str(args.seq), "--steps", str(args.steps)]
+    cmd += ["--seq", str(args.seq), "--steps", str(args.steps), "--attention", args.attention]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     if args.remat is not None:
@@ -348,8 +368,19 @@ def _child_command(model_name: str, opt_name: str, args: argparse.Namespace) -> 
 def _run_child(args: argparse.Namespace) -> dict:
     model_name, opt_name = args.one
     if args.memory_only:
-        return compile_memory(model_name, opt_name, args.seq, args.batch, args.remat)
-    return run_one(model_name, opt_name, args.seq, args.batch, args.steps, args.remat, args.profile)
+        return compile_memory(
+            model_name, opt_name, args.seq, args.batch, args.remat, args.attention
+        )
+    return run_one(
+        model_name,
+        opt_name,
+        args.seq,
+        args.batch,
+        args.steps,
+        args.remat,
+        args.profile,
+        args.attention,
+    )
 
 
 def main() -> None:
@@ -372,6 +403,12 @@ def main() -> None:
         "--memory-only",
         action="store_true",
         help="compile from abstract shapes and report XLA's memory analysis; run nothing",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("einsum", "cudnn"),
+        default="einsum",
+        help="model.attention: cudnn = fused flash attention (NVIDIA GPUs)",
     )
     parser.add_argument("--profile", metavar="DIR", default=None, help="trace 3 steady steps")
     parser.add_argument("--profile-top", type=int, default=15, help="ops listed per profile")

@@ -253,6 +253,44 @@ def test_config_from_dict():
         jax.eval_shape(LlamaForCausalLM(cfg).init, jax.random.key(0), _tokens(length=9))
 
 
+def test_attention_option_is_validated_early():
+    with pytest.raises(ValueError, match="attention='flash'; expected one of"):
+        _config(attention="flash")
+    with pytest.raises(
+        ValueError, match="needs a bfloat16 or float16 compute dtype, got dtype=float32"
+    ):
+        _config(attention="cudnn")  # _config computes in fp32
+    if jax.default_backend() != "gpu":
+        cfg = _config(attention="cudnn", dtype=jnp.bfloat16)
+        with pytest.raises(ValueError, match="needs an NVIDIA GPU, but JAX runs on 'cpu'"):
+            jax.eval_shape(LlamaForCausalLM(cfg).init, jax.random.key(0), _tokens())
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_cudnn_attention_matches_einsum(num_kv_heads):
+    # bf16 compute both ways; cuDNN accumulates in fp32 in a different order (flash tiles), so
+    # the logits agree to bf16 rounding, and so do the gradients.
+    cfg = _config(dtype=jnp.bfloat16, num_kv_heads=num_kv_heads)
+    tokens = _tokens(length=64)
+    params = _init(cfg, tokens)
+
+    def loss_and_grad(cfg):
+        def loss(p):
+            logits = LlamaForCausalLM(cfg).apply({"params": p}, tokens).astype(jnp.float32)
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (ref_loss, ref_logits), ref_grad = loss_and_grad(cfg)
+    (loss, logits), grad = loss_and_grad(cfg.replace(attention="cudnn"))
+    scale = float(jnp.abs(ref_logits).max())
+    np.testing.assert_allclose(logits, ref_logits, atol=2e-2 * scale)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-2)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad), strict=True):
+        np.testing.assert_allclose(a, b, atol=3e-2 * float(jnp.abs(b).max()) + 1e-6)
+
+
 def test_model_flops_per_token():
     cfg = _config()
     n = model_lib.count_params(_init(cfg, _tokens())) - cfg.vocab_size * cfg.hidden_size

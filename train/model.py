@@ -85,6 +85,9 @@ def _to_dtype(value: Any) -> DType:
     return jnp.dtype(value).type
 
 
+ATTENTION_IMPLEMENTATIONS = ("einsum", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Hyper-parameters of the LLaMA model (field names match ``config.model``)."""
@@ -102,6 +105,10 @@ class LlamaConfig:
     param_dtype: DType = jnp.float32  # Master parameter dtype.
     remat: bool = False  # Activation checkpointing per decoder layer.
     scan_layers: bool = False  # Stack layer params along a leading 'layers' axis and nn.scan.
+    # "einsum": our attention (any backend; the reference). "cudnn": cuDNN's fused flash kernel
+    # through jax.nn.dot_product_attention (NVIDIA GPUs, bf16/fp16 compute): the [L, L] score
+    # matrix is never stored, which is what makes seq 2048 cheap.
+    attention: str = "einsum"
 
     def __post_init__(self):
         # Normalise dtypes given as strings (e.g. from a ConfigDict or JSON).
@@ -117,6 +124,15 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention={self.attention!r}; expected one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        if self.attention == "cudnn" and self.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(
+                f"attention='cudnn' needs a bfloat16 or float16 compute dtype, got "
+                f"dtype={jnp.dtype(self.dtype).name}"
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -247,7 +263,10 @@ class LlamaAttention(nn.Module):
         cos, sin = rotary_cos_sin(positions, hd, cfg.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        out = causal_attention(q, k, v)
+        if cfg.attention == "cudnn":
+            out = cudnn_causal_attention(q, k, v)
+        else:
+            out = causal_attention(q, k, v)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = out.reshape(b, length, nh * hd)
         return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out)
@@ -274,6 +293,20 @@ def causal_attention(q: Array, k: Array, v: Array) -> Array:
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, length, nh, hd)
+
+
+def cudnn_causal_attention(q: Array, k: Array, v: Array) -> Array:
+    """``causal_attention`` as cuDNN's fused (flash) kernel; same shapes and grouped heads.
+
+    Raises at trace time, naming the backend, when JAX runs on anything but an NVIDIA GPU.
+    """
+    backend = jax.default_backend()
+    if backend != "gpu":
+        raise ValueError(
+            f"model.attention='cudnn' needs an NVIDIA GPU, but JAX runs on {backend!r}; "
+            "use attention='einsum'"
+        )
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
 class LlamaMLP(nn.Module):
