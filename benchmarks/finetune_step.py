@@ -41,6 +41,7 @@ import time
 from typing import Any
 
 from benchmarks import report
+from train import xla_flags
 
 MODELS = {  # hidden, intermediate, heads, layers (vocab 32000)
     "llama_tiny": (256, 688, 4, 4),
@@ -227,6 +228,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    xla_flags.apply_defaults()  # before JAX starts a backend; children inherit it
     # Read when jax starts. The step may use the whole card (JAX reserves 75% by default).
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     # CPU only: XLA's default CPU scheduler trades memory for parallelism and keeps every

@@ -64,6 +64,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks import report
+from train import xla_flags
 
 SHAPES = {  # name -> list of (m, n, rank): LLaMA MLP shapes, GaLore paper ranks
     "paper": [(512, 1376, 128), (1024, 2736, 256), (2048, 5461, 512), (4096, 11008, 1024)],
@@ -549,6 +550,7 @@ def main() -> None:
     parser.add_argument("--full", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--run-devices", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    xla_flags.apply_defaults()  # before JAX starts a backend; children inherit it
     if args.models is None:
         args.models = "llama_tiny" if args.shapes == "small" else "llama_1b,llama_7b"
     device_counts = _device_counts(args.devices)

@@ -28,6 +28,7 @@ import time
 
 from benchmarks import report
 from benchmarks.train_step import MODELS
+from train import xla_flags
 
 PATHS = ("relora", "plain")  # relora first: by default its peak memory is measured
 
@@ -175,6 +176,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    xla_flags.apply_defaults()  # before JAX starts a backend; children inherit it
     if args.one:
         rank = int(args.ranks) if args.ranks else None
         model_name, paths = args.one[0], args.one[1].split("+")

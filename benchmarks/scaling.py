@@ -22,6 +22,7 @@ import numpy as np
 from benchmarks import report
 from train import main as main_lib
 from train import sharding as sharding_lib
+from train import xla_flags
 
 
 def _load_config(path: str):
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-refresh", action="store_true", help="skip the refresh-step timing")
     args = parser.parse_args()
+    xla_flags.apply_defaults()  # before JAX starts a backend; children inherit it
     rows = []
     for n in (int(x) for x in args.devices.split(",")):
         steady, tokens = measure(args.config, n, args.per_device_batch, args.steps, 10**6)

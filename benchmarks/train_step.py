@@ -15,9 +15,10 @@ it). The figures are those of the backend that compiles: on XLA:CPU they are far
 (llama_1b adamw: 43 GiB on CPU vs 33.7 GiB measured on an H100) and remat does not lower them,
 so size a GPU run on the GPU machine. ``--profile DIR`` captures a trace of 3 steady steps per
 row under ``DIR/MODEL_OPTIMIZER`` and prints where the time goes (``python -m
-benchmarks.profile_summary``). ``--remat`` recomputes each decoder block in the backward pass
-(default: on for llama_7b only). The batch defaults to the seq-256 batch scaled by ``256 / seq``
-(tokens per step about constant, >= 1).
+benchmarks.profile_summary``); such a row runs with XLA's GPU command buffers off (else a trace
+shows one opaque op), so time it apart. ``--remat`` recomputes each decoder block in the
+backward pass (default: on for llama_7b only). The batch defaults to the seq-256 batch scaled
+by ``256 / seq`` (tokens per step about constant, >= 1).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -32,6 +34,7 @@ import time
 from typing import Any
 
 from benchmarks import profile_summary, report
+from train import xla_flags
 
 MODELS = {  # hidden, intermediate, heads, layers, GaLore rank, batch at seq 256
     "llama_tiny": (256, 688, 4, 4, 64, 16),
@@ -83,7 +86,7 @@ def use_remat(model_name: str, remat: bool | None) -> bool:
     return model_name == "llama_7b" if remat is None else remat
 
 
-def _model(model_name: str, seq: int, remat: bool, attention: str = "einsum"):
+def _model(model_name: str, seq: int, remat: bool, attention: str = "auto"):
     from train import model as model_lib
 
     hidden, inter, heads, layers, _, _ = MODELS[model_name]
@@ -173,7 +176,7 @@ def compile_memory(
     seq: int,
     batch: int | None,
     remat: bool | None = None,
-    attention: str = "einsum",
+    attention: str = "auto",
 ) -> dict:
     """Compiles the steady step from abstract shapes only and reports its memory figures."""
     import flax.linen as nn
@@ -181,9 +184,10 @@ def compile_memory(
     import jax.numpy as jnp
 
     import golore_jax as gl
+    from train import model as model_lib
 
     batch, remat = batch_size(model_name, seq, batch), use_remat(model_name, remat)
-    _, model = _model(model_name, seq, remat, attention)
+    config, model = _model(model_name, seq, remat, attention)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     params = jax.eval_shape(
         lambda k: nn.unbox(model.init(k, jnp.zeros((1, seq), jnp.int32))["params"]),
@@ -191,7 +195,7 @@ def compile_memory(
     )
     tx = _optimizer(opt_name, MODELS[model_name][4], update_every=10**6)
     state = jax.eval_shape(tx.init, params)
-    result = _describe(model_name, opt_name, seq, batch, remat, attention)
+    result = _describe(model_name, opt_name, seq, batch, remat, model_lib.resolve_attention(config))
     result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
     result["state_floats"] = gl.optimizer_state_floats(state)
     result["state_bytes"] = _tree_bytes(state)
@@ -229,7 +233,7 @@ def run_one(
     steps: int,
     remat: bool | None = None,
     profile_dir: str | None = None,
-    attention: str = "einsum",
+    attention: str = "auto",
 ) -> dict:
     """Measures one (model, optimizer) in this process."""
     import flax.linen as nn
@@ -245,7 +249,7 @@ def run_one(
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     params = jax.jit(lambda k: nn.unbox(model.init(k, inputs[:1])["params"]))(jax.random.key(0))
-    result = _describe(model_name, opt_name, seq, batch, remat, attention)
+    result = _describe(model_name, opt_name, seq, batch, remat, model_lib.resolve_attention(config))
     result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
     result["params_bytes"] = _tree_bytes(params)
 
@@ -406,16 +410,22 @@ def main() -> None:
     )
     parser.add_argument(
         "--attention",
-        choices=("einsum", "cudnn"),
-        default="einsum",
-        help="model.attention: cudnn = fused flash attention (NVIDIA GPUs)",
+        choices=("auto", "einsum", "cudnn"),
+        default="auto",
+        help="model.attention (auto: cuDNN flash attention where it runs, else einsum)",
     )
     parser.add_argument("--profile", metavar="DIR", default=None, help="trace 3 steady steps")
     parser.add_argument("--profile-top", type=int, default=15, help="ops listed per profile")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per (model, opt)")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    xla_flags.apply_defaults()  # before JAX starts a backend; children inherit it
     if args.one:
+        if args.profile:
+            # GPU command buffers (CUDA graphs) show as one opaque op in a trace: a profiled row
+            # runs without them (its timings too), so each kernel is named by its HLO op.
+            flags = os.environ.get("XLA_FLAGS", "")
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
         report.print_result(_run_child(args))
         return
     rows = []

@@ -70,7 +70,7 @@ def llama_config(
             "param_dtype": "float32",
             "remat": False,
             "scan_layers": False,
-            "attention": "einsum",  # "cudnn": fused flash attention on NVIDIA GPUs
+            "attention": "auto",  # cudnn flash attention on NVIDIA GPUs, else einsum
         }
     )
     config.data = default_data_config()

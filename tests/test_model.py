@@ -260,7 +260,11 @@ def test_attention_option_is_validated_early():
         ValueError, match="needs a bfloat16 or float16 compute dtype, got dtype=float32"
     ):
         _config(attention="cudnn")  # _config computes in fp32
+    # auto: cuDNN only where its kernel runs (never for fp32 compute; never on CPU)
+    assert model_lib.resolve_attention(_config()) == "einsum"
+    assert model_lib.resolve_attention(_config(attention="einsum", dtype=jnp.bfloat16)) == "einsum"
     if jax.default_backend() != "gpu":
+        assert model_lib.resolve_attention(_config(dtype=jnp.bfloat16)) == "einsum"
         cfg = _config(attention="cudnn", dtype=jnp.bfloat16)
         with pytest.raises(ValueError, match="needs an NVIDIA GPU, but JAX runs on 'cpu'"):
             jax.eval_shape(LlamaForCausalLM(cfg).init, jax.random.key(0), _tokens())
@@ -282,7 +286,8 @@ def test_cudnn_attention_matches_einsum(num_kv_heads):
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
-    (ref_loss, ref_logits), ref_grad = loss_and_grad(cfg)
+    assert model_lib.resolve_attention(cfg.replace(attention="auto")) == "cudnn"
+    (ref_loss, ref_logits), ref_grad = loss_and_grad(cfg.replace(attention="einsum"))
     (loss, logits), grad = loss_and_grad(cfg.replace(attention="cudnn"))
     scale = float(jnp.abs(ref_logits).max())
     np.testing.assert_allclose(logits, ref_logits, atol=2e-2 * scale)

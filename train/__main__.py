@@ -3,6 +3,7 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from train import xla_flags
 from train.main import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -15,6 +16,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    xla_flags.apply_defaults()  # before the first device is touched
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     print(
         f"step {result['step']}: train loss {result['train_loss']}, held-out loss "

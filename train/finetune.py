@@ -56,7 +56,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from train import hf_checkpoint
+from train import hf_checkpoint, xla_flags
 from train import model as model_lib
 from train import optimizer as optimizer_lib
 from train import sharding as sharding_lib
@@ -704,6 +704,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.INFO)
+    xla_flags.apply_defaults()  # before the first device is touched
     result = finetune(_FLAGS.config, _FLAGS.workdir)
     print(
         f"step {result['step']}: train loss {result['train_loss']:.4f}, eval accuracy "

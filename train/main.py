@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import signal
 import time
@@ -308,6 +309,11 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     )
     eval_batches = datasets.eval_batches(config.eval_batches)
     trainer = build_trainer(config, mesh)
+    logging.info(
+        "attention: %s; XLA_FLAGS: %r",
+        model_lib.resolve_attention(model_lib.LlamaConfig.from_dict(config.model)),
+        os.environ.get("XLA_FLAGS", ""),
+    )
     checkpoints = checkpoint_lib.Checkpoints(
         workdir, keep=config.keep_checkpoints, every=config.checkpoint_every
     )
