@@ -252,21 +252,25 @@ def scale_by_sparse_subspace(
         new_indices, inner_state = lax.cond(
             is_refresh, refresh, lambda operands: operands, (old_indices, state.inner_state)
         )
-        values = [
-            g if c is None else gather(g, new_indices[i])
-            for i, (g, c) in enumerate(zip(grads, counts, strict=True))
-        ]
-        inner_updates, inner_state = inner.update(
-            treedef.unflatten(values), inner_state, None, **extra_args
+
+        def compress(idx):
+            return lambda g: gather(g, idx)
+
+        def expand(idx, shape):
+            return lambda n: scatter(n, idx, shape)
+
+        selected = [(c, idx, g.shape) for c, idx, g in zip(counts, new_indices, grads, strict=True)]
+        out, inner_state = subspace_lib.update_through(
+            inner,
+            treedef,
+            grads,
+            [None if c is None else compress(idx) for c, idx, _ in selected],
+            [None if c is None else expand(idx, shape) for c, idx, shape in selected],
+            inner_state,
+            params,
+            scale,
+            extra_args,
         )
-        param_leaves = None if params is None else treedef.flatten_up_to(params)
-        out = []
-        for i, (n, c) in enumerate(zip(treedef.flatten_up_to(inner_updates), counts, strict=True)):
-            if c is None:
-                out.append(n)
-                continue
-            dtype = grads[i].dtype if param_leaves is None else param_leaves[i].dtype
-            out.append(scatter(scale * n, new_indices[i], grads[i].shape).astype(dtype))
         new_state = ScaleBySparseSubspaceState(
             count=optax.safe_increment(state.count),
             key=next_key,

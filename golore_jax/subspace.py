@@ -192,6 +192,38 @@ def _map_moments(state: Any, treedef: Any, fn_for_field: Callable[[str], Callabl
     return state
 
 
+def update_through(
+    inner: optax.GradientTransformationExtraArgs,
+    treedef: Any,
+    grads: list[jax.Array],
+    compress: list[Callable[[jax.Array], jax.Array] | None],
+    expand: list[Callable[[jax.Array], jax.Array] | None],
+    inner_state: Any,
+    params: Any,
+    scale: float,
+    extra_args: dict[str, Any],
+) -> tuple[list[jax.Array], Any]:
+    """``N = inner(compress(G))``, then ``scale * expand(N)`` in the param dtype, leaf by leaf.
+
+    Leaves whose ``compress`` is None go through ``inner`` at full shape. The one update tail
+    of every subspace transform: a basis (``P^T G`` / ``P N``, :func:`update_in_subspace`) or
+    a set of entries (gather / scatter, :mod:`golore_jax.sparse`).
+    """
+    low = [g if c is None else c(g) for g, c in zip(grads, compress, strict=True)]
+    inner_updates, inner_state = inner.update(
+        treedef.unflatten(low), inner_state, None, **extra_args
+    )
+    param_leaves = None if params is None else treedef.flatten_up_to(params)
+    out = []
+    for i, (n, e) in enumerate(zip(treedef.flatten_up_to(inner_updates), expand, strict=True)):
+        if e is None:
+            out.append(n)
+            continue
+        dtype = grads[i].dtype if param_leaves is None else param_leaves[i].dtype
+        out.append((scale * e(n)).astype(dtype))
+    return out, inner_state
+
+
 def update_in_subspace(
     inner: optax.GradientTransformationExtraArgs,
     treedef: Any,
@@ -208,24 +240,27 @@ def update_in_subspace(
     Leaves without a layout go through ``inner`` at full shape. Shared by the transforms whose
     subspace is a basis (SVD/random refreshes here, online PCA in :mod:`golore_jax.online_pca`).
     """
-    low_rank = [
-        g
-        if lay is None
-        else layout_lib.project(layout_lib.as_matrix(g.astype(jnp.float32), lay), bases[i], lay)
-        for i, (g, lay) in enumerate(zip(grads, layouts, strict=True))
-    ]
-    inner_updates, inner_state = inner.update(
-        treedef.unflatten(low_rank), inner_state, None, **extra_args
+
+    def compress(basis, lay):
+        return lambda g: layout_lib.project(
+            layout_lib.as_matrix(g.astype(jnp.float32), lay), basis, lay
+        )
+
+    def expand(basis, lay):
+        return lambda n: layout_lib.back_project(n, basis, lay)
+
+    pairs = list(zip(bases, layouts, strict=True))
+    return update_through(
+        inner,
+        treedef,
+        grads,
+        [None if lay is None else compress(b, lay) for b, lay in pairs],
+        [None if lay is None else expand(b, lay) for b, lay in pairs],
+        inner_state,
+        params,
+        scale,
+        extra_args,
     )
-    param_leaves = None if params is None else treedef.flatten_up_to(params)
-    out = []
-    for i, (n, lay) in enumerate(zip(treedef.flatten_up_to(inner_updates), layouts, strict=True)):
-        if lay is None:
-            out.append(n)
-            continue
-        dtype = grads[i].dtype if param_leaves is None else param_leaves[i].dtype
-        out.append((scale * layout_lib.back_project(n, bases[i], lay)).astype(dtype))
-    return out, inner_state
 
 
 def _as_key(seed: int | jax.Array) -> jax.Array:
