@@ -58,7 +58,7 @@ MEMORY_FIELDS = {
 }
 
 
-def _optimizer(name: str, rank: int, update_every: int):
+def _optimizer(name: str, rank: int, update_every: int, projection_dtype: str = "float32"):
     import optax
 
     import golore_jax as gl
@@ -72,7 +72,13 @@ def _optimizer(name: str, rank: int, update_every: int):
         "golore": gl.projectors.random(),
     }[name]
     return gl.galore_adamw(
-        lr, rank=rank, update_every=update_every, scale=0.25, weight_decay=0.0, projector=projector
+        lr,
+        rank=rank,
+        update_every=update_every,
+        scale=0.25,
+        weight_decay=0.0,
+        projector=projector,
+        projection_dtype=projection_dtype,
     )
 
 
@@ -158,7 +164,13 @@ def memory_figures(compiled) -> dict:
 
 
 def _describe(
-    model_name: str, opt_name: str, seq: int, batch: int, remat: bool, attention: str
+    model_name: str,
+    opt_name: str,
+    seq: int,
+    batch: int,
+    remat: bool,
+    attention: str,
+    projection_dtype: str,
 ) -> dict:
     return {
         "model": model_name,
@@ -167,6 +179,7 @@ def _describe(
         "batch": batch,
         "remat": remat,
         "attention": attention,
+        "projection_dtype": None if opt_name == "adamw" else projection_dtype,
     }
 
 
@@ -177,6 +190,7 @@ def compile_memory(
     batch: int | None,
     remat: bool | None = None,
     attention: str = "auto",
+    projection_dtype: str = "float32",
 ) -> dict:
     """Compiles the steady step from abstract shapes only and reports its memory figures."""
     import flax.linen as nn
@@ -193,9 +207,17 @@ def compile_memory(
         lambda k: nn.unbox(model.init(k, jnp.zeros((1, seq), jnp.int32))["params"]),
         jax.random.key(0),
     )
-    tx = _optimizer(opt_name, MODELS[model_name][4], update_every=10**6)
+    tx = _optimizer(opt_name, MODELS[model_name][4], 10**6, projection_dtype)
     state = jax.eval_shape(tx.init, params)
-    result = _describe(model_name, opt_name, seq, batch, remat, model_lib.resolve_attention(config))
+    result = _describe(
+        model_name,
+        opt_name,
+        seq,
+        batch,
+        remat,
+        model_lib.resolve_attention(config),
+        projection_dtype,
+    )
     result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
     result["state_floats"] = gl.optimizer_state_floats(state)
     result["state_bytes"] = _tree_bytes(state)
@@ -234,6 +256,7 @@ def run_one(
     remat: bool | None = None,
     profile_dir: str | None = None,
     attention: str = "auto",
+    projection_dtype: str = "float32",
 ) -> dict:
     """Measures one (model, optimizer) in this process."""
     import flax.linen as nn
@@ -249,7 +272,15 @@ def run_one(
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     params = jax.jit(lambda k: nn.unbox(model.init(k, inputs[:1])["params"]))(jax.random.key(0))
-    result = _describe(model_name, opt_name, seq, batch, remat, model_lib.resolve_attention(config))
+    result = _describe(
+        model_name,
+        opt_name,
+        seq,
+        batch,
+        remat,
+        model_lib.resolve_attention(config),
+        projection_dtype,
+    )
     result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
     result["params_bytes"] = _tree_bytes(params)
 
@@ -268,7 +299,9 @@ def run_one(
             times.append(time.perf_counter() - t0)
         return statistics.median(times), compiled, p, s
 
-    steady, compiled, p, state = time_steps(_optimizer(opt_name, rank, update_every=10**6), steps)
+    steady, compiled, p, state = time_steps(
+        _optimizer(opt_name, rank, 10**6, projection_dtype), steps
+    )
     result.update(memory_figures(compiled))
     result["state_floats"] = gl.optimizer_state_floats(state)
     result["state_bytes"] = sum(
@@ -287,7 +320,9 @@ def run_one(
         result["profile_categories"] = summary["categories"]
     del compiled, p, state  # free the steady run before the refresh run
     if opt_name != "adamw":
-        refresh, *_ = time_steps(_optimizer(opt_name, rank, update_every=1), max(3, steps // 4))
+        refresh, *_ = time_steps(
+            _optimizer(opt_name, rank, 1, projection_dtype), max(3, steps // 4)
+        )
         result["refresh_step_s"] = refresh
         result["amortized_step_s"] = steady + (refresh - steady) / 200
     else:
@@ -310,6 +345,12 @@ def _gib(x: float | None, digits: int = 1) -> str:
     return f"{x / 2**30:.{digits}f}" if x is not None else "-"
 
 
+def _optimizer_label(row: dict) -> str:
+    """The optimizer, marked when its projection matmuls ran in bf16."""
+    bf16 = row.get("projection_dtype") == "bfloat16"
+    return f"{row['optimizer']} (bf16 projection)" if bf16 else row["optimizer"]
+
+
 def print_table(rows: list[dict]) -> None:
     """The timing table; compiled peak = XLA's estimate for the steady step, for comparison."""
     print(
@@ -329,7 +370,7 @@ def print_table(rows: list[dict]) -> None:
         mfu = f"{r['mfu_steady']:.1%}" if r["mfu_steady"] else "-"
         vs = f"{ratio:.3f}" if ratio else "-"
         print(
-            f"| {r['model']} | {r['optimizer']} | {r.get('attention', 'einsum')} | "
+            f"| {r['model']} | {_optimizer_label(r)} | {r.get('attention', 'einsum')} | "
             f"{r['seq']}x{r['batch']} | {r['state_bytes'] / 2**20:.0f} | {peak} | "
             f"{_gib(r.get('compiled_peak_estimate_bytes'))} | {r['steady_tokens_per_s']:,.0f} | "
             f"{refresh} | {r['amortized_tokens_per_s']:,.0f} | {vs} | {mfu} |"
@@ -358,6 +399,7 @@ def print_memory_table(rows: list[dict]) -> None:
 def _child_command(model_name: str, opt_name: str, args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", model_name, opt_name]
     cmd += ["--seq", str(args.seq), "--steps", str(args.steps), "--attention", args.attention]
+    cmd += ["--projection-dtype", args.projection_dtype]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     if args.remat is not None:
@@ -373,7 +415,13 @@ def _run_child(args: argparse.Namespace) -> dict:
     model_name, opt_name = args.one
     if args.memory_only:
         return compile_memory(
-            model_name, opt_name, args.seq, args.batch, args.remat, args.attention
+            model_name,
+            opt_name,
+            args.seq,
+            args.batch,
+            args.remat,
+            args.attention,
+            args.projection_dtype,
         )
     return run_one(
         model_name,
@@ -384,6 +432,7 @@ def _run_child(args: argparse.Namespace) -> dict:
         args.remat,
         args.profile,
         args.attention,
+        args.projection_dtype,
     )
 
 
@@ -413,6 +462,12 @@ def main() -> None:
         choices=("auto", "einsum", "cudnn"),
         default="auto",
         help="model.attention (auto: cuDNN flash attention where it runs, else einsum)",
+    )
+    parser.add_argument(
+        "--projection-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="galore/golore: operand dtype of the projection matmuls P^T G and P N",
     )
     parser.add_argument("--profile", metavar="DIR", default=None, help="trace 3 steady steps")
     parser.add_argument("--profile-top", type=int, default=15, help="ops listed per profile")

@@ -84,6 +84,7 @@ def galore_adamw(
     seed: int = 0,
     batch_refresh: bool = True,
     refresh_sharding: Any = None,
+    projection_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore-AdamW: Adam in the top-``rank`` singular subspace, refreshed every ``update_every``.
 
@@ -112,6 +113,7 @@ def galore_adamw(
         seed=seed,
         batch_refresh=batch_refresh,
         refresh_sharding=refresh_sharding,
+        projection_dtype=projection_dtype,
     )
 
 
@@ -149,6 +151,7 @@ def galore_sgd(
     seed: int = 0,
     batch_refresh: bool = True,
     refresh_sharding: Any = None,
+    projection_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore with (momentum) SGD, optax's momentum convention (``T <- momentum * T + R``).
 
@@ -170,6 +173,7 @@ def galore_sgd(
         seed=seed,
         batch_refresh=batch_refresh,
         refresh_sharding=refresh_sharding,
+        projection_dtype=projection_dtype,
     )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,14 +95,25 @@ def projected_rows(g: jax.Array, layout: MatrixLayout) -> jax.Array:
     return g if layout.side == LEFT else g.T
 
 
-def project(g: jax.Array, basis: jax.Array, layout: MatrixLayout) -> jax.Array:
-    """``R = P^T G`` on the left, ``R = G Q`` on the right (Algorithm 1)."""
-    return basis.T @ g if layout.side == LEFT else g @ basis
+def _matmul(a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
+    """``a @ b`` with operands in ``dtype`` (None: as given), accumulated and returned in fp32."""
+    if dtype is not None:
+        a, b = a.astype(dtype), b.astype(dtype)
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
-def back_project(n: jax.Array, basis: jax.Array, layout: MatrixLayout) -> jax.Array:
-    """``P N`` on the left, ``N Q^T`` on the right, reshaped to the leaf's shape."""
-    full = basis @ n if layout.side == LEFT else n @ basis.T
+def project(g: jax.Array, basis: jax.Array, layout: MatrixLayout, dtype: Any = None) -> jax.Array:
+    """``R = P^T G`` on the left, ``R = G Q`` on the right (Algorithm 1); operands in ``dtype``
+    (None: as given), result in fp32."""
+    return _matmul(basis.T, g, dtype) if layout.side == LEFT else _matmul(g, basis, dtype)
+
+
+def back_project(
+    n: jax.Array, basis: jax.Array, layout: MatrixLayout, dtype: Any = None
+) -> jax.Array:
+    """``P N`` on the left, ``N Q^T`` on the right, reshaped to the leaf's shape; operands in
+    ``dtype`` (None: as given), result in fp32."""
+    full = _matmul(basis, n, dtype) if layout.side == LEFT else _matmul(n, basis.T, dtype)
     return full.reshape(layout.shape)
 
 

@@ -335,6 +335,8 @@ BAD_PARAMS = {"layer": {"kernel": jnp.zeros((4, 6)), "bias": jnp.zeros((6,))}}
         (dict(rank=2, update_every=-1), None, ValueError, "update_every must be a positive"),
         (dict(rank=2, second_moment="rotate"), None, ValueError, "second_moment must be one"),
         (dict(rank=2, scale=float("nan")), None, ValueError, "scale must be finite"),
+        (dict(rank=2, projection_dtype=jnp.int8), None, ValueError, "projection_dtype must be"),
+        (dict(rank=2, projection_dtype="bf16"), None, ValueError, "projection_dtype must be"),
         (
             dict(rank=1, mask={"layer": {"kernel": True, "bias": True}}),
             None,
@@ -448,6 +450,55 @@ class DtypeAndLargeBatchTest(chex.TestCase):
                 np.testing.assert_allclose(u[k], g @ p @ p.T, atol=1e-5)
         for k in ("c", "d"):
             np.testing.assert_array_equal(u[k], grads[k])
+
+
+class ProjectionDtypeTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_bf16_operands_fp32_accumulation(self):
+        """projection_dtype=bf16: R = P^T G and P N from bf16-rounded operands with fp32 sums
+        (the exact formula, on both sides); bases, moments and fp32 updates otherwise unchanged;
+        float32 is the default's exact update."""
+
+        def run(**kw):
+            tx = gl.scale_by_subspace(
+                optax.trace(0.5), rank=2, update_every=2, mask=MASK, scale=0.5, **kw
+            )
+            params = {k: jnp.zeros(sh) for k, sh in SHAPES.items()}
+            grads = _grad_sequence(steps=2)
+            state, outs = tx.init(params), []
+            for t in range(2):
+                u, state = self.variant(tx.update)(
+                    jax.tree.map(lambda g, t=t: g[t], grads), state, params
+                )
+                outs.append(u)
+            return outs, state, grads
+
+        ref, ref_state, grads = run()
+        same, _, _ = run(projection_dtype=jnp.float32)
+        low, state, _ = run(projection_dtype=jnp.bfloat16)
+
+        def bf16(x):
+            return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+        for k in SHAPES:
+            for t in range(2):
+                np.testing.assert_array_equal(same[t][k], ref[t][k])
+                assert low[t][k].dtype == jnp.float32
+        for k in ("a", "b"):  # both refreshes chose from the same gradients: same bases
+            np.testing.assert_array_equal(state.bases[k], ref_state.bases[k])
+            assert state.inner_state.trace[k].dtype == jnp.float32
+            p = np.asarray(state.bases[k], np.float64)
+            trace = np.zeros((2, 6) if k == "a" else (6, 2))
+            for t in range(2):
+                g = np.asarray(grads[k][t], np.float64)
+                r = bf16(p).T @ bf16(g) if k == "a" else bf16(g) @ bf16(p)
+                trace = 0.5 * trace + r
+                full = bf16(p) @ bf16(trace) if k == "a" else bf16(trace) @ bf16(p).T
+                np.testing.assert_allclose(low[t][k], 0.5 * full, rtol=1e-5, atol=1e-6)
+                # and bf16 is only bf16-close to the fp32 update
+                np.testing.assert_allclose(low[t][k], ref[t][k], rtol=0.05, atol=0.05)
+        for k in ("c", "d"):
+            np.testing.assert_array_equal(low[1][k], ref[1][k])
 
 
 def test_state_is_a_namedtuple_with_masked_nodes_for_unprojected_leaves():

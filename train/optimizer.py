@@ -111,6 +111,7 @@ SVD_PROJECTORS = {
     "gram_eigh": gl.projectors.gram_eigh,
     "subspace_iteration": gl.projectors.subspace_iteration,
 }
+PROJECTION_DTYPES = ("float32", "bfloat16")
 
 
 def build_optimizer(
@@ -147,6 +148,12 @@ def build_optimizer(
                 f"config.optimizer.projector must be one of {sorted(SVD_PROJECTORS)}, "
                 f"got {opt.projector!r}"
             )
+        projection_dtype = opt.get("projection_dtype", "float32")
+        if projection_dtype not in PROJECTION_DTYPES:
+            raise ValueError(
+                f"config.optimizer.projection_dtype must be one of {PROJECTION_DTYPES}, "
+                f"got {projection_dtype!r}"
+            )
         svd_phase = SVD_PROJECTORS[opt.projector]()
         projector = {
             "importance": gl.projectors.importance_svd(),
@@ -165,6 +172,7 @@ def build_optimizer(
             seed=opt.seed,
             refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
             batch_refresh=opt.get("batch_refresh", True),
+            projection_dtype=projection_dtype,
         )
         if opt.inner in ("adamw", "adamw8bit"):
             tx = gl.galore_adamw(
