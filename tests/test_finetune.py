@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from configs.finetune_boolq import get_config
+from tests.hf_fixtures import tiny_hf_llama
 from train import finetune as ft_lib
 from train import model as model_lib
 from train import tokenizer as tokenizer_lib
@@ -247,19 +248,10 @@ def write_hf_checkpoint(path: pathlib.Path, train_file: str) -> pathlib.Path:
     transformers = pytest.importorskip("transformers")
     examples = ft_lib.load_examples(train_file, "boolq", "train_file")
     tokenizer = tokenizer_lib.train_bpe(ft_lib.task_texts(examples), 300)
-    torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=HF_VOCAB,
-        hidden_size=64,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
+    model = tiny_hf_llama(
+        transformers, torch, perturb=0.0, vocab_size=HF_VOCAB, intermediate_size=64
     )
-    transformers.LlamaForCausalLM(hf_config).save_pretrained(path)  # safetensors
+    model.save_pretrained(path)  # safetensors
     tokenizer.save(path / "tokenizer.json")
     assert (path / "model.safetensors").exists()
     return path

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("safetensors")
 from safetensors.numpy import load_file, save_file
 
+from tests.hf_fixtures import tiny_hf_llama
 from train import hf_checkpoint
 from train.hf_checkpoint import export_hf_llama, load_hf_llama
 from train.model import LlamaConfig, LlamaForCausalLM
@@ -34,28 +35,6 @@ def torch():
 @pytest.fixture(scope="module")
 def transformers(torch):
     return pytest.importorskip("transformers")
-
-
-def _hf_model(transformers, torch, seed=0, **overrides):
-    """A small random transformers.LlamaForCausalLM (fp32, eager attention)."""
-    torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**kw, **overrides})).eval()
-    with torch.no_grad():  # Perturb so norms are not all ones and logits are not tiny.
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def _hf_logits(torch, model) -> np.ndarray:
@@ -95,7 +74,7 @@ def _max_diff(a, b) -> float:
 
 
 def test_load_matches_transformers(tmp_path, torch, transformers):
-    model = _hf_model(transformers, torch, rope_theta=500.0)
+    model = tiny_hf_llama(transformers, torch, rope_theta=500.0)
     model.save_pretrained(tmp_path)
     config, params = load_hf_llama(tmp_path, dtype="float32")
     assert (config.num_kv_heads, config.rope_theta, config.max_seq_len) == (2, 500.0, 64)
@@ -167,7 +146,7 @@ def _non_layers(tree):
 
 
 def test_sharded_index_checkpoint(tmp_path, torch, transformers):
-    model = _hf_model(transformers, torch)
+    model = tiny_hf_llama(transformers, torch)
     model.save_pretrained(tmp_path / "single")
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     files = os.listdir(tmp_path / "sharded")
@@ -201,7 +180,7 @@ def test_load_with_shardings(tmp_path):
 
 
 def test_tied_embeddings_are_copied(tmp_path, torch, transformers):
-    model = _hf_model(transformers, torch, tie_word_embeddings=True, num_key_value_heads=4)
+    model = tiny_hf_llama(transformers, torch, tie_word_embeddings=True, num_key_value_heads=4)
     model.save_pretrained(tmp_path)
     config, params = load_hf_llama(tmp_path, dtype="float32")
     np.testing.assert_array_equal(

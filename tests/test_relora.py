@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.jaxpr_walk import iter_equations
 from tests.train_fixtures import tiny_config
 from train import main as main_lib
 from train import relora as relora_lib
@@ -126,16 +127,11 @@ def test_low_rank_step_never_forms_a_full_kernel_gradient(tmp_path):
 
 def _dot_output_shapes(jaxpr) -> set:
     """Output shapes of every dot_general, sub-jaxprs (cond, pjit, remat) included."""
-    shapes = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            shapes.add(tuple(eqn.outvars[0].aval.shape))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    shapes |= _dot_output_shapes(inner)
-    return shapes
+    return {
+        tuple(eqn.outvars[0].aval.shape)
+        for eqn in iter_equations(jaxpr)
+        if eqn.primitive.name == "dot_general"
+    }
 
 
 def test_resume_is_exact(tmp_path):
