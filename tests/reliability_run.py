@@ -273,6 +273,7 @@ def table(tmp: pathlib.Path) -> None:
         ("update_every=-1", subspace(rank=2, update_every=-1)),
         ("second_moment='rotate'", subspace(rank=2, second_moment="rotate")),
         ("scale=nan", subspace(rank=2, scale=float("nan"))),
+        ("projection_dtype='bf16'", subspace(rank=2, projection_dtype="bf16")),
         (
             "mask selects a 1-D leaf",
             subspace(rank=1, mask={"layer": {"kernel": True, "bias": True}}),
@@ -338,6 +339,9 @@ def table(tmp: pathlib.Path) -> None:
         ("mesh data=2 on 1 device", {"mesh.data": 2}),
         ("mesh data=-1, fsdp=-1", {"mesh.data": -1, "mesh.fsdp": -1}),
         ("optimizer.rank=64 = min(m, n) of 64x64 kernels", {"optimizer.rank": 64}),
+        ("optimizer.projection_dtype='int8'", {"optimizer.projection_dtype": "int8"}),
+        ("model.attention='flash'", {"model.attention": "flash"}),
+        ("model.attention='cudnn' on CPU", {"model.attention": "cudnn"}),
     ]
     main_lib.build_trainer = cached_build_trainer
     for i, (what, overrides) in enumerate(data_cases + config_cases):
