@@ -341,7 +341,11 @@ def table(tmp: pathlib.Path) -> None:
         ("optimizer.rank=64 = min(m, n) of 64x64 kernels", {"optimizer.rank": 64}),
         ("optimizer.projection_dtype='int8'", {"optimizer.projection_dtype": "int8"}),
         ("model.attention='flash'", {"model.attention": "flash"}),
-        ("model.attention='cudnn' on CPU", {"model.attention": "cudnn"}),
+        ("model.attention='cudnn', fp32 compute", {"model.attention": "cudnn"}),
+        (
+            "model.attention='cudnn' on CPU",
+            {"model.attention": "cudnn", "model.dtype": "bfloat16"},
+        ),
     ]
     main_lib.build_trainer = cached_build_trainer
     for i, (what, overrides) in enumerate(data_cases + config_cases):

@@ -15,6 +15,7 @@ import pytest
 
 from tests.jaxpr_walk import iter_equations
 from tests.train_fixtures import tiny_config
+from train import checkpoint as checkpoint_lib
 from train import main as main_lib
 from train import sharding as sharding_lib
 
@@ -146,6 +147,24 @@ def test_bad_config_raises_clear_error(tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):
         main_lib.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_with_other_runtime_model_fields(tmp_path):
+    """remat / attention / compute dtype change how a step runs, not the saved state: a run
+    resumes across them (old checkpoints stored them in the fingerprint: ignored there too)."""
+    run = tmp_path / "run"
+    main_lib.train_and_evaluate(
+        tiny_config(tmp_path, num_steps=3, **{"model.attention": "einsum"}), run
+    )
+    result = main_lib.train_and_evaluate(
+        tiny_config(tmp_path, num_steps=5, **{"model.remat": True, "model.attention": "auto"}),
+        run,
+    )
+    assert result["step"] == 5
+    steps = [r["step"] for r in _records(run) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 5  # resumed, each step logged once
+    old = {"model": {"hidden_size": 64, "remat": False, "dtype": "float32"}, "seq_len": 32}
+    assert checkpoint_lib.comparable(old) == {"model": {"hidden_size": 64}, "seq_len": 32}
 
 
 def test_unwritable_workdir(tmp_path):

@@ -44,9 +44,23 @@ def _lookup(config: Any, dotted: str) -> Any:
     return value.to_dict() if hasattr(value, "to_dict") else value
 
 
+# Model fields that change how a step runs, not what the state holds: a run may resume with
+# other values (e.g. after the attention default changed, or with remat turned on).
+MODEL_RUNTIME_FIELDS = ("attention", "remat", "dtype")
+
+
+def comparable(fp: dict[str, Any] | None) -> dict[str, Any]:
+    """A fingerprint without the runtime model fields (also for ones saved with them)."""
+    fp = dict(fp or {})
+    if isinstance(fp.get("model"), dict):
+        fp["model"] = {k: v for k, v in fp["model"].items() if k not in MODEL_RUNTIME_FIELDS}
+    return fp
+
+
 def fingerprint(config: Any) -> dict[str, Any]:
     """The fields of ``config`` a checkpoint must agree with, JSON-normalised."""
-    return json.loads(json.dumps({k: _lookup(config, k) for k in MUST_MATCH}, default=str))
+    found = json.loads(json.dumps({k: _lookup(config, k) for k in MUST_MATCH}, default=str))
+    return comparable(found)
 
 
 def check_writable(workdir: pathlib.Path) -> None:
@@ -148,12 +162,12 @@ class Checkpoints:
             )["meta"]
         except Exception as e:
             raise RuntimeError(f"checkpoint {path} is unreadable (its metadata): {e}") from e
-        expected, found = fingerprint(config), meta.get("fingerprint")
+        expected, found = fingerprint(config), comparable(meta.get("fingerprint"))
         if found != expected:
-            diffs = [k for k in MUST_MATCH if (found or {}).get(k) != expected[k]]
+            diffs = [k for k in MUST_MATCH if found.get(k) != expected[k]]
             raise ValueError(
                 f"checkpoint {path} does not match the config in {diffs}: checkpoint has "
-                f"{ {k: (found or {}).get(k) for k in diffs} }, config has "
+                f"{ {k: found.get(k) for k in diffs} }, config has "
                 f"{ {k: expected[k] for k in diffs} }. Use another --workdir to start afresh."
             )
         try:
