@@ -92,6 +92,9 @@ def llama_config(
     config.seed = 0  # init and data order
     # Multi-host: call jax.distributed.initialize() (arguments from the environment).
     config.distributed = False
+    # JAX's persistent compilation cache ("" = off): a restarted or resumed run reuses the
+    # compiled steps, e.g. "~/.cache/golore_jax/xla". Process-wide (set before compiling).
+    config.compilation_cache_dir = ""
     # Steps to run in this invocation before saving and exiting (None: up to num_steps).
     config.run_steps = ml_collections.FieldReference(None, field_type=int)
     # Non-finite loss or gradients: 'skip' the step (counted, up to max_skipped) or 'stop'.

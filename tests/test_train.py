@@ -167,6 +167,58 @@ def test_resume_with_other_runtime_model_fields(tmp_path):
     assert checkpoint_lib.comparable(old) == {"model": {"hidden_size": 64}, "seq_len": 32}
 
 
+_CACHED_RUN = """
+import json, logging, sys, pathlib
+import jax
+from tests.train_fixtures import tiny_config
+from train import main as main_lib
+cache_in = main_lib.use_compilation_cache
+def use_cache_for_every_compile(directory):  # however fast this machine compiles
+    cache_in(directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+main_lib.use_compilation_cache = use_cache_for_every_compile
+hits = []
+class Hits(logging.Handler):  # JAX logs each persistent-cache hit, naming the program
+    def emit(self, record):
+        if record.getMessage().startswith("Persistent compilation cache hit"):
+            hits.append(record.args[0])
+compiler_log = logging.getLogger("jax._src.compiler")
+compiler_log.setLevel(logging.DEBUG)
+compiler_log.addHandler(Hits(logging.DEBUG))
+tmp = pathlib.Path(sys.argv[1])
+run_steps = int(sys.argv[2]) or None
+config = tiny_config(tmp, num_steps=6, run_steps=run_steps, compilation_cache_dir=str(tmp / "xla"))
+main_lib.train_and_evaluate(config, tmp / "run")
+print(json.dumps({"hits": hits}))
+"""
+
+
+def test_compilation_cache_serves_a_resumed_run(tmp_path):
+    """config.compilation_cache_dir: the first run stores its compiled steps there, the resumed
+    run (a new process, same config) loads them: JAX reports cache hits only then.
+    Subprocesses: the cache setting is process-wide."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+
+    def run(run_steps: int) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", _CACHED_RUN, str(tmp_path), str(run_steps)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])["hits"]
+
+    assert run(3) == []  # steps 1-3 of 6, then stops (as if preempted)
+    entries = sorted(p.name for p in (tmp_path / "xla").iterdir())
+    assert any(name.startswith("jit_train_step") for name in entries), entries
+    # resumed from step 3 to the end: the train step came from the cache
+    assert "jit_train_step" in run(0)
+    assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r][-1] == 6
+
+
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

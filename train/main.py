@@ -84,6 +84,19 @@ def validate_config(config: Any) -> None:
         )
 
 
+def use_compilation_cache(directory: str | pathlib.Path) -> None:
+    """Keeps compiled steps in ``directory`` (JAX's persistent compilation cache): a restarted
+    or resumed run loads them instead of compiling again (minutes for a 350M+ step on a GPU).
+
+    Process-wide, and JAX reads it at its first cached compile: call before compiling.
+    """
+    path = pathlib.Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Only compiles worth keeping (JAX's default threshold is 1 s).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in fp32."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
@@ -297,6 +310,8 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     if config.distributed:
         jax.distributed.initialize()
     checkpoint_lib.check_writable(workdir)
+    if config.get("compilation_cache_dir"):
+        use_compilation_cache(config.compilation_cache_dir)
     mesh = sharding_lib.make_mesh(config.mesh)
     datasets = data_lib.build_datasets(
         config.data,
