@@ -44,7 +44,7 @@ BOOLQ_TRAIN_EXAMPLES = 9427
 def get_config() -> ml_collections.ConfigDict:
     """BoolQ, GoLore@20% + MSGD, rank 1024, lr 1e-4, batch 1, seq 2048, one epoch."""
     # config.model is only used for a random init (init.hf_checkpoint=None); a checkpoint brings
-    # its own shape and takes only dtype / param_dtype / remat from here.
+    # its own shape and takes only dtype / param_dtype / remat / attention from here.
     config = llama_config(hidden=256, intermediate=688, heads=4, layers=4, vocab=1024)
     for key in ("data", "checkpoint_every", "keep_checkpoints", "eval_batches"):
         del config[key]

@@ -307,12 +307,13 @@ def resolve_model(
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_file, eos_token=init.get("eos_token"))
     config_file = resolve_path(str(ckpt / "config.json"), "config.init.hf_checkpoint/config.json")
     hf_config = json.loads(config_file.read_text())
-    # Compute dtype, master-weight dtype and remat come from config.model, the shape from the
-    # checkpoint; RoPE has no table, so a longer seq_len only raises max_seq_len.
+    # Compute dtype, master-weight dtype, remat and attention come from config.model, the shape
+    # from the checkpoint; RoPE has no table, so a longer seq_len only raises max_seq_len.
     overrides = {
         "dtype": config.model.dtype,
         "param_dtype": config.model.param_dtype,
         "remat": config.model.remat,
+        "attention": config.model.get("attention", "auto"),
         "max_seq_len": max(int(hf_config.get("max_position_embeddings", 2048)), config.seq_len),
     }
     model_config, _ = hf_checkpoint.config_from_hf(hf_config, **overrides)
