@@ -3,7 +3,7 @@
 ``--xla_gpu_enable_triton_gemm=false`` makes XLA:GPU run matmuls through cuBLAS instead of its
 own Triton GEMM fusions. With fp32 master weights every dense layer's matmul is fused with the
 weight's cast to bf16, and those Triton fusions ran LLaMA-1B's dense matmuls at about
-190 TFLOP/s on an H100; cuBLAS ran the same train step 1.74x faster (MFU 31% -> 54% at seq 2048,
+190 TFLOP/s on an H100; cuBLAS ran the same train step 1.72x faster (MFU 31% -> 54% at seq 2048,
 BENCHMARKS.md section 1). XLA:CPU ignores the flag.
 
 XLA reads ``XLA_FLAGS`` once, when JAX starts its first backend, so :func:`apply_defaults` must
