@@ -326,7 +326,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     trainer = build_trainer(config, mesh)
     logging.info(
         "attention: %s; XLA_FLAGS: %r",
-        model_lib.resolve_attention(model_lib.LlamaConfig.from_dict(config.model)),
+        model_lib.resolve_attention(trainer.model.config),
         os.environ.get("XLA_FLAGS", ""),
     )
     checkpoints = checkpoint_lib.Checkpoints(

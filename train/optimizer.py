@@ -14,6 +14,7 @@ from train.sharding import MESH_AXES
 
 OPTIMIZERS = ("adamw", "galore", "golore", "hybrid", "importance", "gasare", "gosare", "osd")
 INNERS = ("adamw", "adamw8bit", "msgd")
+PROJECTION_DTYPES = ("float32", "bfloat16")  # config.optimizer.projection_dtype
 RELORA_OPTIMIZERS = ("galore", "golore", "hybrid", "importance")
 
 
@@ -88,6 +89,11 @@ def validate(opt: Any) -> None:
         )
     if opt.learning_rate <= 0:
         raise ValueError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+    if opt.get("projection_dtype", "float32") not in PROJECTION_DTYPES:
+        raise ValueError(
+            f"config.optimizer.projection_dtype must be one of {PROJECTION_DTYPES}, "
+            f"got {opt.projection_dtype!r}"
+        )
     if opt.get("relora"):
         if opt.name not in RELORA_OPTIMIZERS:
             raise ValueError(
@@ -111,7 +117,6 @@ SVD_PROJECTORS = {
     "gram_eigh": gl.projectors.gram_eigh,
     "subspace_iteration": gl.projectors.subspace_iteration,
 }
-PROJECTION_DTYPES = ("float32", "bfloat16")
 
 
 def build_optimizer(
@@ -148,12 +153,6 @@ def build_optimizer(
                 f"config.optimizer.projector must be one of {sorted(SVD_PROJECTORS)}, "
                 f"got {opt.projector!r}"
             )
-        projection_dtype = opt.get("projection_dtype", "float32")
-        if projection_dtype not in PROJECTION_DTYPES:
-            raise ValueError(
-                f"config.optimizer.projection_dtype must be one of {PROJECTION_DTYPES}, "
-                f"got {projection_dtype!r}"
-            )
         svd_phase = SVD_PROJECTORS[opt.projector]()
         projector = {
             "importance": gl.projectors.importance_svd(),
@@ -172,7 +171,7 @@ def build_optimizer(
             seed=opt.seed,
             refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
             batch_refresh=opt.get("batch_refresh", True),
-            projection_dtype=projection_dtype,
+            projection_dtype=opt.get("projection_dtype", "float32"),
         )
         if opt.inner in ("adamw", "adamw8bit"):
             tx = gl.galore_adamw(
