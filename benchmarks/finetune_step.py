@@ -41,15 +41,11 @@ import time
 from typing import Any
 
 from benchmarks import report
+from benchmarks.train_step import PEAK_BF16_FLOPS, model_config
 from train import xla_flags
 
-MODELS = {  # hidden, intermediate, heads, layers (vocab 32000)
-    "llama_tiny": (256, 688, 4, 4),
-    "llama_1b": (2048, 5461, 32, 24),
-    "llama_7b": (4096, 11008, 32, 32),
-}
+MODELS = ("llama_tiny", "llama_1b", "llama_7b")  # shapes: benchmarks.train_step.MODELS
 REFRESH_MODES = ("batched", "per_leaf")
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 GIB = 2**30
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
@@ -98,22 +94,11 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
     from train import finetune as ft_lib
     from train import model as model_lib
 
-    hidden, inter, heads, layers = MODELS[args.model]
-    model_config = model_lib.LlamaConfig(
-        vocab_size=32000,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_heads=heads,
-        num_layers=layers,
-        max_seq_len=args.seq,
-        dtype="bfloat16",
-        param_dtype=args.param_dtype,
-        remat=True,
-    )
+    config = model_config(args.model, args.seq, remat=True, param_dtype=args.param_dtype)
     opt = get_config().optimizer
     opt.batch_refresh = refresh == "batched"
     num_steps = BOOLQ_TRAIN_EXAMPLES  # places the hybrid's switch as in the recipe
-    ft = ft_lib.build_finetuner(model_config, opt, num_steps, ft_lib.single_device_mesh())
+    ft = ft_lib.build_finetuner(config, opt, num_steps, ft_lib.single_device_mesh())
     row: dict[str, Any] = {
         "model": args.model,
         "refresh": refresh,
@@ -138,7 +123,7 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
     opt_state = ft.init_opt_state(params)
     row["peak_bytes_after_init"] = _device_peak()
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, model_config.vocab_size, (args.batch, args.seq + 1), np.int32)
+    tokens = rng.integers(0, config.vocab_size, (args.batch, args.seq + 1), np.int32)
     weights = np.zeros((args.batch, args.seq), np.float32)
     weights[:, -2:] = 1.0  # an answer's tokens at the end, as in BoolQ
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
@@ -167,7 +152,7 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
     row["steady_tokens_per_s"] = tokens_per_step / row["steady_step_s"]
     row["amortized_tokens_per_s"] = tokens_per_step / row["amortized_step_s"]
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in row["device"]), None)
-    flops = model_lib.model_flops_per_token(model_config, args.seq) * tokens_per_step
+    flops = model_lib.model_flops_per_token(config, args.seq) * tokens_per_step
     row["mfu_steady"] = flops / row["steady_step_s"] / peak_flops if peak_flops else None
     row["final_loss"] = float(loss)
     row["peak_bytes"] = _device_peak()
@@ -215,7 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=sorted(MODELS), default="llama_7b")
+    parser.add_argument("--model", choices=MODELS, default="llama_7b")
     parser.add_argument("--steps", type=int, default=5, help="timed steady steps")
     parser.add_argument("--refreshes", type=int, default=2, help="timed refresh steps (>= 0)")
     parser.add_argument("--seq", type=int, default=2048)

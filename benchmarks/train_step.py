@@ -92,11 +92,18 @@ def use_remat(model_name: str, remat: bool | None) -> bool:
     return model_name == "llama_7b" if remat is None else remat
 
 
-def _model(model_name: str, seq: int, remat: bool, attention: str = "auto"):
+def model_config(
+    model_name: str,
+    seq: int,
+    remat: bool,
+    attention: str = "auto",
+    param_dtype: str = "float32",
+):
+    """The ``LlamaConfig`` of a MODELS shape: vocab 32000, bf16 compute."""
     from train import model as model_lib
 
     hidden, inter, heads, layers, _, _ = MODELS[model_name]
-    config = model_lib.LlamaConfig(
+    return model_lib.LlamaConfig(
         vocab_size=32000,
         hidden_size=hidden,
         intermediate_size=inter,
@@ -104,10 +111,16 @@ def _model(model_name: str, seq: int, remat: bool, attention: str = "auto"):
         num_layers=layers,
         max_seq_len=seq,  # RoPE tables and the length check follow --seq (2048 and beyond)
         dtype="bfloat16",
-        param_dtype="float32",
+        param_dtype=param_dtype,
         remat=remat,
         attention=attention,
     )
+
+
+def _model(model_name: str, seq: int, remat: bool, attention: str = "auto"):
+    from train import model as model_lib
+
+    config = model_config(model_name, seq, remat, attention)
     return config, model_lib.LlamaForCausalLM(config)
 
 
@@ -164,22 +177,23 @@ def memory_figures(compiled) -> dict:
 
 
 def _describe(
-    model_name: str,
-    opt_name: str,
-    seq: int,
-    batch: int,
-    remat: bool,
-    attention: str,
-    projection_dtype: str,
+    model_name: str, opt_name: str, config: Any, batch: int, projection_dtype: str, params: Any
 ) -> dict:
+    """The row's setting (the attention that actually runs) and its params' count and bytes."""
+    import jax
+
+    from train import model as model_lib
+
     return {
         "model": model_name,
         "optimizer": opt_name,
-        "seq": seq,
+        "seq": config.max_seq_len,
         "batch": batch,
-        "remat": remat,
-        "attention": attention,
+        "remat": config.remat,
+        "attention": model_lib.resolve_attention(config),
         "projection_dtype": None if opt_name == "adamw" else projection_dtype,
+        "params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
+        "params_bytes": _tree_bytes(params),
     }
 
 
@@ -198,7 +212,6 @@ def compile_memory(
     import jax.numpy as jnp
 
     import golore_jax as gl
-    from train import model as model_lib
 
     batch, remat = batch_size(model_name, seq, batch), use_remat(model_name, remat)
     config, model = _model(model_name, seq, remat, attention)
@@ -209,19 +222,9 @@ def compile_memory(
     )
     tx = _optimizer(opt_name, MODELS[model_name][4], 10**6, projection_dtype)
     state = jax.eval_shape(tx.init, params)
-    result = _describe(
-        model_name,
-        opt_name,
-        seq,
-        batch,
-        remat,
-        model_lib.resolve_attention(config),
-        projection_dtype,
-    )
-    result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    result = _describe(model_name, opt_name, config, batch, projection_dtype, params)
     result["state_floats"] = gl.optimizer_state_floats(state)
     result["state_bytes"] = _tree_bytes(state)
-    result["params_bytes"] = _tree_bytes(params)
     t0 = time.perf_counter()
     jitted = jax.jit(_step_fn(model, tx), donate_argnums=(0, 1))
     compiled = jitted.lower(params, state, tokens, tokens).compile()
@@ -272,17 +275,7 @@ def run_one(
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     params = jax.jit(lambda k: nn.unbox(model.init(k, inputs[:1])["params"]))(jax.random.key(0))
-    result = _describe(
-        model_name,
-        opt_name,
-        seq,
-        batch,
-        remat,
-        model_lib.resolve_attention(config),
-        projection_dtype,
-    )
-    result["params"] = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    result["params_bytes"] = _tree_bytes(params)
+    result = _describe(model_name, opt_name, config, batch, projection_dtype, params)
 
     def time_steps(tx, n):
         p = jax.tree_util.tree_map(jnp.copy, params)
