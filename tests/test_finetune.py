@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from configs.finetune_boolq import get_config
+from tests.child_env import eight_devices_env
 from tests.hf_fixtures import tiny_hf_llama
 from train import finetune as ft_lib
 from train import model as model_lib
@@ -357,13 +358,9 @@ def test_mesh_runs_match_one_device(tmp_path: pathlib.Path) -> None:
     and would differ in round-off across meshes).
     """
     hf_config(tmp_path, "golore")  # the checkpoint, made here where torch is imported once
-    # LLVM optimisation off: compiling the steps is most of the time on CPU (4x less).
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags, PJRT_NPROC="16")  # see tests/test_train.py
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
         [sys.executable, "-m", "tests.test_finetune", str(tmp_path)],
-        env=env,
+        env=eight_devices_env(),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -23,8 +22,10 @@ import sys
 
 import pytest
 
+from tests.child_env import eight_devices_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEVICES = 8
+DEVICES = 8  # those of tests.child_env.eight_devices_env
 LEAVES = 8  # same-shape projected leaves: one stack of k = 8 matrices
 SHAPE = (16, 40)  # m <= n: left projection, the projector sees 16 x 40 (Gram: 16 x 16)
 RANK = 4
@@ -117,14 +118,8 @@ def _run(projector_name: str) -> dict:
 def _eight_device_run(projector_name: str) -> dict:
     """Runs :func:`_run` in a subprocess with 8 fake CPU devices; returns its JSON."""
     # LLVM -O0 halves the time of the 4 compiles; the partitioned HLO read is the same.
-    flags = f"--xla_force_host_platform_device_count={DEVICES} --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags)
-    env["JAX_PLATFORMS"] = "cpu"  # fake host devices; the op names checked are CPU LAPACK's
-    # jaxlib's batched CPU LAPACK kernels block a thread of the intra-op pool (cpu_count
-    # threads) while their batch runs on that same pool: with fewer threads than batched
-    # calls in flight (one per fake device) a run can deadlock, so the pool gets headroom.
-    env["PJRT_NPROC"] = str(2 * DEVICES)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # JAX_PLATFORMS: fake host devices; the op names checked are CPU LAPACK's.
+    env = eight_devices_env(JAX_PLATFORMS="cpu")
     out = subprocess.run(
         [sys.executable, "-m", "tests.test_refresh_spread", projector_name],
         env=env,

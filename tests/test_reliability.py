@@ -7,7 +7,6 @@ the 8-device preemption test runs two subprocesses (see tests/reliability_run.py
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -17,15 +16,12 @@ import sys
 import pytest
 
 from tests import reliability_run as rr
+from tests.child_env import eight_devices_env
 from tests.train_fixtures import tiny_config
 from train import data as data_lib
 from train import main as main_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-# 8 fake CPU devices; LLVM optimisation off (faster compiles, see tests/conftest.py).
-EIGHT_DEVICES = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 
 
 def golore(tmp: pathlib.Path, **overrides):
@@ -160,10 +156,7 @@ def test_sigterm_sigint_and_kill_during_save_on_8_devices(tmp_path):
     """Sharded (2, 2, 2) golore run: SIGTERM after step 1, SIGINT after step 3 and kill -9 in
     the middle of saving step 6, then resumed: every step once, losses identical to an
     uninterrupted run, the last 2 checkpoints kept and all readable and finite."""
-    # PJRT_NPROC: a CPU thread pool large enough that batched LAPACK calls of 8 fake
-    # devices cannot all wait on each other (a jaxlib 0.10 CPU deadlock).
-    env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, PJRT_NPROC="16")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = eight_devices_env()
     command = [sys.executable, "-m", "tests.reliability_run"]
     seen: list[str] = []
     process = subprocess.Popen(

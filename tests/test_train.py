@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.child_env import child_env, eight_devices_env
 from tests.jaxpr_walk import iter_equations
 from tests.train_fixtures import tiny_config
 from train import checkpoint as checkpoint_lib
@@ -20,10 +20,6 @@ from train import main as main_lib
 from train import sharding as sharding_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-# 8 fake CPU devices; LLVM optimisation off (faster compiles, see tests/conftest.py).
-EIGHT_DEVICES = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 
 
 def _records(workdir: pathlib.Path) -> list[dict]:
@@ -69,13 +65,9 @@ def test_resume_is_exact_across_refresh_and_hybrid_switch(tmp_path):
 
 def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     """Meshes (8,1,1), (2,4,1), (2,2,2) give the losses of 1 device; params AND state sharded."""
-    # PJRT_NPROC: a CPU thread pool large enough that batched LAPACK calls of 8 fake
-    # devices cannot all wait on each other (a jaxlib 0.10 CPU deadlock).
-    env = dict(os.environ, XLA_FLAGS=EIGHT_DEVICES, PJRT_NPROC="16")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
         [sys.executable, "-m", "tests.multidevice_check", str(tmp_path)],
-        env=env,
+        env=eight_devices_env(),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -197,8 +189,7 @@ def test_compilation_cache_serves_a_resumed_run(tmp_path):
     """config.compilation_cache_dir: the first run stores its compiled steps there, the resumed
     run (a new process, same config) loads them: JAX reports cache hits only then.
     Subprocesses: the cache setting is process-wide."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
 
     def run(run_steps: int) -> list[str]:
         out = subprocess.run(
