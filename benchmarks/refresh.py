@@ -353,6 +353,11 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
         plain_times.append(time.perf_counter() - t0)
     refresh_s = statistics.median(refresh_times)
     plain_s = statistics.median(plain_times)
+    if args.profile:
+        # One refresh and one plain update, traced after the timings (they stay untraced).
+        with jax.profiler.trace(f"{args.profile}/{model_name}_{method}_{args.run_devices}dev"):
+            jax.block_until_ready(call(0, warm))
+            jax.block_until_ready(call(1, warm))
     scale = layers / measured_layers
     stats = jax.devices()[0].memory_stats() or {}
     return {
@@ -544,6 +549,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per subprocess, s")
+    parser.add_argument("--profile", metavar="DIR", default=None, help="full part: trace")
     parser.add_argument("--json", default=None)
     parser.add_argument("--backend", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", type=int, nargs=3, help=argparse.SUPPRESS)
@@ -571,6 +577,8 @@ def main() -> None:
     ]  # fmt: skip
     if args.device:
         common += ["--device", args.device]
+    if args.profile:
+        common += ["--profile", args.profile]
     me = [sys.executable, "-m", "benchmarks.refresh"]
     env_note = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
     shape_rows: list[dict] = []

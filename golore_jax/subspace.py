@@ -301,6 +301,60 @@ def _same_shape_groups(layouts: list[MatrixLayout | None], batch: bool) -> list[
     return list(groups.values())
 
 
+def _refresh_batches(
+    layouts: list[MatrixLayout | None], batch: bool, by_projected_dim: bool
+) -> list[list[list[int]]]:
+    """The projector calls of a refresh: each a list of same-shape groups decided together.
+
+    With ``by_projected_dim`` (the projector's input does not depend on the gradient's other
+    dim), groups of equal (projected dim, rank) share one batched call.
+    """
+    groups = _same_shape_groups(layouts, batch)
+    if not (batch and by_projected_dim):
+        return [[group] for group in groups]
+    batches: dict[tuple[int, int], list[list[int]]] = {}
+    for group in groups:
+        lay = layouts[group[0]]
+        batches.setdefault((lay.projected_dim, lay.rank), []).append(group)
+    return list(batches.values())
+
+
+def _input_kind(projector: projectors_lib.Projector) -> str:
+    """What a refresh hands ``projector`` per leaf: the gradient's ``d x k`` rows (``"rows"``);
+    its ``d x d`` Gram matrix, for projectors that choose from ``g g^T`` alone (``"gram"``); or
+    nothing, ``d x 0``, for those that ignore ``g`` (``"none"``)."""
+    if not projector.uses_gradient:
+        return "none"
+    return "gram" if projectors_lib.reads_gram(projector) else "rows"
+
+
+def _projector_input(g: jax.Array, kind: str) -> jax.Array:
+    """The stacked input of one same-shape group (see :func:`_input_kind`)."""
+    if kind == "none":
+        return jnp.zeros((*g.shape[:-1], 0), g.dtype)
+    g = jnp.where(jnp.isfinite(g), g, 0.0)  # the guard rejects those; LAPACK can hang on inf
+    return g @ jnp.swapaxes(g, -1, -2) if kind == "gram" else g
+
+
+def _usable_gradient(g: jax.Array) -> jax.Array:
+    """A gradient a projector may choose from: finite and not all zero."""
+    return jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
+
+
+def _guarded(
+    choose: Callable[..., jax.Array],
+    key: jax.Array,
+    x: jax.Array,
+    previous: jax.Array,
+    step: jax.Array,
+    usable: jax.Array,
+) -> jax.Array:
+    """``choose(key, x, previous, step)``, or ``previous`` if the input is not ``usable`` or
+    the candidate is not finite: a refresh never writes NaN into the state."""
+    candidate = choose(key, x, previous, step)
+    return jnp.where(jnp.all(jnp.isfinite(candidate)) & usable, candidate, previous)
+
+
 def _guarded_choice(
     projector: projectors_lib.Projector,
     key: jax.Array,
@@ -313,13 +367,10 @@ def _guarded_choice(
     Never writes NaN into the state: a non-finite candidate, or (for projectors that read the
     gradient) a non-finite or all-zero gradient, keeps the previous basis.
     """
-    # The projector never sees inf/NaN (LAPACK's SVD can hang on inf); `ok` below still
+    # The projector never sees inf/NaN (LAPACK's SVD can hang on inf); the guard still
     # rejects the candidate of a non-finite gradient.
-    candidate = projector(key, jnp.where(jnp.isfinite(g), g, 0.0), previous, step)
-    ok = jnp.all(jnp.isfinite(candidate))
-    if projector.uses_gradient:
-        ok &= jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
-    return jnp.where(ok, candidate, previous)
+    usable = _usable_gradient(g) if projector.uses_gradient else jnp.asarray(True)
+    return _guarded(projector, key, jnp.where(jnp.isfinite(g), g, 0.0), previous, step, usable)
 
 
 def scale_by_subspace(
@@ -408,6 +459,8 @@ def scale_by_subspace(
     projector = projector if projector is not None else projectors_lib.svd()
     inner = optax.with_extra_args_support(inner)
     rotates_state = momentum_projection or second_moment != "keep"
+    input_kind = _input_kind(projector)
+    choose = projector.from_gram if input_kind == "gram" else projector
 
     def plan(tree) -> tuple[list[MatrixLayout | None], Any]:
         return _plan(tree, mask, rank, matrix_split, allow_full_rank)
@@ -484,29 +537,41 @@ def scale_by_subspace(
         def refresh(operands):
             bases, inner_state = operands
             new = list(bases)
-            for group in _same_shape_groups(layouts, batch_refresh):
-                # One vmapped projector call per group of same-shape leaves: a refresh is a few
-                # large batched kernels, and the stacked axis can be spread over devices.
-                g = jnp.stack(
-                    [
-                        layout_lib.projected_rows(
-                            layout_lib.as_matrix(chooser[i].astype(jnp.float32), layouts[i]),
-                            layouts[i],
-                        )
-                        for i in group
-                    ]
-                )
-                previous = jnp.stack([bases[i] for i in group])
+            for batch in _refresh_batches(layouts, batch_refresh, input_kind != "rows"):
+                # One vmapped projector call per batch of leaves: a refresh is a few large
+                # batched kernels, and the stacked axis can be spread over devices.
+                inputs, usable = [], []
+                for group in batch:
+                    g = jnp.stack(
+                        [
+                            layout_lib.projected_rows(
+                                layout_lib.as_matrix(chooser[i].astype(jnp.float32), layouts[i]),
+                                layouts[i],
+                            )
+                            for i in group
+                        ]
+                    )
+                    if refresh_sharding is not None:
+                        g = lax.with_sharding_constraint(g, refresh_sharding)
+                    inputs.append(_projector_input(g, input_kind))
+                    usable.append(
+                        jax.vmap(_usable_gradient)(g)
+                        if projector.uses_gradient
+                        else jnp.ones(len(group), bool)
+                    )
+                members = [i for group in batch for i in group]
+                x = jnp.concatenate(inputs) if len(inputs) > 1 else inputs[0]
+                previous = jnp.stack([bases[i] for i in members])
                 if refresh_sharding is not None:
-                    g = lax.with_sharding_constraint(g, refresh_sharding)
+                    x = lax.with_sharding_constraint(x, refresh_sharding)
                     previous = lax.with_sharding_constraint(previous, refresh_sharding)
                 keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-                    refresh_key, jnp.asarray(group, jnp.uint32)
+                    refresh_key, jnp.asarray(members, jnp.uint32)
                 )
-                chosen = jax.vmap(_guarded_choice, in_axes=(None, 0, 0, 0, None))(
-                    projector, keys, g, previous, state.count
+                chosen = jax.vmap(_guarded, in_axes=(None, 0, 0, 0, None, 0))(
+                    choose, keys, x, previous, state.count, jnp.concatenate(usable)
                 )
-                for j, i in enumerate(group):
+                for j, i in enumerate(members):
                     new[i] = chosen[j]
             if rotates_state:
                 inner_state = change_of_basis(inner_state, treedef, layouts, bases, new)

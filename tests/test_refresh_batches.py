@@ -1,0 +1,127 @@
+"""How a refresh batches its projector calls (golore_jax/subspace.py ``_refresh_batches``).
+
+Projectors that choose from ``g g^T`` alone (``gram_eigh``, GoLore's hybrid with it) decompose
+every Gram matrix of one size in one batched call, also those of gradients of different shapes;
+projectors that read the gradient itself (``svd``) get one call per gradient shape. Either way
+the bases equal those of a refresh that decomposes each leaf alone.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import golore_jax as gl
+from golore_jax import projectors
+from tests.jaxpr_walk import iter_equations
+
+RANK = 3
+# projected dim 8 for all: two square leaves, a left (8 x 20) and a right (20 x 8) projection
+SHAPES = {"q": (8, 8), "k": (8, 8), "up": (8, 20), "down": (20, 8)}
+
+
+def _grads(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {name: jnp.asarray(rng.standard_normal(s), jnp.float32) for name, s in SHAPES.items()}
+
+
+def _tx(projector, batch_refresh: bool = True, update_every: int = 1):
+    return gl.scale_by_subspace(
+        optax.scale_by_adam(),
+        rank=RANK,
+        update_every=update_every,
+        projector=projector,
+        mask={name: True for name in SHAPES},
+        batch_refresh=batch_refresh,
+    )
+
+
+def _decompositions(projector) -> list[tuple[str, tuple[int, ...]]]:
+    """(primitive, operand shape) of every eigh/SVD in one update's jaxpr."""
+    tx = _tx(projector)
+    grads = _grads()
+    jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(grads))
+    return [
+        (eqn.primitive.name, tuple(eqn.invars[0].aval.shape))
+        for eqn in iter_equations(jaxpr.jaxpr)
+        if eqn.primitive.name in ("eigh", "svd")
+    ]
+
+
+def test_gram_projector_decomposes_all_shapes_of_one_size_in_one_call():
+    assert _decompositions(projectors.gram_eigh()) == [("eigh", (4, 8, 8))]
+
+
+def test_gradient_reading_projector_gets_one_call_per_gradient_shape():
+    calls = _decompositions(projectors.svd())
+    assert sorted(shape for _, shape in calls) == [(2, 8, 8), (2, 8, 20)]
+
+
+@pytest.mark.parametrize(
+    ("projector", "expected"),
+    [
+        (projectors.gram_eigh(), True),
+        (projectors.svd(), False),
+        (projectors.subspace_iteration(), False),
+        (projectors.hybrid(4, projectors.gram_eigh(), projectors.random()), True),
+        (projectors.hybrid(4, projectors.svd(), projectors.random()), False),
+    ],
+)
+def test_reads_gram(projector, expected):
+    assert projectors.reads_gram(projector) is expected
+
+
+def _projection(basis: jax.Array) -> np.ndarray:
+    """``P P^T``: the subspace, free of the eigenvectors' signs."""
+    return np.asarray(basis @ basis.T)
+
+
+GRAM_AND_RANDOM = {
+    "gram_eigh": projectors.gram_eigh(),
+    "random": projectors.random(),
+    # refreshes at steps 0 (gram_eigh), 1 (gram_eigh), 2 (random)
+    "hybrid": projectors.hybrid(2, projectors.gram_eigh(), projectors.random()),
+}
+
+
+class MergedRefreshTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_same_bases_as_one_leaf_at_a_time(self):
+        for name, projector in GRAM_AND_RANDOM.items():
+            batched, per_leaf = _tx(projector, True), _tx(projector, False)
+            update_b, update_p = self.variant(batched.update), self.variant(per_leaf.update)
+            state_b, state_p = batched.init(_grads()), per_leaf.init(_grads())
+            for step in range(3):
+                grads = _grads(seed=step + 1)
+                _, state_b = update_b(grads, state_b)
+                _, state_p = update_p(grads, state_p)
+                for leaf in SHAPES:
+                    np.testing.assert_allclose(
+                        _projection(state_b.bases[leaf]),
+                        _projection(state_p.bases[leaf]),
+                        atol=1e-5,
+                        err_msg=f"{name}, step {step}, leaf {leaf}",
+                    )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_a_bad_leaf_keeps_its_basis_and_the_others_refresh(self):
+        tx = _tx(projectors.gram_eigh())
+        update = self.variant(tx.update)
+        _, state = update(_grads(seed=1), tx.init(_grads()))
+        grads = _grads(seed=2)
+        grads["up"] = grads["up"].at[0, 0].set(jnp.inf)
+        grads["k"] = jnp.zeros_like(grads["k"])
+        _, after = update(grads, state)
+        for leaf in ("up", "k"):  # non-finite / all-zero gradient: previous basis kept
+            np.testing.assert_array_equal(after.bases[leaf], state.bases[leaf], err_msg=leaf)
+        for leaf in ("q", "down"):  # refreshed from the new gradient: its top-r eigenvectors
+            g = grads[leaf] if leaf == "q" else grads[leaf].T
+            _, vectors = np.linalg.eigh(np.asarray(g @ g.T, np.float64))
+            top = vectors[:, ::-1][:, :RANK]
+            np.testing.assert_allclose(
+                _projection(after.bases[leaf]), top @ top.T, atol=1e-4, err_msg=leaf
+            )
