@@ -120,3 +120,13 @@ def test_summary_of_a_gpu_like_trace(tmp_path):
     assert ops["conditional.2"]["per_step_s"] == pytest.approx(10e-6)
     assert ops["conditional.2"]["category"] == "projector refresh"
     assert ops["loop_fusion.3"]["phase"] == "opt"
+
+
+def test_eigh_batch_times_every_batch(tmp_path):
+    """benchmarks/eigh_batch.py on one CPU device: a row per batch, the half batch timed too."""
+    out = tmp_path / "eigh.json"
+    _run("benchmarks.eigh_batch", "--dim", "16", "--batches", "4x16,2x40", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["matrix"], r["batch"]) for r in rows] == [("16x16", 4), ("16x40", 2)]
+    for r in rows:
+        assert r["one_device_s"] > 0 and r["one_device_half_batch_s"] > 0
