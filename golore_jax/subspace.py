@@ -414,7 +414,9 @@ def scale_by_subspace(
       allow_full_rank: permit ``rank == min(m, n)`` (no saving; used for equivalence checks).
       seed: int seed or PRNG key for random projectors.
       batch_refresh: stack same-shape leaves and vmap their projector (one batched kernel per
-        shape); False decomposes each leaf on its own (no stacked copy of the gradients).
+        shape; for projectors that choose from ``g g^T`` alone, e.g. ``gram_eigh``, one per
+        Gram size, across gradient shapes); False decomposes each leaf on its own (no stacked
+        copy of the gradients).
       refresh_sharding: where the batched refresh runs: with a sharding on the stacked axis
         (e.g. ``PartitionSpec(("data", "fsdp"))`` under a mesh context, or a
         ``NamedSharding``), each device decomposes its share of the matrices instead of every
