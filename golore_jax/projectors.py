@@ -22,6 +22,7 @@ cost is paid once).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Protocol
 
 import jax
@@ -116,9 +117,9 @@ class SubspaceIterationProjector:
     uses_gradient: bool = dataclasses.field(default=True, init=False)
 
     def __call__(self, key, g, previous, step):
-        g = g.astype(jnp.float32)
+        del key, step
 
-        def warm():
+        def warm(g, previous):
             def body(_, x):
                 q, _ = jnp.linalg.qr(g @ (g.T @ x))
                 return q
@@ -128,9 +129,46 @@ class SubspaceIterationProjector:
             _, rotation = jnp.linalg.eigh(b @ b.T)
             return x @ rotation[:, ::-1]
 
-        return lax.cond(
-            jnp.all(previous == 0), lambda: GramEighProjector()(key, g, previous, step), warm
+        def cold(g, previous):
+            return GramEighProjector()(None, g, previous, None)
+
+        return _cold_or_warm(cold, warm)(g.astype(jnp.float32), previous)
+
+
+def _cold_or_warm(cold: Callable, warm: Callable) -> Callable:
+    """``(g, previous) -> cold(g, previous)`` if ``previous == 0`` (no refresh yet), else ``warm``.
+
+    A ``lax.cond`` with a batched predicate runs both branches under ``vmap`` (it becomes a
+    select), so a batched refresh would pay for the exact decomposition at every refresh. The
+    batching rule decides once for the whole batch: one branch when all members agree (every
+    refresh but a partly-initialised state's), both only for a mixed batch.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def choose(g, previous):
+        return lax.cond(jnp.all(previous == 0), cold, warm, g, previous)
+
+    @choose.def_vmap
+    def choose_batched(axis_size, in_batched, g, previous):
+        g, previous = (
+            x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, batched in zip((g, previous), in_batched, strict=True)
         )
+        is_cold = jnp.all(previous == 0, axis=(-2, -1))
+
+        def all_cold():
+            return jax.vmap(cold)(g, previous)
+
+        def all_warm():
+            return jax.vmap(warm)(g, previous)
+
+        def mixed():
+            return jnp.where(is_cold[:, None, None], all_cold(), all_warm())
+
+        branch = jnp.where(jnp.all(is_cold), 0, jnp.where(jnp.any(is_cold), 1, 2))
+        return lax.switch(branch, [all_cold, mixed, all_warm]), True
+
+    return choose
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,9 +80,10 @@ def _projection(basis: jax.Array) -> np.ndarray:
     return np.asarray(basis @ basis.T)
 
 
-GRAM_AND_RANDOM = {
+PROJECTORS = {
     "gram_eigh": projectors.gram_eigh(),
     "random": projectors.random(),
+    "subspace_iteration": projectors.subspace_iteration(),
     # refreshes at steps 0 (gram_eigh), 1 (gram_eigh), 2 (random)
     "hybrid": projectors.hybrid(2, projectors.gram_eigh(), projectors.random()),
 }
@@ -91,7 +92,7 @@ GRAM_AND_RANDOM = {
 class MergedRefreshTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_same_bases_as_one_leaf_at_a_time(self):
-        for name, projector in GRAM_AND_RANDOM.items():
+        for name, projector in PROJECTORS.items():
             batched, per_leaf = _tx(projector, True), _tx(projector, False)
             update_b, update_p = self.variant(batched.update), self.variant(per_leaf.update)
             state_b, state_p = batched.init(_grads()), per_leaf.init(_grads())
@@ -106,6 +107,27 @@ class MergedRefreshTest(chex.TestCase):
                         atol=1e-5,
                         err_msg=f"{name}, step {step}, leaf {leaf}",
                     )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_subspace_iteration_with_cold_and_warm_leaves_in_one_batch(self):
+        """A batch mixing a leaf without a basis (cold: exact) and warm leaves."""
+        batched = _tx(projectors.subspace_iteration(), True)
+        per_leaf = _tx(projectors.subspace_iteration(), False)
+        _, state = batched.update(_grads(seed=1), batched.init(_grads()))
+        state = state._replace(bases={**state.bases, "q": jnp.zeros_like(state.bases["q"])})
+        grads = _grads(seed=2)
+        _, after_b = self.variant(batched.update)(grads, state)
+        _, after_p = self.variant(per_leaf.update)(grads, state)
+        for leaf in SHAPES:
+            np.testing.assert_allclose(
+                _projection(after_b.bases[leaf]),
+                _projection(after_p.bases[leaf]),
+                atol=1e-5,
+                err_msg=leaf,
+            )
+        _, vectors = np.linalg.eigh(np.asarray(grads["q"] @ grads["q"].T, np.float64))
+        top = vectors[:, ::-1][:, :RANK]
+        np.testing.assert_allclose(_projection(after_b.bases["q"]), top @ top.T, atol=1e-4)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_a_bad_leaf_keeps_its_basis_and_the_others_refresh(self):
@@ -125,3 +147,17 @@ class MergedRefreshTest(chex.TestCase):
             np.testing.assert_allclose(
                 _projection(after.bases[leaf]), top @ top.T, atol=1e-4, err_msg=leaf
             )
+
+
+def test_batched_subspace_iteration_decides_cold_or_warm_once():
+    """Under vmap, the cold (exact eigh) and warm (iteration) branches sit in one switch on an
+    unbatched index, not side by side with a select between them (a vmapped lax.cond on a
+    batched predicate runs both branches)."""
+    rng = np.random.default_rng(0)
+    g = jnp.asarray(rng.standard_normal((4, 8, 20)), jnp.float32)
+    previous = jnp.zeros((4, 8, RANK), jnp.float32)
+    batched = jax.vmap(projectors.subspace_iteration(), in_axes=(None, 0, 0, None))
+    jaxpr = jax.make_jaxpr(batched)(jax.random.key(0), g, previous, jnp.int32(0))
+    top_level = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+    assert "cond" in top_level, top_level
+    assert not {"eigh", "householder_product", "geqrf"} & set(top_level), top_level
