@@ -329,9 +329,8 @@ def _input_kind(projector: projectors_lib.Projector) -> str:
 
 
 def _projector_input(g: jax.Array, kind: str) -> jax.Array:
-    """The stacked input of one same-shape group (see :func:`_input_kind`)."""
-    if kind == "none":
-        return jnp.zeros((*g.shape[:-1], 0), g.dtype)
+    """The (stacked) input of gradient rows ``g`` for a ``"rows"`` or ``"gram"`` projector
+    (see :func:`_input_kind`), with non-finite entries zeroed."""
     g = jnp.where(jnp.isfinite(g), g, 0.0)  # the guard rejects those; LAPACK can hang on inf
     return g @ jnp.swapaxes(g, -1, -2) if kind == "gram" else g
 
@@ -367,10 +366,8 @@ def _guarded_choice(
     Never writes NaN into the state: a non-finite candidate, or (for projectors that read the
     gradient) a non-finite or all-zero gradient, keeps the previous basis.
     """
-    # The projector never sees inf/NaN (LAPACK's SVD can hang on inf); the guard still
-    # rejects the candidate of a non-finite gradient.
     usable = _usable_gradient(g) if projector.uses_gradient else jnp.asarray(True)
-    return _guarded(projector, key, jnp.where(jnp.isfinite(g), g, 0.0), previous, step, usable)
+    return _guarded(projector, key, _projector_input(g, "rows"), previous, step, usable)
 
 
 def scale_by_subspace(
@@ -544,6 +541,11 @@ def scale_by_subspace(
                 # batched kernels, and the stacked axis can be spread over devices.
                 inputs, usable = [], []
                 for group in batch:
+                    if input_kind == "none":  # the projector ignores g: nothing to stack
+                        d = layouts[group[0]].projected_dim
+                        inputs.append(jnp.zeros((len(group), d, 0), jnp.float32))
+                        usable.append(jnp.ones(len(group), bool))
+                        continue
                     g = jnp.stack(
                         [
                             layout_lib.projected_rows(
@@ -556,11 +558,7 @@ def scale_by_subspace(
                     if refresh_sharding is not None:
                         g = lax.with_sharding_constraint(g, refresh_sharding)
                     inputs.append(_projector_input(g, input_kind))
-                    usable.append(
-                        jax.vmap(_usable_gradient)(g)
-                        if projector.uses_gradient
-                        else jnp.ones(len(group), bool)
-                    )
+                    usable.append(jax.vmap(_usable_gradient)(g))
                 members = [i for group in batch for i in group]
                 x = jnp.concatenate(inputs) if len(inputs) > 1 else inputs[0]
                 previous = jnp.stack([bases[i] for i in members])
