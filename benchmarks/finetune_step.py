@@ -19,16 +19,19 @@ Memory: ``peak_bytes`` is the device allocator's peak (GPU; None on CPU); ``comp
 XLA's buffer assignment of the compiled step (``memory_analysis()``), available on CPU too, and
 ``--compile-only`` stops there (nothing is allocated: it sizes a step too big to run).
 ``--refresh per_leaf`` decomposes each matrix on its own instead of stacking the same-shape
-gradients (``batch_refresh=False``); give both (``--refresh batched,per_leaf``) to compare, each
-in its own process so each peak is its own.
+gradients (``batch_refresh=False``); ``--refresh batched32`` stacks at most 32 matrices per call,
+one call after another (``refresh_batch_size=32``); give several (``--refresh
+batched,batched32,per_leaf``) to compare, each in its own process so each peak is its own.
 
 Seen on one H100 80GB (7B, fp32 master weights; params 25.1 GiB, optimizer state 10.5 GiB):
-the stacked refresh compiles to a 93.5 GiB step (it does not fit), per-leaf to 63.5 GiB (device
-peak 63.8 GiB; refresh step 21.2 s, steady step 0.470 s, 4,358 tokens/s, 4,005 amortized over
-500 steps). On the 1B the stacked refresh costs 4-10 GiB more (compiled 19.0 vs 15.0 GiB, device
-peak 25.1 vs 15.0 GiB) and refreshes 2.5x faster (1.78 vs 4.41 s); steady steps are the same
-(0.20 s). XLA's CPU memory analysis does not predict the GPU's (1B: 32 GiB on CPU, 15-19 GiB
-on the H100).
+the stacked refresh compiles to a 93.5 GiB step (it does not fit), per-leaf to 63.4 GiB (device
+peak 63.7 GiB; refresh step 21.0 s, steady step 0.360 s, 5,098 tokens/s amortized over 500
+steps), ``batched16`` to 66.7 GiB (device peak 70.7 GiB: cuSOLVER's workspace is allocated at
+run time, outside XLA's buffer assignment; refresh step 17.5 s, 5,198 tokens/s amortized);
+``batched32`` fails at run time allocating that workspace. On the 1B the stacked refresh
+costs 4-10 GiB more (compiled 19.0 vs 15.0 GiB, device peak 25.1 vs 15.0 GiB) and refreshes
+2.5x faster (1.78 vs 4.41 s); steady steps are the same (0.20 s). XLA's CPU memory analysis
+does not predict the GPU's (1B: 32 GiB on CPU, 15-19 GiB on the H100).
 """
 
 from __future__ import annotations
@@ -45,9 +48,22 @@ from benchmarks.train_step import PEAK_BF16_FLOPS, model_config
 from train import xla_flags
 
 MODELS = ("llama_tiny", "llama_1b", "llama_7b")  # shapes: benchmarks.train_step.MODELS
-REFRESH_MODES = ("batched", "per_leaf")
+REFRESH_MODES = ("batched", "per_leaf", "batchedN")  # batchedN: at most N matrices per call
 GIB = 2**30
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def refresh_setting(mode: str) -> tuple[bool, int] | None:
+    """``(optimizer.batch_refresh, optimizer.refresh_batch_size)`` of a ``--refresh`` mode, or
+    None if the mode is not one of :data:`REFRESH_MODES`."""
+    if mode == "per_leaf":
+        return False, 0
+    if mode == "batched":
+        return True, 0
+    size = mode.removeprefix("batched")
+    if size != mode and size.isdigit() and int(size) > 0:
+        return True, int(size)
+    return None
 
 
 def tree_bytes(tree: Any) -> int:
@@ -96,7 +112,7 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
 
     config = model_config(args.model, args.seq, remat=True, param_dtype=args.param_dtype)
     opt = get_config().optimizer
-    opt.batch_refresh = refresh == "batched"
+    opt.batch_refresh, opt.refresh_batch_size = refresh_setting(refresh)
     num_steps = BOOLQ_TRAIN_EXAMPLES  # places the hybrid's switch as in the recipe
     ft = ft_lib.build_finetuner(config, opt, num_steps, ft_lib.single_device_mesh())
     row: dict[str, Any] = {
@@ -222,7 +238,7 @@ def main() -> None:
     if CPU_SCHEDULER_FLAG not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_SCHEDULER_FLAG}=false"
     modes = args.refresh.split(",")
-    if unknown := sorted(set(modes) - set(REFRESH_MODES)):
+    if unknown := [m for m in modes if refresh_setting(m) is None]:
         parser.error(f"--refresh: unknown {unknown}; choose from {REFRESH_MODES}")
     if args.steps < 1 or args.refreshes < 0:
         parser.error("--steps must be >= 1 and --refreshes >= 0")

@@ -58,7 +58,13 @@ MEMORY_FIELDS = {
 }
 
 
-def _optimizer(name: str, rank: int, update_every: int, projection_dtype: str = "float32"):
+def _optimizer(
+    name: str,
+    rank: int,
+    update_every: int,
+    projection_dtype: str = "float32",
+    refresh_batch_size: int | None = None,
+):
     import optax
 
     import golore_jax as gl
@@ -79,6 +85,7 @@ def _optimizer(name: str, rank: int, update_every: int, projection_dtype: str = 
         weight_decay=0.0,
         projector=projector,
         projection_dtype=projection_dtype,
+        refresh_batch_size=refresh_batch_size,
     )
 
 
@@ -177,7 +184,13 @@ def memory_figures(compiled) -> dict:
 
 
 def _describe(
-    model_name: str, opt_name: str, config: Any, batch: int, projection_dtype: str, params: Any
+    model_name: str,
+    opt_name: str,
+    config: Any,
+    batch: int,
+    projection_dtype: str,
+    params: Any,
+    refresh_batch_size: int | None = None,
 ) -> dict:
     """The row's setting (the attention that actually runs) and its params' count and bytes."""
     import jax
@@ -192,6 +205,7 @@ def _describe(
         "remat": config.remat,
         "attention": model_lib.resolve_attention(config),
         "projection_dtype": None if opt_name == "adamw" else projection_dtype,
+        "refresh_batch_size": None if opt_name == "adamw" else refresh_batch_size,
         "params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
         "params_bytes": _tree_bytes(params),
     }
@@ -205,6 +219,7 @@ def compile_memory(
     remat: bool | None = None,
     attention: str = "auto",
     projection_dtype: str = "float32",
+    refresh_batch_size: int | None = None,
 ) -> dict:
     """Compiles the steady step from abstract shapes only and reports its memory figures."""
     import flax.linen as nn
@@ -220,9 +235,11 @@ def compile_memory(
         lambda k: nn.unbox(model.init(k, jnp.zeros((1, seq), jnp.int32))["params"]),
         jax.random.key(0),
     )
-    tx = _optimizer(opt_name, MODELS[model_name][4], 10**6, projection_dtype)
+    tx = _optimizer(opt_name, MODELS[model_name][4], 10**6, projection_dtype, refresh_batch_size)
     state = jax.eval_shape(tx.init, params)
-    result = _describe(model_name, opt_name, config, batch, projection_dtype, params)
+    result = _describe(
+        model_name, opt_name, config, batch, projection_dtype, params, refresh_batch_size
+    )
     result["state_floats"] = gl.optimizer_state_floats(state)
     result["state_bytes"] = _tree_bytes(state)
     t0 = time.perf_counter()
@@ -260,6 +277,7 @@ def run_one(
     profile_dir: str | None = None,
     attention: str = "auto",
     projection_dtype: str = "float32",
+    refresh_batch_size: int | None = None,
 ) -> dict:
     """Measures one (model, optimizer) in this process."""
     import flax.linen as nn
@@ -275,7 +293,9 @@ def run_one(
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     params = jax.jit(lambda k: nn.unbox(model.init(k, inputs[:1])["params"]))(jax.random.key(0))
-    result = _describe(model_name, opt_name, config, batch, projection_dtype, params)
+    result = _describe(
+        model_name, opt_name, config, batch, projection_dtype, params, refresh_batch_size
+    )
 
     def time_steps(tx, n):
         p = jax.tree_util.tree_map(jnp.copy, params)
@@ -293,7 +313,7 @@ def run_one(
         return statistics.median(times), compiled, p, s
 
     steady, compiled, p, state = time_steps(
-        _optimizer(opt_name, rank, 10**6, projection_dtype), steps
+        _optimizer(opt_name, rank, 10**6, projection_dtype, refresh_batch_size), steps
     )
     result.update(memory_figures(compiled))
     result["state_floats"] = gl.optimizer_state_floats(state)
@@ -314,7 +334,7 @@ def run_one(
     del compiled, p, state  # free the steady run before the refresh run
     if opt_name != "adamw":
         refresh, *_ = time_steps(
-            _optimizer(opt_name, rank, 1, projection_dtype), max(3, steps // 4)
+            _optimizer(opt_name, rank, 1, projection_dtype, refresh_batch_size), max(3, steps // 4)
         )
         result["refresh_step_s"] = refresh
         result["amortized_step_s"] = steady + (refresh - steady) / 200
@@ -339,9 +359,12 @@ def _gib(x: float | None, digits: int = 1) -> str:
 
 
 def _optimizer_label(row: dict) -> str:
-    """The optimizer, marked when its projection matmuls ran in bf16."""
-    bf16 = row.get("projection_dtype") == "bfloat16"
-    return f"{row['optimizer']} (bf16 projection)" if bf16 else row["optimizer"]
+    """The optimizer, marked when its projection matmuls ran in bf16 or its refresh calls
+    were bounded."""
+    notes = ["bf16 projection"] if row.get("projection_dtype") == "bfloat16" else []
+    if row.get("refresh_batch_size"):
+        notes.append(f"<= {row['refresh_batch_size']} per refresh call")
+    return f"{row['optimizer']} ({', '.join(notes)})" if notes else row["optimizer"]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -379,7 +402,7 @@ def print_memory_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['optimizer']} | {r['seq']}x{r['batch']} | "
+            f"| {r['model']} | {_optimizer_label(r)} | {r['seq']}x{r['batch']} | "
             f"{'yes' if r['remat'] else 'no'} | {_gib(r['params_bytes'], 2)} | "
             f"{_gib(r['state_bytes'], 2)} | {_gib(r['compiled_argument_bytes'], 2)} | "
             f"{_gib(r['compiled_output_bytes'], 2)} | {_gib(r['compiled_alias_bytes'], 2)} | "
@@ -393,6 +416,8 @@ def _child_command(model_name: str, opt_name: str, args: argparse.Namespace) -> 
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--one", model_name, opt_name]
     cmd += ["--seq", str(args.seq), "--steps", str(args.steps), "--attention", args.attention]
     cmd += ["--projection-dtype", args.projection_dtype]
+    if args.refresh_batch_size:
+        cmd += ["--refresh-batch-size", str(args.refresh_batch_size)]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     if args.remat is not None:
@@ -415,6 +440,7 @@ def _run_child(args: argparse.Namespace) -> dict:
             args.remat,
             args.attention,
             args.projection_dtype,
+            args.refresh_batch_size,
         )
     return run_one(
         model_name,
@@ -426,6 +452,7 @@ def _run_child(args: argparse.Namespace) -> dict:
         args.profile,
         args.attention,
         args.projection_dtype,
+        args.refresh_batch_size,
     )
 
 
@@ -461,6 +488,12 @@ def main() -> None:
         choices=("float32", "bfloat16"),
         default="float32",
         help="galore/golore: operand dtype of the projection matmuls P^T G and P N",
+    )
+    parser.add_argument(
+        "--refresh-batch-size",
+        type=int,
+        default=None,
+        help="galore/golore: at most this many matrices per stacked refresh call (default: all)",
     )
     parser.add_argument("--profile", metavar="DIR", default=None, help="trace 3 steady steps")
     parser.add_argument("--profile-top", type=int, default=15, help="ops listed per profile")

@@ -46,6 +46,9 @@ def optimizer_config() -> ml_collections.ConfigDict:
             # Refresh same-shape matrices as one stacked batch (faster; the stack is a copy of
             # those gradients: +30 GiB at 7B). False decomposes each matrix on its own.
             "batch_refresh": True,
+            # At most this many matrices per stacked call, one call after another (0: no
+            # limit): bounds the stack and the decomposition workspace, same result.
+            "refresh_batch_size": 0,
             # Operand dtype of the per-step projection matmuls P^T G and P N ("bfloat16":
             # cheaper on GPUs, fp32 accumulation; moments and bases stay fp32).
             "projection_dtype": "float32",

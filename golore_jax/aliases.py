@@ -83,6 +83,7 @@ def galore_adamw(
     quantized_moments: bool = False,
     seed: int = 0,
     batch_refresh: bool = True,
+    refresh_batch_size: int | None = None,
     refresh_sharding: Any = None,
     projection_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -112,6 +113,7 @@ def galore_adamw(
         second_moment=second_moment,
         seed=seed,
         batch_refresh=batch_refresh,
+        refresh_batch_size=refresh_batch_size,
         refresh_sharding=refresh_sharding,
         projection_dtype=projection_dtype,
     )
@@ -150,6 +152,7 @@ def galore_sgd(
     momentum_projection: bool = True,
     seed: int = 0,
     batch_refresh: bool = True,
+    refresh_batch_size: int | None = None,
     refresh_sharding: Any = None,
     projection_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -172,6 +175,7 @@ def galore_sgd(
         momentum_projection=momentum_projection,
         seed=seed,
         batch_refresh=batch_refresh,
+        refresh_batch_size=refresh_batch_size,
         refresh_sharding=refresh_sharding,
         projection_dtype=projection_dtype,
     )

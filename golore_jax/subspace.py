@@ -302,21 +302,47 @@ def _same_shape_groups(layouts: list[MatrixLayout | None], batch: bool) -> list[
 
 
 def _refresh_batches(
-    layouts: list[MatrixLayout | None], batch: bool, by_projected_dim: bool
+    layouts: list[MatrixLayout | None],
+    batch: bool,
+    by_projected_dim: bool,
+    max_size: int | None = None,
 ) -> list[list[list[int]]]:
     """The projector calls of a refresh: each a list of same-shape groups decided together.
 
     With ``by_projected_dim`` (the projector's input does not depend on the gradient's other
-    dim), groups of equal (projected dim, rank) share one batched call.
+    dim), groups of equal (projected dim, rank) share one batched call. ``max_size`` splits a
+    call into consecutive calls of at most that many matrices.
     """
     groups = _same_shape_groups(layouts, batch)
     if not (batch and by_projected_dim):
-        return [[group] for group in groups]
-    batches: dict[tuple[int, int], list[list[int]]] = {}
-    for group in groups:
-        lay = layouts[group[0]]
-        batches.setdefault((lay.projected_dim, lay.rank), []).append(group)
-    return list(batches.values())
+        batches = [[group] for group in groups]
+    else:
+        merged: dict[tuple[int, int], list[list[int]]] = {}
+        for group in groups:
+            lay = layouts[group[0]]
+            merged.setdefault((lay.projected_dim, lay.rank), []).append(group)
+        batches = list(merged.values())
+    if max_size is None:
+        return batches
+    return [chunk for b in batches for chunk in _split_batch(b, max_size)]
+
+
+def _split_batch(batch: list[list[int]], max_size: int) -> list[list[list[int]]]:
+    """Consecutive pieces of ``batch`` holding at most ``max_size`` matrices each, in order."""
+    chunks: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    size = 0
+    for group in batch:
+        while group:
+            take, group = group[: max_size - size], group[max_size - size :]
+            current.append(take)
+            size += len(take)
+            if size == max_size:
+                chunks.append(current)
+                current, size = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _input_kind(projector: projectors_lib.Projector) -> str:
@@ -385,6 +411,7 @@ def scale_by_subspace(
     seed: int | jax.Array = 0,
     refresh_sharding: Any = None,
     batch_refresh: bool = True,
+    refresh_batch_size: int | None = None,
     projection_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Runs ``inner`` in a rank-``r`` subspace of each projected leaf (Algorithm 1).
@@ -414,6 +441,12 @@ def scale_by_subspace(
         shape; for projectors that choose from ``g g^T`` alone, e.g. ``gram_eigh``, one per
         Gram size, across gradient shapes); False decomposes each leaf on its own (no stacked
         copy of the gradients).
+      refresh_batch_size: with ``batch_refresh``, at most this many matrices per batched
+        call; the calls run one after another (each waits for the previous one's result), so
+        the refresh holds the stacked inputs and decomposition workspace of one call at a time
+        instead of all of them (a 7B on one GPU). None: no limit. The result is the same as
+        without a limit; a smaller size means more calls, each with a fixed cost. With
+        ``refresh_sharding``, a multiple of the number of devices keeps every device busy.
       refresh_sharding: where the batched refresh runs: with a sharding on the stacked axis
         (e.g. ``PartitionSpec(("data", "fsdp"))`` under a mesh context, or a
         ``NamedSharding``), each device decomposes its share of the matrices instead of every
@@ -454,6 +487,15 @@ def scale_by_subspace(
         raise ValueError(
             f"scale_by_subspace: projection_dtype must be one of "
             f"{[d.name for d in PROJECTION_DTYPES]} or None, got {projection_dtype!r}"
+        )
+    if refresh_batch_size is not None and (
+        isinstance(refresh_batch_size, bool)
+        or not isinstance(refresh_batch_size, int)
+        or refresh_batch_size <= 0
+    ):
+        raise ValueError(
+            "scale_by_subspace: refresh_batch_size must be a positive int or None, "
+            f"got {refresh_batch_size!r}"
         )
     projector = projector if projector is not None else projectors_lib.svd()
     inner = optax.with_extra_args_support(inner)
@@ -536,9 +578,23 @@ def scale_by_subspace(
         def refresh(operands):
             bases, inner_state = operands
             new = list(bases)
-            for batch in _refresh_batches(layouts, batch_refresh, input_kind != "rows"):
+            sources = list(chooser)
+            previous_chosen = None
+            for batch in _refresh_batches(
+                layouts, batch_refresh, input_kind != "rows", refresh_batch_size
+            ):
                 # One vmapped projector call per batch of leaves: a refresh is a few large
                 # batched kernels, and the stacked axis can be spread over devices.
+                members = [i for group in batch for i in group]
+                if refresh_batch_size is not None and previous_chosen is not None:
+                    # This call's inputs become available only once the previous call's
+                    # result exists: XLA cannot run the calls side by side, so one call's
+                    # stack and workspace are dead before the next one's are allocated.
+                    previous_chosen, picked = lax.optimization_barrier(
+                        (previous_chosen, [sources[i] for i in members])
+                    )
+                    for i, g in zip(members, picked, strict=True):
+                        sources[i] = g
                 inputs, usable = [], []
                 for group in batch:
                     if input_kind == "none":  # the projector ignores g: nothing to stack
@@ -549,7 +605,7 @@ def scale_by_subspace(
                     g = jnp.stack(
                         [
                             layout_lib.projected_rows(
-                                layout_lib.as_matrix(chooser[i].astype(jnp.float32), layouts[i]),
+                                layout_lib.as_matrix(sources[i].astype(jnp.float32), layouts[i]),
                                 layouts[i],
                             )
                             for i in group
@@ -559,7 +615,6 @@ def scale_by_subspace(
                         g = lax.with_sharding_constraint(g, refresh_sharding)
                     inputs.append(_projector_input(g, input_kind))
                     usable.append(jax.vmap(_usable_gradient)(g))
-                members = [i for group in batch for i in group]
                 x = jnp.concatenate(inputs) if len(inputs) > 1 else inputs[0]
                 previous = jnp.stack([bases[i] for i in members])
                 if refresh_sharding is not None:
@@ -573,6 +628,7 @@ def scale_by_subspace(
                 )
                 for j, i in enumerate(members):
                     new[i] = chosen[j]
+                previous_chosen = chosen
             if rotates_state:
                 inner_state = change_of_basis(inner_state, treedef, layouts, bases, new)
             return new, inner_state

@@ -130,3 +130,20 @@ def test_eigh_batch_times_every_batch(tmp_path):
     assert [(r["matrix"], r["batch"]) for r in rows] == [("16x16", 4), ("16x40", 2)]
     for r in rows:
         assert r["one_device_s"] > 0 and r["one_device_half_batch_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("batched", (True, 0)),
+        ("per_leaf", (False, 0)),
+        ("batched16", (True, 16)),
+        ("batched0", None),
+        ("batched-4", None),
+        ("stacked", None),
+    ],
+)
+def test_finetune_refresh_modes(mode, expected):
+    from benchmarks.finetune_step import refresh_setting
+
+    assert refresh_setting(mode) == expected

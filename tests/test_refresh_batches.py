@@ -29,7 +29,7 @@ def _grads(seed: int = 0) -> dict:
     return {name: jnp.asarray(rng.standard_normal(s), jnp.float32) for name, s in SHAPES.items()}
 
 
-def _tx(projector, batch_refresh: bool = True, update_every: int = 1):
+def _tx(projector, batch_refresh: bool = True, update_every: int = 1, batch_size=None):
     return gl.scale_by_subspace(
         optax.scale_by_adam(),
         rank=RANK,
@@ -37,12 +37,13 @@ def _tx(projector, batch_refresh: bool = True, update_every: int = 1):
         projector=projector,
         mask={name: True for name in SHAPES},
         batch_refresh=batch_refresh,
+        refresh_batch_size=batch_size,
     )
 
 
-def _decompositions(projector) -> list[tuple[str, tuple[int, ...]]]:
+def _decompositions(projector, batch_size=None) -> list[tuple[str, tuple[int, ...]]]:
     """(primitive, operand shape) of every eigh/SVD in one update's jaxpr."""
-    tx = _tx(projector)
+    tx = _tx(projector, batch_size=batch_size)
     grads = _grads()
     jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(grads))
     return [
@@ -59,6 +60,44 @@ def test_gram_projector_decomposes_all_shapes_of_one_size_in_one_call():
 def test_gradient_reading_projector_gets_one_call_per_gradient_shape():
     calls = _decompositions(projectors.svd())
     assert sorted(shape for _, shape in calls) == [(2, 8, 8), (2, 8, 20)]
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "expected"),
+    [
+        (1, [(1, 8, 8)] * 4),
+        (3, [(3, 8, 8), (1, 8, 8)]),  # q, k, up | down: a call may span gradient shapes
+        (4, [(4, 8, 8)]),
+        (100, [(4, 8, 8)]),
+    ],
+)
+def test_refresh_batch_size_bounds_each_call(batch_size, expected):
+    calls = _decompositions(projectors.gram_eigh(), batch_size)
+    assert [shape for _, shape in calls] == expected
+
+
+def test_refresh_batch_size_splits_calls_per_gradient_shape():
+    calls = _decompositions(projectors.svd(), batch_size=1)
+    assert sorted(shape for _, shape in calls) == [(1, 8, 8)] * 2 + [(1, 8, 20)] * 2
+
+
+def test_bounded_calls_run_one_after_another():
+    """Each bounded call after the first takes its gradients through an optimization barrier
+    together with the previous call's result, so XLA cannot hold two calls' workspaces."""
+    tx = _tx(projectors.gram_eigh(), batch_size=1)
+    grads = _grads()
+    jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(grads))
+    names = [eqn.primitive.name for eqn in iter_equations(jaxpr.jaxpr)]
+    assert names.count("optimization_barrier") == 3, names
+    unbounded = _tx(projectors.gram_eigh())
+    jaxpr = jax.make_jaxpr(unbounded.update)(grads, unbounded.init(grads))
+    assert "optimization_barrier" not in [e.primitive.name for e in iter_equations(jaxpr.jaxpr)]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "8"])
+def test_refresh_batch_size_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="refresh_batch_size must be a positive int or None"):
+        _tx(projectors.gram_eigh(), batch_size=bad)
 
 
 @pytest.mark.parametrize(
@@ -106,6 +145,31 @@ class MergedRefreshTest(chex.TestCase):
                         _projection(state_p.bases[leaf]),
                         atol=1e-5,
                         err_msg=f"{name}, step {step}, leaf {leaf}",
+                    )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_bounded_batches_give_the_unbounded_refresh(self):
+        """Same keys per leaf, same decompositions; batches of 3 split q, k, up | down, so one
+        bounded call spans two gradient shapes."""
+        cases = {"svd": projectors.svd(), "hybrid": PROJECTORS["hybrid"]}  # gram, then random
+        for name, projector in cases.items():
+            whole, bounded = _tx(projector), _tx(projector, batch_size=3)
+            update_w, update_b = self.variant(whole.update), self.variant(bounded.update)
+            state_w, state_b = whole.init(_grads()), bounded.init(_grads())
+            for step in range(2):
+                grads = _grads(seed=step + 1)
+                out_w, state_w = update_w(grads, state_w)
+                out_b, state_b = update_b(grads, state_b)
+                for leaf in SHAPES:
+                    msg = f"{name}, step {step}, leaf {leaf}"
+                    np.testing.assert_allclose(
+                        _projection(state_b.bases[leaf]),
+                        _projection(state_w.bases[leaf]),
+                        atol=1e-5,
+                        err_msg=msg,
+                    )
+                    np.testing.assert_allclose(
+                        out_b[leaf], out_w[leaf], rtol=1e-4, atol=1e-5, err_msg=msg
                     )
 
     @chex.variants(with_jit=True, without_jit=True)

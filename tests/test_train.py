@@ -228,10 +228,10 @@ def test_checkpoint_from_other_config_is_refused_and_kept(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
-def test_batch_refresh_off_gives_the_same_update(tmp_path):
-    """optimizer.batch_refresh=False (one decomposition per matrix, no stacked copy) and the
-    default stacked refresh choose the same bases and updates (two steps: the learning rate
-    is 0 at step 0 of the warmup)."""
+def test_batch_refresh_off_or_bounded_gives_the_same_update(tmp_path):
+    """optimizer.batch_refresh=False (one decomposition per matrix, no stacked copy),
+    optimizer.refresh_batch_size=2 (stacks of at most 2) and the default stacked refresh choose
+    the same bases and updates (two steps: the learning rate is 0 at step 0 of the warmup)."""
     from train import optimizer as optimizer_lib
 
     params = {
@@ -243,17 +243,22 @@ def test_batch_refresh_off_gives_the_same_update(tmp_path):
         [jax.random.normal(jax.random.key(i), p.shape) for i, p in enumerate(leaves)]
     )
     results = []
-    for batched in (True, False):
+    for batched, bound, expected_eighs in ((True, 0, 1), (False, 0, 3), (True, 2, 2)):
         config = tiny_config(
-            tmp_path, **{"optimizer.name": "galore", "optimizer.batch_refresh": batched}
+            tmp_path,
+            **{
+                "optimizer.name": "galore",
+                "optimizer.batch_refresh": batched,
+                "optimizer.refresh_batch_size": bound,
+            },
         )
         tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
         update = jax.jit(tx.update)
         state = tx.init(params)
         jaxpr = jax.make_jaxpr(tx.update)(grads, state, params).jaxpr
-        # gram_eigh: one batched eigh for the 3 same-shape matrices, or one each.
+        # gram_eigh: one batched eigh for the 3 same-shape matrices, one each, or 2 + 1.
         eighs = sum(eqn.primitive.name == "eigh" for eqn in iter_equations(jaxpr))
-        assert eighs == (1 if batched else 3)
+        assert eighs == expected_eighs
         for _ in range(2):
             step_update, state = update(grads, state, params)
         results.append((step_update, state))
@@ -264,6 +269,7 @@ def test_batch_refresh_off_gives_the_same_update(tmp_path):
             for x in jax.tree.leaves(tree)
         ]
 
-    for a, b in zip(numbers(results[0]), numbers(results[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for other in results[1:]:
+        for a, b in zip(numbers(results[0]), numbers(other), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert float(jnp.abs(results[0][0]["model"]["layers_0"]["w"]).max()) > 1e-4

@@ -171,6 +171,7 @@ def build_optimizer(
             seed=opt.seed,
             refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
             batch_refresh=opt.get("batch_refresh", True),
+            refresh_batch_size=opt.get("refresh_batch_size", 0) or None,
             projection_dtype=opt.get("projection_dtype", "float32"),
         )
         if opt.inner in ("adamw", "adamw8bit"):
