@@ -119,19 +119,10 @@ def scale_by_online_subspace(
       ``subspace_grads``: a gradient tree used only for the initial SVD and the PCA loss (a
       larger-batch estimate). Other extra args are passed to ``inner``.
     """
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
-        raise ValueError(
-            f"scale_by_online_subspace: update_every must be a positive int, got {update_every!r}"
-        )
-    if orthonormalize_every is not None and (
-        isinstance(orthonormalize_every, bool)
-        or not isinstance(orthonormalize_every, int)
-        or orthonormalize_every <= 0
-    ):
-        raise ValueError(
-            "scale_by_online_subspace: orthonormalize_every must be None or a positive int, "
-            f"got {orthonormalize_every!r}"
-        )
+    subspace_lib._require_positive_int("scale_by_online_subspace", "update_every", update_every)
+    subspace_lib._require_positive_int(
+        "scale_by_online_subspace", "orthonormalize_every", orthonormalize_every, optional=True
+    )
     if isinstance(scale, int | float) and not math.isfinite(scale):
         raise ValueError(f"scale_by_online_subspace: scale must be finite, got {scale!r}")
     projector_optimizer = (

@@ -216,18 +216,17 @@ class HybridProjector:
         return all(reads_gram(p) or not p.uses_gradient for p in (self.before, self.after))
 
     def __call__(self, key, g, previous, step):
-        return lax.cond(
-            step >= self.switch_step,
-            lambda: self.after(key, g, previous, step),
-            lambda: self.before(key, g, previous, step),
-        )
+        return self._switch(self.before, self.after, key, g, previous, step)
 
     def from_gram(self, key, gram, previous, step):
         before, after = (p.from_gram if reads_gram(p) else p for p in (self.before, self.after))
+        return self._switch(before, after, key, gram, previous, step)
+
+    def _switch(self, before, after, key, x, previous, step):
         return lax.cond(
             step >= self.switch_step,
-            lambda: after(key, gram, previous, step),
-            lambda: before(key, gram, previous, step),
+            lambda: after(key, x, previous, step),
+            lambda: before(key, x, previous, step),
         )
 
 

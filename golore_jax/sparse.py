@@ -169,10 +169,7 @@ def scale_by_sparse_subspace(
       ``subspace_grads``: a gradient tree like ``updates`` used only to choose the mask
       (Algorithm 5's large-batch variant). Other extra args are passed to ``inner``.
     """
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
-        raise ValueError(
-            f"scale_by_sparse_subspace: update_every must be a positive int, got {update_every!r}"
-        )
+    subspace_lib._require_positive_int("scale_by_sparse_subspace", "update_every", update_every)
     if (k is None) == (density is None):
         raise ValueError(
             f"scale_by_sparse_subspace: give exactly one of k and density, got k={k!r}, "

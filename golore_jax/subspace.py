@@ -278,6 +278,17 @@ def update_in_subspace(
     )
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _require_positive_int(owner: str, name: str, value: Any, optional: bool = False) -> None:
+    """Raises at construction unless ``value`` is a positive int (or None if ``optional``)."""
+    if not (_is_positive_int(value) or (optional and value is None)):
+        allowed = "a positive int or None" if optional else "a positive int"
+        raise ValueError(f"{owner}: {name} must be {allowed}, got {value!r}")
+
+
 def _as_key(seed: int | jax.Array) -> jax.Array:
     """A typed PRNG key from an int seed (possibly traced, e.g. under inject_hyperparams),
     a typed key, or legacy uint32[2] key data."""
@@ -468,11 +479,8 @@ def scale_by_subspace(
       (``count % update_every == 0``).
       Other extra args are passed to ``inner``.
     """
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
-        raise ValueError(
-            f"scale_by_subspace: update_every must be a positive int, got {update_every!r}"
-        )
-    if not callable(rank) and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+    _require_positive_int("scale_by_subspace", "update_every", update_every)
+    if not callable(rank) and not _is_positive_int(rank):
         raise ValueError(
             f"scale_by_subspace: rank must be a positive int or a function, got {rank!r}"
         )
@@ -488,15 +496,9 @@ def scale_by_subspace(
             f"scale_by_subspace: projection_dtype must be one of "
             f"{[d.name for d in PROJECTION_DTYPES]} or None, got {projection_dtype!r}"
         )
-    if refresh_batch_size is not None and (
-        isinstance(refresh_batch_size, bool)
-        or not isinstance(refresh_batch_size, int)
-        or refresh_batch_size <= 0
-    ):
-        raise ValueError(
-            "scale_by_subspace: refresh_batch_size must be a positive int or None, "
-            f"got {refresh_batch_size!r}"
-        )
+    _require_positive_int(
+        "scale_by_subspace", "refresh_batch_size", refresh_batch_size, optional=True
+    )
     projector = projector if projector is not None else projectors_lib.svd()
     inner = optax.with_extra_args_support(inner)
     rotates_state = momentum_projection or second_moment != "keep"
