@@ -52,6 +52,11 @@ def optimizer_config() -> ml_collections.ConfigDict:
             # Operand dtype of the per-step projection matmuls P^T G and P N ("bfloat16":
             # cheaper on GPUs, fp32 accumulation; moments and bases stay fp32).
             "projection_dtype": "float32",
+            # Storage dtype of the bases P / Q ("bfloat16" halves them; decomposed in fp32).
+            "basis_dtype": "float32",
+            # With model.param_dtype="bfloat16": add each update in fp32 and round the params
+            # to bf16 stochastically (unbiased; golore_jax.precision), keyed by seed and step.
+            "stochastic_rounding": False,
         }
     )
 

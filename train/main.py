@@ -77,6 +77,11 @@ def validate_config(config: Any) -> None:
             f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}"
         )
     optimizer_lib.validate(config.optimizer)
+    if config.optimizer.get("stochastic_rounding") and config.model.param_dtype != "bfloat16":
+        raise ValueError(
+            "config.optimizer.stochastic_rounding=True needs config.model.param_dtype="
+            f"'bfloat16', got {config.model.param_dtype!r}"
+        )
     if config.optimizer.relora and config.model.scan_layers:
         raise ValueError(
             "config.optimizer.relora=True needs config.model.scan_layers=False (the ReLoRA-like "
@@ -107,6 +112,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     model_config = model_lib.LlamaConfig.from_dict(config.model)
     model = model_lib.LlamaForCausalLM(model_config)
     tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps, num_devices=mesh.size)
+    apply_updates = optimizer_lib.update_applier(config.optimizer, config.seed)
     dummy = jnp.zeros((1, config.seq_len), jnp.int32)
 
     param_shapes, opt_shapes, param_sharding, opt_sharding = sharding_lib.model_shardings(
@@ -170,7 +176,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         def apply(operands):
             params, opt_state, adapters = operands
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, adapters
+            return apply_updates(params, updates, state.step), opt_state, adapters
 
         return finish(state, loss, grads, apply)
 

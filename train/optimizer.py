@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,6 +16,7 @@ from train.sharding import MESH_AXES
 OPTIMIZERS = ("adamw", "galore", "golore", "hybrid", "importance", "gasare", "gosare", "osd")
 INNERS = ("adamw", "adamw8bit", "msgd")
 PROJECTION_DTYPES = ("float32", "bfloat16")  # config.optimizer.projection_dtype
+BASIS_DTYPES = ("float32", "bfloat16")  # config.optimizer.basis_dtype
 RELORA_OPTIMIZERS = ("galore", "golore", "hybrid", "importance")
 
 
@@ -93,6 +95,10 @@ def validate(opt: Any) -> None:
         raise ValueError(
             f"config.optimizer.projection_dtype must be one of {PROJECTION_DTYPES}, "
             f"got {opt.projection_dtype!r}"
+        )
+    if opt.get("basis_dtype", "float32") not in BASIS_DTYPES:
+        raise ValueError(
+            f"config.optimizer.basis_dtype must be one of {BASIS_DTYPES}, got {opt.basis_dtype!r}"
         )
     if opt.get("relora"):
         if opt.name not in RELORA_OPTIMIZERS:
@@ -173,6 +179,7 @@ def build_optimizer(
             batch_refresh=opt.get("batch_refresh", True),
             refresh_batch_size=opt.get("refresh_batch_size", 0) or None,
             projection_dtype=opt.get("projection_dtype", "float32"),
+            basis_dtype=opt.get("basis_dtype", "float32"),
         )
         if opt.inner in ("adamw", "adamw8bit"):
             tx = gl.galore_adamw(
@@ -189,3 +196,21 @@ def build_optimizer(
     if opt.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
     return tx
+
+
+# Separates the rounding noise's PRNG stream from the init key (both come from config.seed).
+_ROUNDING_STREAM = 0x5352
+
+
+def update_applier(opt: Any, seed: int) -> Callable[[Any, Any, jax.Array], Any]:
+    """``(params, updates, step) -> new params``: ``optax.apply_updates``, or with
+    ``opt.stochastic_rounding`` :func:`golore_jax.apply_updates_stochastic` keyed by
+    ``fold_in(key(seed), step)`` (a resumed run rounds exactly as the uninterrupted one)."""
+    if not opt.get("stochastic_rounding", False):
+        return lambda params, updates, step: optax.apply_updates(params, updates)
+    stream = jax.random.fold_in(jax.random.key(seed), _ROUNDING_STREAM)
+
+    def apply(params, updates, step):
+        return gl.apply_updates_stochastic(params, updates, jax.random.fold_in(stream, step))
+
+    return apply
