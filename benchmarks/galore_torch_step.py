@@ -38,11 +38,14 @@ absent, straight from its wheel (``.whl/galore_torch-1.0-py3-none-any.whl``, pur
 Timing. galore-torch refreshes a matrix's projector when its step counter (0-based, counted
 per parameter) is a multiple of ``update_proj_gap``, so optimizer step 0 refreshes. The first
 ``--warmup`` steps (including that refresh and CUDA/cuBLAS warm-up) are not timed; steady steps
-are the next ``--steps`` (no refresh, as long as warmup + steps < 200). Then every projector's
-gap is set to 1 and ``--refresh-steps`` steps (1 if the first step took over 10 s) are timed:
-the refresh step (SVD of every GaLore matrix). Amortized over ``update_proj_gap = 200``:
-``steady + (refresh - steady) / 200``. Peak memory is ``torch.cuda.max_memory_allocated``
-over the whole run (refresh steps included) and over the steady steps alone. Each (model,
+are the next ``--steps`` (no refresh, as long as warmup + steps < update_proj_gap). Then
+every projector's gap is set to 1 and ``--refresh-steps`` steps (1 if the first step took over
+10 s) are timed: the refresh step (SVD of every GaLore matrix). Amortized over
+``update_proj_gap`` (200; 500 for llama_7b): ``steady + (refresh - steady) / gap``. Peak memory
+is ``torch.cuda.max_memory_allocated`` counted from after the model is built (the model is
+initialised in fp32 on the device and cast to bf16: that transient is ``init_peak_bytes``),
+over the whole run (warmup and refresh steps included: ``peak_bytes``) and over the steady
+steps alone (``peak_steady_bytes``, the figure GaLore's anchor script prints). Each (model,
 optimizer) runs in its own process.
 """
 
@@ -214,7 +217,13 @@ def run_one(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
         model_name == "llama_7b" if args.grad_checkpointing is None else (args.grad_checkpointing)
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    with torch.device(device):  # initialised on the device (a 7B on the CPU takes minutes)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    cuda = device.type == "cuda"
+    # The fp32 initialisation is transient: peaks below are counted from here (init apart).
+    init_peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -269,6 +278,8 @@ def run_one(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
         return loss
 
     def timed(n: int) -> list[float]:
+        if n == 0:
+            return []
         times = []
         for _ in range(n):
             sync()
@@ -284,7 +295,6 @@ def run_one(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
         raise ValueError(f"warmup + steps must be < {gap} (no refresh while steady)")
     first = timed(1)[0]  # optimizer step 0: galore-torch refreshes every projector here
     timed(args.warmup - 1)
-    cuda = device.type == "cuda"
     peak_warmup = torch.cuda.max_memory_allocated(device) if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -307,6 +317,7 @@ def run_one(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
         "update_proj_gap": gap if opt_name != "adamw" else None,
         "status": "ok",
         "first_step_s": first,
+        "init_peak_bytes": init_peak,
         "steady_step_s": steady,
         "steady_step_min_s": min(steady_times),
     }

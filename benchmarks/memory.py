@@ -117,6 +117,13 @@ def _is_oom(error: BaseException | str) -> bool:
     return any(marker in str(error) for marker in OOM_MARKERS)
 
 
+def _failure_status(error: str) -> str:
+    """Why a row's process reported nothing: ``OOM``, ``timeout`` or ``failed``."""
+    if _is_oom(error):
+        return "OOM"
+    return "timeout" if error.startswith("timed out") else "failed"
+
+
 def run_row(config_path: str, overrides: list[str], label: str, steady_steps: int) -> dict:
     """Measures one row in this process (see the module docstring for the phases)."""
     import jax
@@ -330,7 +337,7 @@ def main() -> None:
                 "label": label,
                 "config": args.config,
                 "overrides": [*args.set, *overrides],
-                "status": "OOM" if _is_oom(error) else "failed",
+                "status": _failure_status(error),
                 "error": lines[-1] if lines else "no output",
                 "stderr_tail": error[-1500:],
                 "method": METHOD,
