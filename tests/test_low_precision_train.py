@@ -85,6 +85,14 @@ def test_update_applier_keys_by_seed_and_step(tmp_path):
     for other in (rounding(params, updates, 4), other_seed(params, updates, 3)):
         assert np.any(np.asarray(other["w"], np.float32) != step3)
     assert 0 < np.mean(step3 != 1.0) < 0.5  # 1e-3 / ulp(1) = 0.128 of the entries move up
+    # the layer-wise update applies each layer's subtree alone: each layer gets its own noise
+    by_layer = [
+        np.asarray(rounding(params, updates, 3, layer)["w"], np.float32) for layer in (0, 1)
+    ]
+    assert np.any(by_layer[0] != by_layer[1]) and np.any(by_layer[0] != step3)
+    np.testing.assert_array_equal(
+        by_layer[1], np.asarray(rounding(params, updates, 3, jnp.int32(1))["w"], np.float32)
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,6 +100,10 @@ def test_update_applier_keys_by_seed_and_step(tmp_path):
     [
         ({"optimizer.stochastic_rounding": True}, r"stochastic_rounding=True needs .*param_dtype"),
         ({"optimizer.basis_dtype": "bf16"}, "optimizer.basis_dtype"),
+        (
+            dict(LOW_PRECISION, **{"optimizer.relora": True, "optimizer.grad_clip": 0.0}),
+            "stochastic_rounding=True is not supported with config.optimizer.relora",
+        ),
     ],
 )
 def test_bad_low_precision_config_raises(tmp_path, overrides, match):

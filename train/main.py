@@ -82,6 +82,11 @@ def validate_config(config: Any) -> None:
             "config.optimizer.stochastic_rounding=True needs config.model.param_dtype="
             f"'bfloat16', got {config.model.param_dtype!r}"
         )
+    if config.optimizer.get("stochastic_rounding") and config.optimizer.relora:
+        raise ValueError(
+            "config.optimizer.stochastic_rounding=True is not supported with "
+            "config.optimizer.relora=True (the ReLoRA-like step applies its own updates)"
+        )
     if config.optimizer.relora and config.model.scan_layers:
         raise ValueError(
             "config.optimizer.relora=True needs config.model.scan_layers=False (the ReLoRA-like "

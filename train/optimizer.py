@@ -198,19 +198,29 @@ def build_optimizer(
     return tx
 
 
-# Separates the rounding noise's PRNG stream from the init key (both come from config.seed).
+# Separates the rounding noise's PRNG stream from the init key (both come from config.seed),
+# and the layers' streams (the layer-wise update applies each layer on its own) from the rest.
 _ROUNDING_STREAM = 0x5352
+_LAYER_STREAM = 0x4C59
 
 
-def update_applier(opt: Any, seed: int) -> Callable[[Any, Any, jax.Array], Any]:
-    """``(params, updates, step) -> new params``: ``optax.apply_updates``, or with
+def update_applier(opt: Any, seed: int) -> Callable[..., Any]:
+    """``(params, updates, step, layer=None) -> new params``: ``optax.apply_updates``, or with
     ``opt.stochastic_rounding`` :func:`golore_jax.apply_updates_stochastic` keyed by
-    ``fold_in(key(seed), step)`` (a resumed run rounds exactly as the uninterrupted one)."""
+    ``fold_in(key(seed), step)`` (a resumed run rounds exactly as the uninterrupted one).
+
+    ``layer`` (an int or traced index, e.g. inside a scan over stacked layers): the subtree of
+    that layer gets its own noise; without it, every layer's leaves at the same position in
+    their subtree would be rounded with the same noise.
+    """
     if not opt.get("stochastic_rounding", False):
-        return lambda params, updates, step: optax.apply_updates(params, updates)
+        return lambda params, updates, step, layer=None: optax.apply_updates(params, updates)
     stream = jax.random.fold_in(jax.random.key(seed), _ROUNDING_STREAM)
 
-    def apply(params, updates, step):
-        return gl.apply_updates_stochastic(params, updates, jax.random.fold_in(stream, step))
+    def apply(params, updates, step, layer=None):
+        key = jax.random.fold_in(stream, step)
+        if layer is not None:
+            key = jax.random.fold_in(jax.random.fold_in(key, _LAYER_STREAM), layer)
+        return gl.apply_updates_stochastic(params, updates, key)
 
     return apply
