@@ -52,6 +52,12 @@ def optimizer_config() -> ml_collections.ConfigDict:
             # Operand dtype of the per-step projection matmuls P^T G and P N ("bfloat16":
             # cheaper on GPUs, fp32 accumulation; moments and bases stay fp32).
             "projection_dtype": "float32",
+            # Update each decoder layer inside the backward pass (train/layerwise.py): the
+            # gradients of all layers never exist at once. Needs model.scan_layers=True and
+            # grad_clip=0 (a global-norm clip needs them all); layer_grad_clip clips each
+            # layer's gradient (and the embeddings/norm/head's, as one group) by its own norm.
+            "layerwise": False,
+            "layer_grad_clip": 0.0,
         }
     )
 
