@@ -4,7 +4,7 @@ He et al., "Subspace Optimization for Large Language Models with Convergence Gua
 (arXiv 2410.11289); Zhao et al., "GaLore" (arXiv 2403.03507).
 """
 
-from golore_jax import layout, online_pca, precision, projectors, sparse
+from golore_jax import layerwise, layout, online_pca, precision, projectors, sparse
 from golore_jax.aliases import (
     galore_adamw,
     galore_sgd,
@@ -46,6 +46,7 @@ __all__ = [
     "golore_sgd",
     "gosare_adamw",
     "gosare_sgd",
+    "layerwise",
     "layout",
     "online_pca",
     "optimizer_state_floats",

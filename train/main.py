@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import golore_jax as gl
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
+from train import layerwise as layerwise_lib
 from train import model as model_lib
 from train import optimizer as optimizer_lib
 from train import relora as relora_lib
@@ -92,6 +94,11 @@ def validate_config(config: Any) -> None:
             "config.optimizer.relora=True needs config.model.scan_layers=False (the ReLoRA-like "
             "path reparameterises each layer's 2-D kernels)"
         )
+    if config.optimizer.get("layerwise") and not config.model.scan_layers:
+        raise ValueError(
+            "config.optimizer.layerwise=True needs config.model.scan_layers=True (it scans "
+            "over the stacked layers)"
+        )
 
 
 def use_compilation_cache(directory: str | pathlib.Path) -> None:
@@ -119,9 +126,14 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps, num_devices=mesh.size)
     apply_updates = optimizer_lib.update_applier(config.optimizer, config.seed)
     dummy = jnp.zeros((1, config.seq_len), jnp.int32)
+    layerwise = bool(config.optimizer.get("layerwise"))
+    if layerwise:  # one copy of tx per decoder layer, updated inside the backward pass
+        clip = config.optimizer.layer_grad_clip or None
+        layer_tx = gl.layerwise.per_layer_transform(tx, clip)
+        tx = gl.layerwise.layerwise(tx, layerwise_lib.STACK_PATH, clip_norm=clip)
 
     param_shapes, opt_shapes, param_sharding, opt_sharding = sharding_lib.model_shardings(
-        mesh, model, tx, dummy
+        mesh, model, tx, dummy, stack_path=layerwise_lib.STACK_PATH if layerwise else None
     )
     batch_size_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % batch_size_per_shard:
@@ -185,6 +197,8 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
 
         return finish(state, loss, grads, apply)
 
+    if layerwise:
+        train_step = layerwise_lib.make_train_step(model_config, layer_tx, cross_entropy)
     if relora:
         train_step = relora_lib.make_train_step(
             model.apply, cross_entropy, tx, layouts, config.optimizer.update_every, finish

@@ -100,6 +100,19 @@ def validate(opt: Any) -> None:
         raise ValueError(
             f"config.optimizer.basis_dtype must be one of {BASIS_DTYPES}, got {opt.basis_dtype!r}"
         )
+    if opt.get("layerwise") and opt.grad_clip:
+        raise ValueError(
+            f"config.optimizer.grad_clip={opt.grad_clip} is a global-norm clip, which "
+            "config.optimizer.layerwise=True cannot do (the layers' gradients never exist "
+            "together): set grad_clip=0, and layer_grad_clip for a per-layer clip"
+        )
+    if opt.get("layer_grad_clip", 0.0) < 0 or (
+        opt.get("layer_grad_clip", 0.0) and not opt.get("layerwise")
+    ):
+        raise ValueError(
+            f"config.optimizer.layer_grad_clip={opt.layer_grad_clip} needs layerwise=True "
+            "and a value >= 0 (the plain step clips by the global norm: grad_clip)"
+        )
     if opt.get("relora"):
         if opt.name not in RELORA_OPTIMIZERS:
             raise ValueError(
