@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import golore_jax as gl
 from tests.train_fixtures import tiny_config
 from train import main as main_lib
 from train import optimizer as optimizer_lib
-from train import relora as relora_lib
 from train import sharding as sharding_lib
 
 LOW_PRECISION = {
@@ -41,19 +41,38 @@ def test_low_precision_resume_is_exact_and_loss_falls(tmp_path):
     assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
 
 
-@pytest.mark.parametrize("stochastic", [True, False])
+LAYERWISE = {
+    "model.scan_layers": True,
+    "optimizer.layerwise": True,
+    "optimizer.grad_clip": 0.0,
+}
+
+
+def _bases(opt_state):
+    states = jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda s: isinstance(s, gl.ScaleBySubspaceState)
+    )
+    subspace = [s for s in states if isinstance(s, gl.ScaleBySubspaceState)]
+    return [b for s in subspace for b in jax.tree.leaves(s.bases)]
+
+
+@pytest.mark.parametrize(("stochastic", "layerwise"), [(True, False), (False, False), (True, True)])
 def test_updates_below_half_a_bf16_ulp_move_params_only_with_stochastic_rounding(
-    tmp_path, stochastic
+    tmp_path, stochastic, layerwise
 ):
     """bf16 params, lr 1e-6 (Adam's step ~1e-6, far below half an ulp of the ~0.02 weights):
-    round-to-nearest changes no entry, stochastic rounding moves some (about |u| / ulp)."""
+    round-to-nearest changes no entry, stochastic rounding moves some (about |u| / ulp), in
+    the plain and in the layer-wise step."""
     overrides = dict(LOW_PRECISION, **{"optimizer.stochastic_rounding": stochastic})
+    if layerwise:
+        overrides.update(LAYERWISE)
     config = tiny_config(tmp_path, **overrides, **{"optimizer.learning_rate": 1e-6})
     trainer = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
     state = trainer.init(jax.random.key(0))
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(state.params))
-    bases = jax.tree.leaves(relora_lib.subspace_state(state.opt_state).bases)
-    assert len(bases) == 2 * 7 and all(b.dtype == jnp.bfloat16 for b in bases)
+    bases = _bases(state.opt_state)
+    assert len(bases) == (7 if layerwise else 2 * 7)  # stacked: one leaf per kind of matrix
+    assert all(b.dtype == jnp.bfloat16 for b in bases)
     tokens = jax.random.randint(jax.random.key(1), (8, 33), 0, config.model.vocab_size)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     state, _ = trainer.train_step(state, batch)  # step 0: lr 0 in the warmup

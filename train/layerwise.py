@@ -93,7 +93,7 @@ def make_train_step(
     config: model_lib.LlamaConfig,
     tx: optax.GradientTransformation,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    apply_updates: Callable[[Any, Any], Any] = optax.apply_updates,
+    apply_updates: Callable[..., Any] | None = None,
 ) -> Callable[[Any, dict], tuple[Any, dict]]:
     """The fused layer-wise step ``(TrainState, batch) -> (TrainState, metrics)``.
 
@@ -102,20 +102,24 @@ def make_train_step(
       tx: the per-layer transformation (:func:`golore_jax.layerwise.per_layer_transform`);
         the state's ``opt_state`` is ``golore_jax.layerwise.layerwise(tx_base, STACK_PATH)``'s.
       loss_fn: ``(logits, targets) -> scalar loss``.
-      apply_updates: ``(params, updates) -> params`` for one group of params (a layer, or the
-        params outside the stack).
+      apply_updates: ``(params, updates, step, layer) -> params`` for one group of params (a
+        layer, with its index, or the params outside the stack, ``layer=None``), e.g.
+        :func:`train.optimizer.update_applier` (stochastic rounding of bf16 params keyed by
+        step and layer); default ``optax.apply_updates``.
 
     The metrics are those of the plain step: ``loss``, ``grad_norm`` (the global norm, summed
     layer by layer: reported, not used for clipping), ``finite`` and ``leaf_finite`` (one per
     param leaf in the params' leaf order; a stacked leaf is finite when every layer's is).
     """
     pieces = model_pieces(config)
+    if apply_updates is None:
+        apply_updates = lambda p, u, step, layer=None: optax.apply_updates(p, u)  # noqa: E731
 
-    def update_group(grads, opt_state, params, ok):
+    def update_group(grads, opt_state, params, ok, step, layer=None):
         def apply(operands):
             params, opt_state = operands
             updates, opt_state = layerwise_lib.update_layer(tx, grads, opt_state, params)
-            return apply_updates(params, updates), opt_state
+            return apply_updates(params, updates, step, layer), opt_state
 
         return lax.cond(ok, apply, lambda operands: operands, (params, opt_state))
 
@@ -152,7 +156,9 @@ def make_train_step(
             _, layer_vjp = jax.vjp(lambda p, x: pieces.layer(p, x, positions), layer_params, x_in)
             grads, dx = layer_vjp(dx)
             leaf_ok, ok = _all_finite(grads)
-            layer_params, layer_state = update_group(grads, layer_state, layer_params, ok & loss_ok)
+            layer_params, layer_state = update_group(
+                grads, layer_state, layer_params, ok & loss_ok, state.step, index
+            )
 
             def put(a, v):
                 return lax.dynamic_update_index_in_dim(a, v, index, 0)
@@ -176,7 +182,9 @@ def make_train_step(
                 f"lm_head: {jax.tree_util.tree_structure(rest)}"
             )
         rest_leaf_ok, rest_ok = _all_finite(rest_grads)
-        rest, rest_state = update_group(rest_grads, opt_state.rest, rest, rest_ok & loss_ok)
+        rest, rest_state = update_group(
+            rest_grads, opt_state.rest, rest, rest_ok & loss_ok, state.step
+        )
 
         stack_leaf_ok = jax.tree_util.tree_map(jnp.all, stack_leaf_ok)
         leaf_finite = jnp.stack(

@@ -198,7 +198,9 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         return finish(state, loss, grads, apply)
 
     if layerwise:
-        train_step = layerwise_lib.make_train_step(model_config, layer_tx, cross_entropy)
+        train_step = layerwise_lib.make_train_step(
+            model_config, layer_tx, cross_entropy, apply_updates
+        )
     if relora:
         train_step = relora_lib.make_train_step(
             model.apply, cross_entropy, tx, layouts, config.optimizer.update_every, finish
