@@ -8,7 +8,8 @@
 #   SUITE_SMOKE=1 bash benchmarks/memory_suite.sh        # CPU: tiny shapes, checks the plumbing
 #
 # Writes under $OUT (default benchmarks/results/memory_suite): memory_7b.json, memory_1b.json,
-# galore_torch_7b.json, galore_torch_1b.json, suite.log, and prints every table at the end.
+# galore_torch_7b.json, galore_torch_1b.json, galore_torch_1b_plain.json, skipped.txt and
+# suite.log (every row's JSON line too: stdout shows progress, errors and the final tables).
 # A row that runs out of memory is recorded as "OOM", one that errs as "failed", and the
 # suite goes on. A row is skipped (listed in skipped.txt) when less than its usual time is
 # left in SUITE_BUDGET_S (default 530 s), so the call ends in time.
@@ -18,6 +19,7 @@
 # .whl to the GPU machine) or the environment; at 7B its SVD is replaced by a random
 # orthonormal basis (memory; every row says which projector ran).
 set -u
+export PYTHONUNBUFFERED=1  # the log keeps what a row printed even if the call is cut short
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/memory_suite}
 BUDGET=${SUITE_BUDGET_S:-530}
@@ -48,6 +50,8 @@ LOWMEM="model.param_dtype=bfloat16 optimizer.stochastic_rounding=True \
 optimizer.basis_dtype=bfloat16 optimizer.inner=adamw8bit model.remat=True $LAYERWISE"
 
 left() { echo $((BUDGET - SECONDS)); }
+# stdout keeps progress and errors; every row's JSON line and table go to the log only
+progress() { grep -v -e '^{' -e '^|' -e '^Method:' -e '^Projector:' -e '^$'; }
 
 # ours NEED_S JSON CONFIG "LABEL: KEY=VALUE ...": one trainer row (benchmarks/memory.py)
 ours() {
@@ -59,7 +63,7 @@ ours() {
   echo "== ours ($config) $row [$(left)s left]" | tee -a "$LOG"
   "$PY" -m benchmarks.memory --config "$config" "${SHAPE[@]}" "${COMMON[@]}" --row "$row" \
     --steady-steps "$STEADY" --timeout "$(left)" --json "$OUT/$json" --append 2>&1 |
-    grep -v -e '^|' -e '^Method:' -e '^Projector:' -e '^$' | tee -a "$LOG"
+    tee -a "$LOG" | progress
 }
 
 # theirs NEED_S JSON MODEL OPTIMIZER [ARGS...]: one galore-torch row
@@ -73,7 +77,7 @@ theirs() {
   fi
   echo "== galore-torch $model $opt $* [$(left)s left]" | tee -a "$LOG"
   "$PY" -m benchmarks.galore_torch_step --models "$model" --optimizers "$opt" "${TORCH[@]}" \
-    --timeout "$(left)" --json "$OUT/$json" "$@" 2>&1 | grep -v -e '^|' -e '^Method:' -e '^Projector:' -e '^$' | tee -a "$LOG"
+    --timeout "$(left)" --json "$OUT/$json" "$@" 2>&1 | tee -a "$LOG" | progress
 }
 
 # Most important first: the 7B headline (ours and galore-torch per-layer), then the 1B pair,
