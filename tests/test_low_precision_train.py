@@ -120,6 +120,10 @@ def test_update_applier_keys_by_seed_and_step(tmp_path):
         ({"optimizer.stochastic_rounding": True}, r"stochastic_rounding=True needs .*param_dtype"),
         ({"optimizer.basis_dtype": "bf16"}, "optimizer.basis_dtype"),
         (
+            {"optimizer.basis_dtype": "bfloat16", "optimizer.name": "osd"},
+            r"basis_dtype='bfloat16' applies to the basis projectors .* not to name='osd'",
+        ),
+        (
             dict(LOW_PRECISION, **{"optimizer.relora": True, "optimizer.grad_clip": 0.0}),
             "stochastic_rounding=True is not supported with config.optimizer.relora",
         ),

@@ -100,6 +100,11 @@ def validate(opt: Any) -> None:
         raise ValueError(
             f"config.optimizer.basis_dtype must be one of {BASIS_DTYPES}, got {opt.basis_dtype!r}"
         )
+    if opt.get("basis_dtype", "float32") != "float32" and opt.name not in RELORA_OPTIMIZERS:
+        raise ValueError(
+            f"config.optimizer.basis_dtype={opt.basis_dtype!r} applies to the basis projectors "
+            f"{RELORA_OPTIMIZERS}, not to name={opt.name!r}"
+        )
     if opt.get("layerwise") and opt.grad_clip:
         raise ValueError(
             f"config.optimizer.grad_clip={opt.grad_clip} is a global-norm clip, which "
