@@ -20,10 +20,12 @@ import optax
 import pytest
 
 import golore_jax as gl
+from configs import finetune_boolq
 from tests.child_env import eight_devices_env
 from tests.train_fixtures import tiny_config
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
+from train import finetune
 from train import layerwise as layerwise_lib
 from train import main as main_lib
 from train import optimizer as optimizer_lib
@@ -302,3 +304,10 @@ def test_checkpoint_fingerprint_tells_layerwise_from_plain(tmp_path):
     fused = checkpoint_lib.fingerprint(tiny_config(tmp_path, **LAYERWISE))
     assert "optimizer.layerwise" not in plain
     assert fused == {**plain, "optimizer.layerwise": True}
+
+
+def test_finetune_refuses_layerwise():
+    config = finetune_boolq.get_config()
+    config.optimizer.layerwise = True
+    with pytest.raises(ValueError, match="layerwise=True is for pre-training"):
+        finetune.validate_config(config)
