@@ -184,22 +184,37 @@ def test_non_finite_loss_changes_nothing_but_the_counters(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
-    """Stopping at step 3 and resuming gives bit-identical losses to an uninterrupted run
-    (refresh every 2 steps, the hybrid's switch at step 3): the layer-wise state (a leading
-    layer axis, per-layer keys) is saved and restored through the trainer's abstract state."""
-    full = tiny_config(tmp_path, **LAYERWISE)
-    main_lib.train_and_evaluate(full, tmp_path / "full")
-    split = tiny_config(tmp_path, run_steps=3, **LAYERWISE)
-    assert main_lib.train_and_evaluate(split, tmp_path / "split")["step"] == 3
-    split.run_steps = None
-    assert main_lib.train_and_evaluate(split, tmp_path / "split")["step"] == 6
-
-    def losses(workdir):
-        lines = (workdir / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
-
-    assert len(losses(tmp_path / "full")) == 6
-    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    """Saving at step 3 and restoring into the trainer's abstract state (built with
+    ``eval_shape``: the layer-wise state has a leading layer axis and per-layer keys), then
+    3 more steps, gives bit-identical losses and params to 6 uninterrupted steps (refresh every
+    2 steps, the hybrid's switch at step 3)."""
+    config = tiny_config(tmp_path, **LAYERWISE)
+    trainer = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
+    batches = [main_lib.to_global(b, trainer.batch_sharding) for b in _batches(config, 6)]
+    state = trainer.init(jax.random.key(0))
+    losses = []
+    for t, batch in enumerate(batches):
+        if t == 3:
+            checkpoints = checkpoint_lib.Checkpoints(tmp_path / "run", keep=1, every=3)
+            meta = {"data_position": 3, "fingerprint": checkpoint_lib.fingerprint(config)}
+            checkpoints.save(3, state, meta)
+        state, metrics = trainer.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    step, resumed, _ = checkpoints.restore_latest(trainer.abstract_state, config)
+    assert step == 3 and int(resumed.step) == 3
+    assert resumed.opt_state.layers[0].key.shape == (config.model.num_layers,)
+    resumed_losses = losses[:3]
+    for batch in batches[3:]:
+        resumed, metrics = trainer.train_step(resumed, batch)
+        resumed_losses.append(float(metrics["loss"]))
+    checkpoints.close()
+    assert resumed_losses == losses
+    for got, want in zip(
+        jax.tree_util.tree_leaves(resumed.params),
+        jax.tree_util.tree_leaves(state.params),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
@@ -245,10 +260,11 @@ def test_bad_layerwise_config_raises(tmp_path, overrides, match):
         main_lib.validate_config(tiny_config(tmp_path, **overrides))
 
 
-def _compiled_temp_bytes(num_layers: int, tmp_path) -> tuple[int, int, int, int]:
+def _compiled_temp_bytes(num_layers: int, tmp_path, with_plain: bool) -> tuple:
     """Compiled scratch bytes of the fused step and of the full-gradient step (both with
     activation checkpointing per layer, donated state), the stacked layers' fp32 gradient
-    bytes and one layer input's bytes, for a tiny model of ``num_layers`` layers."""
+    bytes and one layer input's bytes, for a tiny model of ``num_layers`` layers (the full-
+    gradient step's only ``with_plain``: None otherwise)."""
     config = tiny_config(tmp_path, **LAYERWISE)
     config.model.num_layers, config.model.remat, config.batch_size = num_layers, True, 2
     config.optimizer.name = "galore"
@@ -265,9 +281,9 @@ def _compiled_temp_bytes(num_layers: int, tmp_path) -> tuple[int, int, int, int]
         )
         for k in ("inputs", "targets")
     }
-    temp = {}
+    temp = {"plain": None}
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
-        for name, step in (("fused", fused), ("plain", plain)):
+        for name, step in (("fused", fused), ("plain", plain))[: 2 if with_plain else 1]:
             compiled = (
                 jax.jit(step, donate_argnums=0).lower(trainer.abstract_state, batch).compile()
             )
@@ -288,8 +304,8 @@ def test_compiled_step_holds_no_stack_of_layer_gradients(tmp_path):
       (16 KiB each) plus 1 KiB per layer, where one layer's gradient is 164 KB: no buffer
       grows with the number of layers' gradients.
     """
-    fused4, _, grad4, input_bytes = _compiled_temp_bytes(4, tmp_path)
-    fused8, plain8, grad8, _ = _compiled_temp_bytes(8, tmp_path)
+    fused4, _, grad4, input_bytes = _compiled_temp_bytes(4, tmp_path, with_plain=False)
+    fused8, plain8, grad8, _ = _compiled_temp_bytes(8, tmp_path, with_plain=True)
     layer_grad = (grad8 - grad4) // 4
     assert layer_grad > 8 * input_bytes  # the bound below tells the two apart
     assert plain8 - fused8 >= grad8, (plain8, fused8, grad8)
