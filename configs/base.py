@@ -52,6 +52,17 @@ def optimizer_config() -> ml_collections.ConfigDict:
             # Operand dtype of the per-step projection matmuls P^T G and P N ("bfloat16":
             # cheaper on GPUs, fp32 accumulation; moments and bases stay fp32).
             "projection_dtype": "float32",
+            # Storage dtype of the bases P / Q ("bfloat16" halves them; decomposed in fp32).
+            "basis_dtype": "float32",
+            # With model.param_dtype="bfloat16": add each update in fp32 and round the params
+            # to bf16 stochastically (unbiased; golore_jax.precision), keyed by seed and step.
+            "stochastic_rounding": False,
+            # Update each decoder layer inside the backward pass (train/layerwise.py): the
+            # gradients of all layers never exist at once. Needs model.scan_layers=True and
+            # grad_clip=0 (a global-norm clip needs them all); layer_grad_clip clips each
+            # layer's gradient (and the embeddings/norm/head's, as one group) by its own norm.
+            "layerwise": False,
+            "layer_grad_clip": 0.0,
         }
     )
 

@@ -4,7 +4,7 @@ He et al., "Subspace Optimization for Large Language Models with Convergence Gua
 (arXiv 2410.11289); Zhao et al., "GaLore" (arXiv 2403.03507).
 """
 
-from golore_jax import layout, online_pca, projectors, sparse
+from golore_jax import layerwise, layout, online_pca, precision, projectors, sparse
 from golore_jax.aliases import (
     galore_adamw,
     galore_sgd,
@@ -21,6 +21,7 @@ from golore_jax.aliases import (
 )
 from golore_jax.memory import optimizer_state_floats, subspace_state_floats
 from golore_jax.online_pca import ScaleByOnlineSubspaceState, scale_by_online_subspace
+from golore_jax.precision import apply_updates_stochastic, stochastic_round_to_bf16
 from golore_jax.quantized import scale_by_adam_8bit
 from golore_jax.sparse import ScaleBySparseSubspaceState, scale_by_sparse_subspace
 from golore_jax.subspace import (
@@ -34,6 +35,7 @@ __all__ = [
     "ScaleByOnlineSubspaceState",
     "ScaleBySparseSubspaceState",
     "ScaleBySubspaceState",
+    "apply_updates_stochastic",
     "default_mask",
     "galore_adamw",
     "galore_sgd",
@@ -44,18 +46,21 @@ __all__ = [
     "golore_sgd",
     "gosare_adamw",
     "gosare_sgd",
+    "layerwise",
     "layout",
     "online_pca",
     "optimizer_state_floats",
     "osd_adamw",
     "osd_sgd",
     "paper_msgd_hyperparams",
+    "precision",
     "projectors",
     "scale_by_adam_8bit",
     "scale_by_online_subspace",
     "scale_by_sparse_subspace",
     "scale_by_subspace",
     "sparse",
+    "stochastic_round_to_bf16",
     "subspace_layouts",
     "subspace_state_floats",
 ]

@@ -86,6 +86,7 @@ def galore_adamw(
     refresh_batch_size: int | None = None,
     refresh_sharding: Any = None,
     projection_dtype: Any = None,
+    basis_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore-AdamW: Adam in the top-``rank`` singular subspace, refreshed every ``update_every``.
 
@@ -116,6 +117,7 @@ def galore_adamw(
         refresh_batch_size=refresh_batch_size,
         refresh_sharding=refresh_sharding,
         projection_dtype=projection_dtype,
+        basis_dtype=basis_dtype,
     )
 
 
@@ -155,6 +157,7 @@ def galore_sgd(
     refresh_batch_size: int | None = None,
     refresh_sharding: Any = None,
     projection_dtype: Any = None,
+    basis_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore with (momentum) SGD, optax's momentum convention (``T <- momentum * T + R``).
 
@@ -178,6 +181,7 @@ def galore_sgd(
         refresh_batch_size=refresh_batch_size,
         refresh_sharding=refresh_sharding,
         projection_dtype=projection_dtype,
+        basis_dtype=basis_dtype,
     )
 
 

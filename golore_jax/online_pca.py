@@ -187,9 +187,12 @@ def scale_by_online_subspace(
             def loss(tree):
                 leaves = treedef.flatten_up_to(tree)
                 return sum(
-                    pca_loss(b, rows_of(chooser[i], lay))
-                    for i, (b, lay) in enumerate(zip(leaves, layouts, strict=True))
-                    if lay is not None
+                    (
+                        pca_loss(b, rows_of(chooser[i], lay))
+                        for i, (b, lay) in enumerate(zip(leaves, layouts, strict=True))
+                        if lay is not None
+                    ),
+                    jnp.zeros([], jnp.float32),  # a float even when no leaf is projected
                 )
 
             pca_grads = jax.grad(loss)(bases_tree)

@@ -25,6 +25,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from golore_jax import layout as layout_lib
+from golore_jax.layerwise import LayerwiseState, split_stack
 from golore_jax.online_pca import ScaleByOnlineSubspaceState
 from golore_jax.sparse import ScaleBySparseSubspaceState
 from golore_jax.subspace import ScaleBySubspaceState
@@ -119,16 +120,54 @@ def _online_specs(
     )
 
 
+def _layerwise_specs(
+    state: LayerwiseState, params: Any, param_specs: Any, stack_path: Any
+) -> LayerwiseState:
+    """The specs of one layer's state (from one layer's params and specs), behind the layer
+    axis's entry; the other params' state from theirs."""
+    if stack_path is None:
+        raise ValueError("state_partition_specs: a LayerwiseState needs stack_path")
+    stack, rest = split_stack(params, stack_path)
+    stack_specs, rest_specs = split_stack(param_specs, stack_path)
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    stack_entries = jax.tree_util.tree_map(
+        lambda x, s: _entries(s, len(x.shape)), stack, stack_specs, is_leaf=is_spec
+    )
+    firsts = {e[0] for e in jax.tree_util.tree_leaves(stack_entries, is_leaf=_is_entries)}
+    layer_axis = firsts.pop() if len(firsts) == 1 else None
+
+    def strip(x):
+        return jax.ShapeDtypeStruct(tuple(x.shape)[1:], x.dtype)
+
+    one_layer_specs = state_partition_specs(
+        jax.tree_util.tree_map(strip, state.layers),
+        jax.tree_util.tree_map(strip, stack),
+        jax.tree_util.tree_map(lambda e: PartitionSpec(*e[1:]), stack_entries, is_leaf=_is_entries),
+    )
+    return LayerwiseState(
+        layers=jax.tree_util.tree_map(
+            lambda s: PartitionSpec(layer_axis, *s), one_layer_specs, is_leaf=is_spec
+        ),
+        rest=state_partition_specs(state.rest, rest, rest_specs),
+    )
+
+
+def _is_entries(x: Any) -> bool:
+    return isinstance(x, tuple) and not isinstance(x, PartitionSpec)
+
+
 def _walk(state: Any, treedef: Any, specs_tree: Any, params_and_specs: Any) -> Any:
     """Specs for ``state``: params-shaped subtrees get ``specs_tree``; the rest replicated."""
     if params_and_specs is not None:
+        if isinstance(state, LayerwiseState):
+            return _layerwise_specs(state, *params_and_specs)
         for state_type, specs_fn in (
             (ScaleBySubspaceState, _subspace_specs),
             (ScaleBySparseSubspaceState, _sparse_specs),
             (ScaleByOnlineSubspaceState, _online_specs),
         ):
             if isinstance(state, state_type):
-                return specs_fn(state, *params_and_specs)
+                return specs_fn(state, *params_and_specs[:2])
     if jax.tree_util.tree_structure(state) == treedef and jax.tree_util.tree_leaves(state):
         return specs_tree
     if isinstance(state, tuple) and hasattr(state, "_fields"):
@@ -142,13 +181,17 @@ def _walk(state: Any, treedef: Any, specs_tree: Any, params_and_specs: Any) -> A
     return PartitionSpec()
 
 
-def state_partition_specs(opt_state: Any, params: Any, param_specs: Any) -> Any:
+def state_partition_specs(
+    opt_state: Any, params: Any, param_specs: Any, *, stack_path: Any = None
+) -> Any:
     """A ``PartitionSpec`` for every leaf of ``opt_state`` (same tree structure).
 
     Args:
       opt_state: an optimizer state, or its ``jax.eval_shape`` (only shapes are read).
       params: the params (or their shapes) the state was initialised from.
       param_specs: a tree like ``params`` of ``PartitionSpec``.
+      stack_path: for a :func:`golore_jax.layerwise.layerwise` state, the path of the stacked
+        layers in ``params``: each layer's state is sharded like that layer's params.
     """
     treedef = jax.tree_util.tree_structure(params)
-    return _walk(opt_state, treedef, param_specs, (params, param_specs))
+    return _walk(opt_state, treedef, param_specs, (params, param_specs, stack_path))

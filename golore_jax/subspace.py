@@ -424,6 +424,7 @@ def scale_by_subspace(
     batch_refresh: bool = True,
     refresh_batch_size: int | None = None,
     projection_dtype: Any = None,
+    basis_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Runs ``inner`` in a rank-``r`` subspace of each projected leaf (Algorithm 1).
 
@@ -466,6 +467,11 @@ def scale_by_subspace(
         ``P N`` (None: float32). ``jnp.bfloat16`` rounds ``G``, ``P`` and ``N`` to bf16
         (fp32 accumulation; ``R``, the moments and the bases stay fp32): cheaper matmuls on
         accelerators, at bf16 rounding of the update (relative error ~2^-8).
+      basis_dtype: storage dtype of the bases in the state (None: float32). ``jnp.bfloat16``
+        halves their memory: a refresh still decomposes in fp32 and stores the basis rounded
+        to nearest; every use (projections, moment rotations, the next refresh's ``previous``)
+        reads it back as fp32 (exact), so the step is the fp32-basis step with the rounded
+        basis. The rounded basis is orthonormal to ~2^-8.
 
     Extra args:
       ``subspace_grads``: a gradient tree like ``updates`` used only to choose the subspace
@@ -496,6 +502,12 @@ def scale_by_subspace(
             f"scale_by_subspace: projection_dtype must be one of "
             f"{[d.name for d in PROJECTION_DTYPES]} or None, got {projection_dtype!r}"
         )
+    if basis_dtype is not None and not _is_projection_dtype(basis_dtype):
+        raise ValueError(
+            f"scale_by_subspace: basis_dtype must be one of "
+            f"{[d.name for d in PROJECTION_DTYPES]} or None, got {basis_dtype!r}"
+        )
+    stored_basis_dtype = jnp.float32 if basis_dtype is None else jnp.dtype(basis_dtype)
     _require_positive_int(
         "scale_by_subspace", "refresh_batch_size", refresh_batch_size, optional=True
     )
@@ -512,7 +524,7 @@ def scale_by_subspace(
         layouts, treedef = plan(params)
         leaves = treedef.flatten_up_to(params)
         bases = [
-            optax.MaskedNode() if lay is None else jnp.zeros(lay.basis_shape, jnp.float32)
+            optax.MaskedNode() if lay is None else jnp.zeros(lay.basis_shape, stored_basis_dtype)
             for lay in layouts
         ]
         low_rank = [
@@ -529,8 +541,10 @@ def scale_by_subspace(
 
     def change_of_basis(inner_state, treedef, layouts, old, new):
         """Rotates the inner state's moments from the old subspaces to the new ones."""
+        f32 = jnp.float32
         changes = [
-            None if lay is None else n.T @ o for lay, o, n in zip(layouts, old, new, strict=True)
+            None if lay is None else n.astype(f32).T @ o.astype(f32)
+            for lay, o, n in zip(layouts, old, new, strict=True)
         ]
 
         def per_leaf(rotate):
@@ -618,7 +632,7 @@ def scale_by_subspace(
                     inputs.append(_projector_input(g, input_kind))
                     usable.append(jax.vmap(_usable_gradient)(g))
                 x = jnp.concatenate(inputs) if len(inputs) > 1 else inputs[0]
-                previous = jnp.stack([bases[i] for i in members])
+                previous = jnp.stack([bases[i] for i in members]).astype(jnp.float32)
                 if refresh_sharding is not None:
                     x = lax.with_sharding_constraint(x, refresh_sharding)
                     previous = lax.with_sharding_constraint(previous, refresh_sharding)
@@ -629,7 +643,7 @@ def scale_by_subspace(
                     choose, keys, x, previous, state.count, jnp.concatenate(usable)
                 )
                 for j, i in enumerate(members):
-                    new[i] = chosen[j]
+                    new[i] = chosen[j].astype(stored_basis_dtype)
                 previous_chosen = chosen
             if rotates_state:
                 inner_state = change_of_basis(inner_state, treedef, layouts, bases, new)

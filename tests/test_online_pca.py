@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import golore_jax as gl
 from golore_jax import online_pca
 
 M, N, R, T = 16, 40, 3, 300
@@ -174,3 +175,18 @@ def test_rank_error_names_the_leaf():
     tx = online_pca.scale_by_online_subspace(optax.identity(), rank=6)
     with pytest.raises(ValueError, match=r"\['layer'\]\['w'\]"):
         tx.init({"layer": {"w": jnp.zeros((6, 10))}})
+
+
+def test_a_tree_without_projected_leaves_runs_its_inner_alone():
+    """Only vectors (e.g. the norms and embeddings a per-layer optimizer leaves outside the
+    layers): the projector step has nothing to fit, and the update is the inner Adam's."""
+    params = {"scale": jnp.ones((5,)), "bias": jnp.arange(3.0)}
+    grads = {"scale": jnp.linspace(-1.0, 1.0, 5), "bias": jnp.array([0.5, -2.0, 1.0])}
+    tx = gl.osd_adamw(0.1, rank=2, update_every=1, weight_decay=0.0)
+    adam = optax.adam(0.1)
+    state, adam_state = tx.init(params), adam.init(params)
+    for _ in range(3):  # the projector step runs at counts 1 and 2
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        want, adam_state = adam.update(grads, adam_state, params)
+        for k in params:
+            np.testing.assert_allclose(updates[k], want[k], rtol=1e-6)

@@ -57,9 +57,22 @@ def comparable(fp: dict[str, Any] | None) -> dict[str, Any]:
     return fp
 
 
+def _is_set(config: Any, dotted: str) -> bool:
+    try:
+        return bool(_lookup(config, dotted))
+    except (KeyError, AttributeError):
+        return False
+
+
+# Must match too, but recorded only when set: older checkpoints (without it) stay resumable.
+MUST_MATCH_WHEN_SET = ("optimizer.layerwise",)  # the layer-wise optimizer state differs
+
+
 def fingerprint(config: Any) -> dict[str, Any]:
     """The fields of ``config`` a checkpoint must agree with, JSON-normalised."""
-    found = json.loads(json.dumps({k: _lookup(config, k) for k in MUST_MATCH}, default=str))
+    fields = {k: _lookup(config, k) for k in MUST_MATCH}
+    fields.update({k: True for k in MUST_MATCH_WHEN_SET if _is_set(config, k)})
+    found = json.loads(json.dumps(fields, default=str))
     return comparable(found)
 
 
@@ -164,11 +177,12 @@ class Checkpoints:
             raise RuntimeError(f"checkpoint {path} is unreadable (its metadata): {e}") from e
         expected, found = fingerprint(config), comparable(meta.get("fingerprint"))
         if found != expected:
-            diffs = [k for k in MUST_MATCH if found.get(k) != expected[k]]
+            keys = [*MUST_MATCH, *MUST_MATCH_WHEN_SET]
+            diffs = [k for k in keys if found.get(k) != expected.get(k)]
             raise ValueError(
                 f"checkpoint {path} does not match the config in {diffs}: checkpoint has "
                 f"{ {k: found.get(k) for k in diffs} }, config has "
-                f"{ {k: expected[k] for k in diffs} }. Use another --workdir to start afresh."
+                f"{ {k: expected.get(k) for k in diffs} }. Use another --workdir to start afresh."
             )
         try:
             restored = self._manager.restore(

@@ -569,6 +569,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.optimizer.get("relora"):
         raise ValueError("config.optimizer.relora=True is for pre-training (train.main) only")
+    if config.optimizer.get("layerwise"):
+        raise ValueError("config.optimizer.layerwise=True is for pre-training (train.main) only")
     optimizer_lib.validate(config.optimizer)
 
 

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import golore_jax as gl
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
+from train import layerwise as layerwise_lib
 from train import model as model_lib
 from train import optimizer as optimizer_lib
 from train import relora as relora_lib
@@ -77,10 +79,25 @@ def validate_config(config: Any) -> None:
             f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}"
         )
     optimizer_lib.validate(config.optimizer)
+    if config.optimizer.get("stochastic_rounding") and config.model.param_dtype != "bfloat16":
+        raise ValueError(
+            "config.optimizer.stochastic_rounding=True needs config.model.param_dtype="
+            f"'bfloat16', got {config.model.param_dtype!r}"
+        )
+    if config.optimizer.get("stochastic_rounding") and config.optimizer.relora:
+        raise ValueError(
+            "config.optimizer.stochastic_rounding=True is not supported with "
+            "config.optimizer.relora=True (the ReLoRA-like step applies its own updates)"
+        )
     if config.optimizer.relora and config.model.scan_layers:
         raise ValueError(
             "config.optimizer.relora=True needs config.model.scan_layers=False (the ReLoRA-like "
             "path reparameterises each layer's 2-D kernels)"
+        )
+    if config.optimizer.get("layerwise") and not config.model.scan_layers:
+        raise ValueError(
+            "config.optimizer.layerwise=True needs config.model.scan_layers=True (it scans "
+            "over the stacked layers)"
         )
 
 
@@ -107,10 +124,16 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     model_config = model_lib.LlamaConfig.from_dict(config.model)
     model = model_lib.LlamaForCausalLM(model_config)
     tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps, num_devices=mesh.size)
+    apply_updates = optimizer_lib.update_applier(config.optimizer, config.seed)
     dummy = jnp.zeros((1, config.seq_len), jnp.int32)
+    layerwise = bool(config.optimizer.get("layerwise"))
+    if layerwise:  # one copy of tx per decoder layer, updated inside the backward pass
+        clip = config.optimizer.layer_grad_clip or None
+        layer_tx = gl.layerwise.per_layer_transform(tx, clip)
+        tx = gl.layerwise.layerwise(tx, layerwise_lib.STACK_PATH, clip_norm=clip)
 
     param_shapes, opt_shapes, param_sharding, opt_sharding = sharding_lib.model_shardings(
-        mesh, model, tx, dummy
+        mesh, model, tx, dummy, stack_path=layerwise_lib.STACK_PATH if layerwise else None
     )
     batch_size_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % batch_size_per_shard:
@@ -170,10 +193,14 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         def apply(operands):
             params, opt_state, adapters = operands
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, adapters
+            return apply_updates(params, updates, state.step), opt_state, adapters
 
         return finish(state, loss, grads, apply)
 
+    if layerwise:
+        train_step = layerwise_lib.make_train_step(
+            model_config, layer_tx, cross_entropy, apply_updates
+        )
     if relora:
         train_step = relora_lib.make_train_step(
             model.apply, cross_entropy, tx, layouts, config.optimizer.update_every, finish
@@ -239,6 +266,11 @@ def _in_context(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
             return fn(*args)
 
+    def lower(*args):  # ahead-of-time: wrapped.lower(*args).compile() (benchmarks/memory.py)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+            return fn.lower(*args)
+
+    wrapped.lower = lower
     return wrapped
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,6 +16,7 @@ from train.sharding import MESH_AXES
 OPTIMIZERS = ("adamw", "galore", "golore", "hybrid", "importance", "gasare", "gosare", "osd")
 INNERS = ("adamw", "adamw8bit", "msgd")
 PROJECTION_DTYPES = ("float32", "bfloat16")  # config.optimizer.projection_dtype
+BASIS_DTYPES = ("float32", "bfloat16")  # config.optimizer.basis_dtype
 RELORA_OPTIMIZERS = ("galore", "golore", "hybrid", "importance")
 
 
@@ -93,6 +95,28 @@ def validate(opt: Any) -> None:
         raise ValueError(
             f"config.optimizer.projection_dtype must be one of {PROJECTION_DTYPES}, "
             f"got {opt.projection_dtype!r}"
+        )
+    if opt.get("basis_dtype", "float32") not in BASIS_DTYPES:
+        raise ValueError(
+            f"config.optimizer.basis_dtype must be one of {BASIS_DTYPES}, got {opt.basis_dtype!r}"
+        )
+    if opt.get("basis_dtype", "float32") != "float32" and opt.name not in RELORA_OPTIMIZERS:
+        raise ValueError(
+            f"config.optimizer.basis_dtype={opt.basis_dtype!r} applies to the basis projectors "
+            f"{RELORA_OPTIMIZERS}, not to name={opt.name!r}"
+        )
+    if opt.get("layerwise") and opt.grad_clip:
+        raise ValueError(
+            f"config.optimizer.grad_clip={opt.grad_clip} is a global-norm clip, which "
+            "config.optimizer.layerwise=True cannot do (the layers' gradients never exist "
+            "together): set grad_clip=0, and layer_grad_clip for a per-layer clip"
+        )
+    if opt.get("layer_grad_clip", 0.0) < 0 or (
+        opt.get("layer_grad_clip", 0.0) and not opt.get("layerwise")
+    ):
+        raise ValueError(
+            f"config.optimizer.layer_grad_clip={opt.layer_grad_clip} needs layerwise=True "
+            "and a value >= 0 (the plain step clips by the global norm: grad_clip)"
         )
     if opt.get("relora"):
         if opt.name not in RELORA_OPTIMIZERS:
@@ -173,6 +197,7 @@ def build_optimizer(
             batch_refresh=opt.get("batch_refresh", True),
             refresh_batch_size=opt.get("refresh_batch_size", 0) or None,
             projection_dtype=opt.get("projection_dtype", "float32"),
+            basis_dtype=opt.get("basis_dtype", "float32"),
         )
         if opt.inner in ("adamw", "adamw8bit"):
             tx = gl.galore_adamw(
@@ -189,3 +214,31 @@ def build_optimizer(
     if opt.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
     return tx
+
+
+# Separates the rounding noise's PRNG stream from the init key (both come from config.seed),
+# and the layers' streams (the layer-wise update applies each layer on its own) from the rest.
+_ROUNDING_STREAM = 0x5352
+_LAYER_STREAM = 0x4C59
+
+
+def update_applier(opt: Any, seed: int) -> Callable[..., Any]:
+    """``(params, updates, step, layer=None) -> new params``: ``optax.apply_updates``, or with
+    ``opt.stochastic_rounding`` :func:`golore_jax.apply_updates_stochastic` keyed by
+    ``fold_in(key(seed), step)`` (a resumed run rounds exactly as the uninterrupted one).
+
+    ``layer`` (an int or traced index, e.g. inside a scan over stacked layers): the subtree of
+    that layer gets its own noise; without it, every layer's leaves at the same position in
+    their subtree would be rounded with the same noise.
+    """
+    if not opt.get("stochastic_rounding", False):
+        return lambda params, updates, step, layer=None: optax.apply_updates(params, updates)
+    stream = jax.random.fold_in(jax.random.key(seed), _ROUNDING_STREAM)
+
+    def apply(params, updates, step, layer=None):
+        key = jax.random.fold_in(stream, step)
+        if layer is not None:
+            key = jax.random.fold_in(jax.random.fold_in(key, _LAYER_STREAM), layer)
+        return gl.apply_updates_stochastic(params, updates, key)
+
+    return apply

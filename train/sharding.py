@@ -107,7 +107,7 @@ def named(mesh: Mesh, mesh_specs: Any) -> Any:
 
 
 def param_and_state_shardings(
-    mesh: Mesh, boxed_params: Any, opt_state_shapes: Any
+    mesh: Mesh, boxed_params: Any, opt_state_shapes: Any, stack_path: Any = None
 ) -> tuple[Any, Any]:
     """NamedShardings for params (from their logical names) and for the optimizer state.
 
@@ -118,7 +118,9 @@ def param_and_state_shardings(
     params_shapes = nn.unbox(boxed_params)
     param_specs = logical_to_mesh(logical)
     check_divisible(params_shapes, param_specs, mesh, "param")
-    state_specs = state_partition_specs(opt_state_shapes, params_shapes, param_specs)
+    state_specs = state_partition_specs(
+        opt_state_shapes, params_shapes, param_specs, stack_path=stack_path
+    )
     return named(mesh, param_specs), named(mesh, state_specs)
 
 
@@ -131,14 +133,17 @@ class ModelShardings(NamedTuple):
     opt_state: Any
 
 
-def model_shardings(mesh: Mesh, model: nn.Module, tx: Any, tokens: jax.Array) -> ModelShardings:
+def model_shardings(
+    mesh: Mesh, model: nn.Module, tx: Any, tokens: jax.Array, stack_path: Any = None
+) -> ModelShardings:
     """Shapes and shardings of ``model.init(key, tokens)['params']`` and ``tx.init`` of them,
-    found without allocating anything (``jax.eval_shape``)."""
+    found without allocating anything (``jax.eval_shape``). ``stack_path``: where the stacked
+    layers are, for a ``golore_jax.layerwise`` optimizer state."""
     with nn.logical_axis_rules(LOGICAL_RULES):
         boxed = jax.eval_shape(lambda k: model.init(k, tokens)["params"], jax.random.key(0))
         param_shapes = nn.unbox(boxed)
         opt_shapes = jax.eval_shape(tx.init, param_shapes)
-        params, opt_state = param_and_state_shardings(mesh, boxed, opt_shapes)
+        params, opt_state = param_and_state_shardings(mesh, boxed, opt_shapes, stack_path)
     return ModelShardings(param_shapes, opt_shapes, params, opt_state)
 
 

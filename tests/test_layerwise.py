@@ -1,0 +1,329 @@
+"""Layer-wise updates inside the backward pass (config.optimizer.layerwise, golore_jax.layerwise).
+
+The fused step must give the trajectory of the plain step, shard like it, resume exactly, and
+never hold the gradients of all layers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import golore_jax as gl
+from configs import finetune_boolq
+from tests.child_env import eight_devices_env
+from tests.train_fixtures import tiny_config
+from train import checkpoint as checkpoint_lib
+from train import data as data_lib
+from train import finetune
+from train import layerwise as layerwise_lib
+from train import main as main_lib
+from train import optimizer as optimizer_lib
+from train import sharding as sharding_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAYERWISE = {"optimizer.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True}
+
+
+def _batches(config, steps):
+    datasets = data_lib.build_datasets(
+        config.data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=0
+    )
+    return [next(datasets.train) for _ in range(steps)]
+
+
+def _full_gradient_step(trainer):
+    """The plain step with the layer-wise trainer's own optimizer: the full gradient by
+    ``jax.value_and_grad`` of ``model.apply``, then ``tx.update`` (golore_jax.layerwise's
+    ``update``: the same per-layer transform, layer after layer, on the full gradient)."""
+
+    def step(state, batch):
+        def loss_fn(params):
+            logits = trainer.model.apply({"params": params}, batch["inputs"])
+            return main_lib.cross_entropy(logits, batch["targets"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+        return state._replace(
+            params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        ), loss
+
+    return step
+
+
+def _reference_step(trainer):
+    return jax.jit(_full_gradient_step(trainer))
+
+
+@pytest.mark.parametrize("inner", ["adamw", "msgd"])
+@pytest.mark.parametrize("name", ["galore", "golore", "hybrid"])
+def test_fused_step_follows_the_full_gradient_step(tmp_path, name, inner):
+    """The fused backward-pass update against the plain step with the same optimizer.
+
+    Reference: ``value_and_grad`` of the whole model, then the same per-layer transforms
+    applied to the full gradient (``golore_jax.layerwise``'s ``update``). Both hold the same
+    state, so GoLore's per-layer PRNG streams (the layer index folded into the key) are the
+    same in both: the comparison checks the fused backward, not a random draw. 5 steps with a
+    refresh every 2 (steps 0, 2, 4: three refreshes), the hybrid switching at step 3; fp32, no
+    clipping; losses to rtol 1e-5 and the final params to 1e-4.
+
+    ``momentum_projection=True``: without it, GaLore keeps the first moment in the old basis's
+    coordinates, so the update after a refresh depends on the sign the decomposition gives each
+    basis vector, and rounding-level differences in the gradient can flip one (seen here: the
+    8th vector of a q_proj at the second refresh; the losses still agree to 1e-5, the params to
+    ~20% of that leaf's update). Carrying the moment into the new basis makes the update
+    independent of those signs, so the params can be compared tightly.
+    """
+    config = tiny_config(tmp_path, **LAYERWISE)
+    config.optimizer.name, config.optimizer.inner = name, inner
+    config.optimizer.momentum_projection = True
+    trainer = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
+    reference = _reference_step(trainer)
+    state = trainer.init(jax.random.key(0))
+    expected = jax.tree_util.tree_map(jnp.copy, state)  # the fused step donates its input
+    losses, reference_losses = [], []
+    for batch in _batches(config, 5):
+        batch = main_lib.to_global(batch, trainer.batch_sharding)
+        state, metrics = trainer.train_step(state, batch)
+        expected, loss = reference(expected, batch)
+        assert bool(metrics["finite"]) and metrics["leaf_finite"].shape == (12,)
+        losses.append(float(metrics["loss"]))
+        reference_losses.append(float(loss))
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]  # it trains
+    for got, want in zip(
+        jax.tree_util.tree_leaves(state.params),
+        jax.tree_util.tree_leaves(expected.params),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_galore_follows_the_plain_trainer_on_unstacked_layers(tmp_path):
+    """GaLore (deterministic projector) layer by layer on the stacked model = the plain trainer
+    on the same weights unstacked (scan_layers=False: one leaf per layer, updated from the full
+    gradient by the unchanged optimizer). 5 steps, refreshes at 0, 2, 4; losses to 1e-5."""
+    config = tiny_config(tmp_path, **LAYERWISE)
+    config.optimizer.name = "galore"
+    config.optimizer.momentum_projection = True  # see the test above
+    fused = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
+    plain_config = tiny_config(tmp_path, **{"optimizer.grad_clip": 0.0})
+    plain_config.optimizer.name = "galore"
+    plain_config.optimizer.momentum_projection = True
+    plain = main_lib.build_trainer(plain_config, sharding_lib.make_mesh(plain_config.mesh))
+    state = fused.init(jax.random.key(0))
+    copy = jax.tree_util.tree_map(jnp.copy, state.params)  # the fused step donates its input
+    unstacked = {k: v for k, v in copy["model"].items() if k != "layers"}
+    for i in range(config.model.num_layers):
+        unstacked[f"layers_{i}"] = jax.tree_util.tree_map(
+            lambda a, i=i: a[i], copy["model"]["layers"]
+        )
+    params = {"model": unstacked, "lm_head": copy["lm_head"]}
+    plain_state = main_lib.TrainState(
+        jnp.zeros([], jnp.int32), params, plain.tx.init(params), jnp.zeros([], jnp.int32)
+    )
+    losses, plain_losses = [], []
+    for batch in _batches(config, 5):
+        state, metrics = fused.train_step(state, main_lib.to_global(batch, fused.batch_sharding))
+        plain_state, plain_metrics = plain.train_step(
+            plain_state, main_lib.to_global(batch, plain.batch_sharding)
+        )
+        losses.append(float(metrics["loss"]))
+        plain_losses.append(float(plain_metrics["loss"]))
+        # The global gradient norm, summed layer by layer.
+        assert float(metrics["grad_norm"]) == pytest.approx(
+            float(plain_metrics["grad_norm"]), rel=1e-5
+        )
+    np.testing.assert_allclose(losses, plain_losses, rtol=1e-5)
+    np.testing.assert_allclose(
+        state.params["model"]["layers"]["mlp"]["down_proj"]["kernel"][1],
+        plain_state.params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"],
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def _host(x):
+    """A numpy copy (a PRNG key's data)."""
+    return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+
+
+def test_non_finite_loss_changes_nothing_but_the_counters(tmp_path):
+    """A NaN in the top layer's weights makes the loss NaN: no layer, nor the embedding, norm
+    or head, is updated; the step counts as skipped and the metrics name the bad leaves."""
+    config = tiny_config(tmp_path, **LAYERWISE)
+    trainer = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
+    state = trainer.init(jax.random.key(0))
+    batch = main_lib.to_global(_batches(config, 1)[0], trainer.batch_sharding)
+    state, _ = trainer.train_step(state, batch)  # a finite step first: a nonzero state
+    kernel = state.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    bad_params = jax.tree_util.tree_map(jnp.copy, state.params)
+    bad_params["model"]["layers"]["mlp"]["up_proj"]["kernel"] = kernel.at[1, 0, 0].set(jnp.nan)
+    bad = state._replace(params=bad_params)
+    before = jax.tree_util.tree_map(_host, (bad.params, bad.opt_state))
+    after, metrics = trainer.train_step(bad, batch)
+    assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
+    assert int(after.step) == 2 and int(after.skipped) == 1
+    after_leaves = jax.tree_util.tree_leaves((after.params, after.opt_state))
+    for got, want in zip(after_leaves, jax.tree_util.tree_leaves(before), strict=True):
+        np.testing.assert_array_equal(_host(got), want)  # NaN == NaN here
+    bad_leaves = [
+        p for p, ok in zip(trainer.param_paths, metrics["leaf_finite"], strict=True) if not ok
+    ]
+    assert "['model']['layers']['mlp']['up_proj']['kernel']" in bad_leaves
+
+
+def test_resume_is_exact(tmp_path):
+    """Saving at step 3 and restoring into the trainer's abstract state (built with
+    ``eval_shape``: the layer-wise state has a leading layer axis and per-layer keys), then
+    3 more steps, gives bit-identical losses and params to 6 uninterrupted steps (refresh every
+    2 steps, the hybrid's switch at step 3)."""
+    config = tiny_config(tmp_path, **LAYERWISE)
+    trainer = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
+    batches = [main_lib.to_global(b, trainer.batch_sharding) for b in _batches(config, 6)]
+    state = trainer.init(jax.random.key(0))
+    losses = []
+    for t, batch in enumerate(batches):
+        if t == 3:
+            checkpoints = checkpoint_lib.Checkpoints(tmp_path / "run", keep=1, every=3)
+            meta = {"data_position": 3, "fingerprint": checkpoint_lib.fingerprint(config)}
+            checkpoints.save(3, state, meta)
+        state, metrics = trainer.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    step, resumed, _ = checkpoints.restore_latest(trainer.abstract_state, config)
+    assert step == 3 and int(resumed.step) == 3
+    assert resumed.opt_state.layers[0].key.shape == (config.model.num_layers,)
+    resumed_losses = losses[:3]
+    for batch in batches[3:]:
+        resumed, metrics = trainer.train_step(resumed, batch)
+        resumed_losses.append(float(metrics["loss"]))
+    checkpoints.close()
+    assert resumed_losses == losses
+    for got, want in zip(
+        jax.tree_util.tree_leaves(resumed.params),
+        jax.tree_util.tree_leaves(state.params),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
+    """Mesh 2x2x2 (data x fsdp x tensor) gives the losses of 1 device; each layer's
+    state slice is sharded like that layer's params, behind an unsharded layer axis."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.layerwise_multidevice_check", str(tmp_path)],
+        env=eight_devices_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    for name in ("2x2x2",):
+        # fp32; only the order of cross-device reductions differs.
+        assert result["losses"][name] == pytest.approx(result["losses"]["1"], rel=1e-5), name
+        specs = result["specs"][name]
+        assert specs["q_kernel"] == "P(None, 'fsdp', 'tensor')"
+        # Left-projected q (64 x 64): P spans rows (fsdp), the r x n moment keeps cols (tensor).
+        assert specs["q_basis"] == "P(None, 'fsdp', None)"
+        assert specs["q_mu"] == "P(None, None, 'tensor')"
+        assert specs["q_mu_shard_shape"] == [2, 8, 32]  # 2 layers, r=8, 64 cols over tensor=2
+        # Right-projected down_proj (128 x 64): Q spans cols (fsdp), the m x r moment rows.
+        assert specs["down_basis"] == "P(None, 'fsdp', None)"
+        assert specs["down_mu"] == "P(None, 'tensor', None)"
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            {"optimizer.layerwise": True, "optimizer.grad_clip": 0.0},
+            "needs config.model.scan_layers=True",
+        ),
+        ({**LAYERWISE, "optimizer.grad_clip": 1.0}, "grad_clip=1.0 is a global-norm clip"),
+        ({"optimizer.layer_grad_clip": 1.0}, "layer_grad_clip=1.0 needs layerwise=True"),
+    ],
+)
+def test_bad_layerwise_config_raises(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        main_lib.validate_config(tiny_config(tmp_path, **overrides))
+
+
+def _compiled_temp_bytes(num_layers: int, tmp_path, with_plain: bool) -> tuple:
+    """Compiled scratch bytes of the fused step and of the full-gradient step (both with
+    activation checkpointing per layer, donated state), the stacked layers' fp32 gradient
+    bytes and one layer input's bytes, for a tiny model of ``num_layers`` layers (the full-
+    gradient step's only ``with_plain``: None otherwise)."""
+    config = tiny_config(tmp_path, **LAYERWISE)
+    config.model.num_layers, config.model.remat, config.batch_size = num_layers, True, 2
+    config.optimizer.name = "galore"
+    mesh = sharding_lib.make_mesh(config.mesh)
+    trainer = main_lib.build_trainer(config, mesh)
+    tx = gl.layerwise.per_layer_transform(
+        optimizer_lib.build_optimizer(config.optimizer, config.num_steps)
+    )
+    fused = layerwise_lib.make_train_step(trainer.model.config, tx, main_lib.cross_entropy)
+    plain = _full_gradient_step(trainer)
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (config.batch_size, config.seq_len), jnp.int32, sharding=trainer.batch_sharding
+        )
+        for k in ("inputs", "targets")
+    }
+    temp = {"plain": None}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+        for name, step in (("fused", fused), ("plain", plain))[: 2 if with_plain else 1]:
+            compiled = (
+                jax.jit(step, donate_argnums=0).lower(trainer.abstract_state, batch).compile()
+            )
+            temp[name] = compiled.memory_analysis().temp_size_in_bytes
+    stack = trainer.abstract_state.params["model"]["layers"]
+    grad_bytes = sum(math.prod(x.shape) * 4 for x in jax.tree_util.tree_leaves(stack))
+    input_bytes = config.batch_size * config.seq_len * config.model.hidden_size * 4
+    return temp["fused"], temp["plain"], grad_bytes, input_bytes
+
+
+def test_compiled_step_holds_no_stack_of_layer_gradients(tmp_path):
+    """XLA's compiled scratch (``memory_analysis().temp_size_in_bytes``, params and state
+    excluded: they are donated in/out buffers) of a 4- and an 8-layer model (hidden 64).
+
+    * The full-gradient step's scratch exceeds the fused step's by at least the stacked
+      layers' fp32 gradient (1.3 MB at 8 layers): it holds that gradient (and the updates).
+    * Four more layers add to the fused step's scratch no more than their four saved inputs
+      (16 KiB each) plus 1 KiB per layer, where one layer's gradient is 164 KB: no buffer
+      grows with the number of layers' gradients.
+    """
+    fused4, _, grad4, input_bytes = _compiled_temp_bytes(4, tmp_path, with_plain=False)
+    fused8, plain8, grad8, _ = _compiled_temp_bytes(8, tmp_path, with_plain=True)
+    layer_grad = (grad8 - grad4) // 4
+    assert layer_grad > 8 * input_bytes  # the bound below tells the two apart
+    assert plain8 - fused8 >= grad8, (plain8, fused8, grad8)
+    assert fused8 - fused4 <= 4 * (input_bytes + 1024), (fused8, fused4, input_bytes)
+
+
+def test_checkpoint_fingerprint_tells_layerwise_from_plain(tmp_path):
+    """The layer-wise state differs from the plain one: a run refuses the other's checkpoint
+    (a clear mismatch, the checkpoint kept) instead of failing to read it. Plain fingerprints
+    are unchanged, so older checkpoints stay resumable."""
+    plain = checkpoint_lib.fingerprint(tiny_config(tmp_path, **{"model.scan_layers": True}))
+    fused = checkpoint_lib.fingerprint(tiny_config(tmp_path, **LAYERWISE))
+    assert "optimizer.layerwise" not in plain
+    assert fused == {**plain, "optimizer.layerwise": True}
+
+
+def test_finetune_refuses_layerwise():
+    config = finetune_boolq.get_config()
+    config.optimizer.layerwise = True
+    with pytest.raises(ValueError, match="layerwise=True is for pre-training"):
+        finetune.validate_config(config)
