@@ -13,7 +13,8 @@ from train.data import default_data_config
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
-    """The optimizer block: adamw | galore | golore | hybrid, AdamW or MSGD inside."""
+    """The optimizer block: adamw | galore | golore | hybrid | ..., AdamW or MSGD inside
+    (``train.optimizer.OPTIMIZERS``; optax_galore is ``optax.contrib.galore``)."""
     return ml_collections.ConfigDict(
         {
             # adamw (full-parameter) | galore (SVD) | golore (random) | hybrid (GoLore@x%).
@@ -52,6 +53,10 @@ def optimizer_config() -> ml_collections.ConfigDict:
             # Operand dtype of the per-step projection matmuls P^T G and P N ("bfloat16":
             # cheaper on GPUs, fp32 accumulation; moments and bases stay fp32).
             "projection_dtype": "float32",
+            # Which side of a matrix is projected: gradient (GaLore's rule, the smaller side) |
+            # state (fewer basis + moment floats: optax.contrib.galore's side with Adam) |
+            # left | right. name=optax_galore always uses optax's own rule and SVD.
+            "side": "gradient",
         }
     )
 

@@ -25,6 +25,7 @@ from golore_jax.quantized import scale_by_adam_8bit
 from golore_jax.sparse import ScaleBySparseSubspaceState, scale_by_sparse_subspace
 from golore_jax.subspace import (
     ScaleBySubspaceState,
+    count_moments,
     default_mask,
     scale_by_subspace,
     subspace_layouts,
@@ -34,6 +35,7 @@ __all__ = [
     "ScaleByOnlineSubspaceState",
     "ScaleBySparseSubspaceState",
     "ScaleBySubspaceState",
+    "count_moments",
     "default_mask",
     "galore_adamw",
     "galore_sgd",
