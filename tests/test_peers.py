@@ -184,3 +184,111 @@ def test_forced_side_is_an_orthogonal_projection(side):
         expected = b @ (b.T @ g) if side == "left" else (g @ b) @ b.T
         assert b.shape[0] == (g.shape[0] if side == "left" else g.shape[1])
         np.testing.assert_allclose(upd[k], expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's optax_galore and side options, and the compile-time benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_optimizer(**overrides):
+    from configs import llama_tiny
+
+    opt = llama_tiny.get_config().optimizer
+    opt.update(overrides)
+    return opt
+
+
+def _kernels():
+    rng = np.random.default_rng(0)
+    return {
+        "embed": {"embedding": jnp.asarray(rng.standard_normal((20, 8)), jnp.float32)},
+        "mlp": {"kernel": jnp.asarray(rng.standard_normal((8, 12)), jnp.float32)},
+        "norm": {"scale": jnp.ones((8,), jnp.float32)},
+    }
+
+
+def test_trainer_optax_galore_is_optax_contrib_galore_on_the_kernels():
+    """name=optax_galore builds optax.contrib.galore projecting what golore_jax projects (the
+    kernel, not the embedding), and its updates equal a hand-built optax.contrib.galore's."""
+    from train import optimizer as optimizer_lib
+
+    opt = _tiny_optimizer(name="optax_galore", rank=3, update_every=2, grad_clip=0.0)
+    tx = optimizer_lib.build_optimizer(opt, num_steps=10)
+    params = _kernels()
+    schedule = optimizer_lib.learning_rate_schedule(opt, 10)
+    reference = optax.contrib.galore(
+        schedule,
+        rank=3,
+        update_proj_gap=2,
+        scale=opt.scale,
+        base_optimizer=optax.scale_by_adam(opt.b1, opt.b2, opt.eps),
+        weight_decay=opt.weight_decay,
+        weight_dimension_numbers={
+            "embed": {"embedding": None},
+            "mlp": {"kernel": optax.contrib.GaLoreDimensionNumbers()},
+            "norm": {"scale": None},
+        },
+    )
+    s, s_ref = tx.init(params), reference.init(params)
+    for step in range(3):
+        grads = jax.tree.map(lambda p, step=step: jnp.sin(p * (step + 1)), params)
+        u, s = tx.update(grads, s, params)
+        u_ref, s_ref = reference.update(grads, s_ref, params)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref), strict=True):
+            np.testing.assert_array_equal(a, b)
+    projectors = s[0].projector  # (8, 12) is wide: optax projects its right side, Q is 12 x 3
+    assert projectors["embed"]["embedding"].size == 0
+    assert projectors["mlp"]["kernel"].shape == (12, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"side": "top"}, r"config.optimizer.side must be one of"),
+        ({"name": "optax_galore", "inner": "adamw8bit"}, r"optax_galore' has no inner"),
+        ({"name": "optax_galore", "momentum_projection": True}, r"momentum_projection=False"),
+        ({"relora": True, "side": "state", "grad_clip": 0.0}, r"relora=True needs side"),
+    ],
+)
+def test_trainer_rejects_bad_side_and_optax_galore_settings(overrides, message):
+    from train import optimizer as optimizer_lib
+
+    with pytest.raises(ValueError, match=message):
+        optimizer_lib.validate(_tiny_optimizer(**overrides))
+
+
+def test_trainer_side_reaches_the_transform():
+    """config.optimizer.side=state gives optax's side (left on a tall kernel)."""
+    from train import optimizer as optimizer_lib
+
+    params = {"mlp": {"kernel": jnp.ones((12, 8), jnp.float32)}}
+    for side, basis_rows in (("gradient", 8), ("state", 12), ("left", 12), ("right", 8)):
+        opt = _tiny_optimizer(name="galore", rank=3, side=side, grad_clip=0.0)
+        state = optimizer_lib.build_optimizer(opt, num_steps=10).init(params)
+        bases = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, gl.ScaleBySubspaceState))
+        (sub,) = [b for b in bases if isinstance(b, gl.ScaleBySubspaceState)]
+        assert sub.bases["mlp"]["kernel"].shape == (basis_rows, 3), side
+
+
+def test_compile_time_benchmark_rows(tmp_path):
+    """benchmarks/compile_time.py (update mode) times each optimizer and writes its rows."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out_json = tmp_path / "rows.json"
+    cmd = [sys.executable, "-m", "benchmarks.compile_time", "--models", "llama_tiny"]
+    cmd += ["--layers", "1", "--repeats", "1", "--optimizers", "optax_galore,galore_adamw"]
+    out = subprocess.run(
+        [*cmd, "--json", str(out_json)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out_json.read_text())
+    assert [r["optimizer"] for r in rows] == ["optax_galore", "galore_adamw"]
+    for r in rows:
+        assert r["compile_s"] > 0 and r["lower_s"] > 0 and r["matrices"] == 7
+        assert r["total_s"] == pytest.approx(r["lower_s"] + r["compile_s"])
+    assert "| update | llama_tiny | galore_adamw |" in out.stdout

@@ -245,6 +245,11 @@ def _in_context(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
             return fn(*args)
 
+    def lower(*args):  # ahead-of-time, e.g. benchmarks/compile_time.py
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+            return fn.lower(*args)
+
+    wrapped.lower = lower
     return wrapped
 
 

@@ -149,14 +149,18 @@ SVD_PROJECTORS = {
 }
 
 
-def _optax_galore(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+def optax_galore(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int,
+    update_proj_gap: int,
+    scale: float,
+    base_optimizer: optax.GradientTransformation,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformation:
     """``optax.contrib.galore`` on the matrices golore_jax's default mask projects (attention
     and MLP kernels; not the embedding or the head), with its own SVD and side rule."""
-    base = (
-        optax.scale_by_adam(opt.b1, opt.b2, opt.eps)
-        if opt.inner == "adamw"
-        else optax.trace(decay=opt.momentum)
-    )
 
     def dimension_numbers(params):
         def spec(path, leaf, selected):
@@ -173,13 +177,13 @@ def _optax_galore(opt: Any, schedule: optax.Schedule) -> optax.GradientTransform
         return jax.tree_util.tree_map_with_path(spec, params, gl.default_mask(params))
 
     return optax.contrib.galore(
-        schedule,
-        rank=opt.rank,
-        update_proj_gap=opt.update_every,
-        scale=opt.scale,
-        base_optimizer=base,
-        weight_decay=opt.weight_decay,
-        mask=_matrices,
+        learning_rate,
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        base_optimizer=base_optimizer,
+        weight_decay=weight_decay,
+        mask=weight_decay_mask,
         weight_dimension_numbers=dimension_numbers,
     )
 
@@ -213,7 +217,19 @@ def build_optimizer(
     elif opt.name in ("gasare", "gosare", "osd"):
         tx = _family_optimizer(opt, schedule)
     elif opt.name == "optax_galore":
-        tx = _optax_galore(opt, schedule)
+        tx = optax_galore(
+            schedule,
+            rank=opt.rank,
+            update_proj_gap=opt.update_every,
+            scale=opt.scale,
+            base_optimizer=(
+                optax.scale_by_adam(opt.b1, opt.b2, opt.eps)
+                if opt.inner == "adamw"
+                else optax.trace(decay=opt.momentum)
+            ),
+            weight_decay=opt.weight_decay,
+            weight_decay_mask=_matrices,
+        )
     else:
         if opt.projector not in SVD_PROJECTORS:
             raise ValueError(
