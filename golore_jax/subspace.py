@@ -422,8 +422,14 @@ def _projector_input(g: jax.Array, kind: str) -> jax.Array:
 
 
 def _usable_gradient(g: jax.Array) -> jax.Array:
-    """A gradient a projector may choose from: finite and not all zero."""
-    return jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
+    """A gradient a projector may choose from: finite and not all zero.
+
+    One reduction, ``max |g|`` (NaN if any entry is NaN: XLA's max propagates NaN), instead of
+    ``all(isfinite(g)) & any(g != 0)``: the same answer, and on a stacked refresh the two
+    reductions cost about 0.7 s of XLA:CPU compile time at LLaMA-60M (benchmarks/compile_time).
+    """
+    largest = jnp.max(jnp.abs(g))
+    return jnp.isfinite(largest) & (largest > 0)
 
 
 def _guarded(

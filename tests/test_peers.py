@@ -292,3 +292,28 @@ def test_compile_time_benchmark_rows(tmp_path):
         assert r["compile_s"] > 0 and r["lower_s"] > 0 and r["matrices"] == 7
         assert r["total_s"] == pytest.approx(r["lower_s"] + r["compile_s"])
     assert "| update | llama_tiny | galore_adamw |" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1.0, 0.0],
+        [0.0, 0.0],
+        [1.0, np.nan],
+        [np.nan, 1.0],
+        [np.inf, 1.0],
+        [1.0, -np.inf],
+        [np.nan, np.inf],
+        [-3.0, 0.0],
+    ],
+)
+def test_usable_gradient_is_finite_and_nonzero(values):
+    """The one-reduction check (max |g|, cheaper to compile) says what all(isfinite(g)) &
+    any(g != 0) says, eagerly, under jit and under vmap (the batched refresh)."""
+    from golore_jax.subspace import _usable_gradient
+
+    g = jnp.asarray(values, jnp.float32).reshape(1, 2)
+    expected = bool(np.all(np.isfinite(values)) and np.any(np.asarray(values) != 0))
+    assert bool(_usable_gradient(g)) == expected
+    assert bool(jax.jit(_usable_gradient)(g)) == expected
+    assert bool(jax.vmap(_usable_gradient)(jnp.stack([g, jnp.ones_like(g)]))[0]) == expected
