@@ -317,3 +317,47 @@ def test_usable_gradient_is_finite_and_nonzero(values):
     assert bool(_usable_gradient(g)) == expected
     assert bool(jax.jit(_usable_gradient)(g)) == expected
     assert bool(jax.vmap(_usable_gradient)(jnp.stack([g, jnp.ones_like(g)]))[0]) == expected
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_relora_dense_reads_the_side_from_the_adapter(side):
+    """A square kernel's adapter is W0 + P A (left) or W0 + A Q^T (right) as its shapes say, so
+    the model follows whichever side rule the optimizer used."""
+    from train import model as model_lib
+
+    rng = np.random.default_rng(0)
+    x, w0 = rng.standard_normal((3, 6)), rng.standard_normal((6, 6))
+    basis, coef = (
+        rng.standard_normal((6, 2)),
+        rng.standard_normal((2, 6) if side == "left" else (6, 2)),
+    )
+    merged = w0 + (basis @ coef if side == "left" else coef @ basis.T)
+    dense = model_lib.Dense(6, use_bias=False, dtype=jnp.float32)
+    variables = {
+        "params": {"kernel": jnp.asarray(w0, jnp.float32)},
+        model_lib.ADAPTER: {
+            "basis": jnp.asarray(basis, jnp.float32),
+            "coef": jnp.asarray(coef, jnp.float32),
+        },
+    }
+    y = dense.apply(variables, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(y, x @ merged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("side", "basis_spec", "moment_spec"),
+    [("left", ("rows", None), (None, "cols")), ("right", ("cols", None), ("rows", None))],
+)
+def test_partition_specs_follow_the_side_of_a_square_leaf(side, basis_spec, moment_spec):
+    """A square leaf's basis is (m, r) on both sides: the moments' shape tells the side."""
+    from jax.sharding import PartitionSpec
+
+    from golore_jax import partitioning
+
+    params = {"sq": jnp.zeros((8, 8), jnp.float32)}
+    tx = gl.scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2, side=side)
+    state = jax.eval_shape(tx.init, params)
+    specs = partitioning.state_partition_specs(state, params, {"sq": PartitionSpec("rows", "cols")})
+    assert specs.bases["sq"] == PartitionSpec(*basis_spec)
+    assert specs.inner_state.mu["sq"] == PartitionSpec(*moment_spec)
+    assert specs.inner_state.nu["sq"] == PartitionSpec(*moment_spec)
