@@ -42,7 +42,8 @@ UPDATE_OPTIMIZERS = (
     "golore_sgd",
     "hybrid_adamw",
 )
-TRAIN_STEP_OPTIMIZERS = ("adamw", "galore", "optax_galore")
+# galore: our GaLore with the SVD projector (optax's); galore_gram: with gram_eigh (the default)
+TRAIN_STEP_OPTIMIZERS = ("adamw", "galore", "galore_gram", "optax_galore")
 
 
 def layer_params(model: str, layers: int) -> dict[str, Any]:
@@ -147,9 +148,11 @@ def measure_train_step(model: str, name: str, repeats: int) -> dict[str, Any]:
     from train import main as main_lib
     from train import sharding as sharding_lib
 
+    if name not in TRAIN_STEP_OPTIMIZERS:
+        raise ValueError(f"--optimizers: unknown {name!r}; one of {TRAIN_STEP_OPTIMIZERS}")
     config = importlib.import_module(f"configs.{model}").get_config()
-    config.optimizer.name = name
-    config.optimizer.projector = "svd"  # GaLore's reference projector, as optax's
+    config.optimizer.name = "galore" if name == "galore_gram" else name
+    config.optimizer.projector = "gram_eigh" if name == "galore_gram" else "svd"
     mesh = sharding_lib.make_mesh(config.mesh)
     times = []
     for _ in range(repeats):
