@@ -44,7 +44,7 @@ MODELS = {  # hidden, intermediate, heads, layers, GaLore rank, batch at seq 256
     "llama_1b": (2048, 5461, 32, 24, 512, 16),
     "llama_7b": (4096, 11008, 32, 32, 1024, 4),
 }
-OPTIMIZERS = ("adamw", "galore", "galore_gram", "golore")
+OPTIMIZERS = ("adamw", "galore", "galore_gram", "golore", "optax_galore")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 PROFILE_STEPS = 3
 # CompiledMemoryStats fields (jax 0.10) -> our JSON names; a field missing in another jax is None.
@@ -72,6 +72,16 @@ def _optimizer(
     lr = 1e-3
     if name == "adamw":
         return optax.adamw(lr, weight_decay=0.0)
+    if name == "optax_galore":  # optax.contrib.galore on the same matrices, same settings
+        from train import optimizer as optimizer_lib
+
+        return optimizer_lib.optax_galore(
+            lr,
+            rank=rank,
+            update_proj_gap=update_every,
+            scale=0.25,
+            base_optimizer=optax.scale_by_adam(),
+        )
     projector = {
         "galore": gl.projectors.svd(),
         "galore_gram": gl.projectors.gram_eigh(),

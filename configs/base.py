@@ -13,7 +13,8 @@ from train.data import default_data_config
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
-    """The optimizer block: adamw | galore | golore | hybrid, AdamW or MSGD inside."""
+    """The optimizer block: adamw | galore | golore | hybrid | ..., AdamW or MSGD inside
+    (``train.optimizer.OPTIMIZERS``; optax_galore is ``optax.contrib.galore``)."""
     return ml_collections.ConfigDict(
         {
             # adamw (full-parameter) | galore (SVD) | golore (random) | hybrid (GoLore@x%).
@@ -63,6 +64,10 @@ def optimizer_config() -> ml_collections.ConfigDict:
             # layer's gradient (and the embeddings/norm/head's, as one group) by its own norm.
             "layerwise": False,
             "layer_grad_clip": 0.0,
+            # Which side of a matrix is projected: gradient (GaLore's rule, the smaller side) |
+            # state (fewer basis + moment floats: optax.contrib.galore's side with Adam) |
+            # left | right. name=optax_galore always uses optax's own rule and SVD.
+            "side": "gradient",
         }
     )
 

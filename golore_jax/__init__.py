@@ -26,6 +26,7 @@ from golore_jax.quantized import scale_by_adam_8bit
 from golore_jax.sparse import ScaleBySparseSubspaceState, scale_by_sparse_subspace
 from golore_jax.subspace import (
     ScaleBySubspaceState,
+    count_moments,
     default_mask,
     scale_by_subspace,
     subspace_layouts,
@@ -36,6 +37,7 @@ __all__ = [
     "ScaleBySparseSubspaceState",
     "ScaleBySubspaceState",
     "apply_updates_stochastic",
+    "count_moments",
     "default_mask",
     "galore_adamw",
     "galore_sgd",

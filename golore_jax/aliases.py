@@ -87,6 +87,7 @@ def galore_adamw(
     refresh_sharding: Any = None,
     projection_dtype: Any = None,
     basis_dtype: Any = None,
+    side: str = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore-AdamW: Adam in the top-``rank`` singular subspace, refreshed every ``update_every``.
 
@@ -94,7 +95,8 @@ def galore_adamw(
     defaults match GaLore's code: no moment projection, moments kept at a refresh, scale 0.25.
     ``quantized_moments=True`` keeps Adam's moments in 8 bits
     (:func:`golore_jax.quantized.scale_by_adam_8bit`, the paper's Figure 6; ``mu_dtype`` is
-    then ignored).
+    then ignored). ``side="state"`` projects the side ``optax.contrib.galore`` projects (see
+    ``scale_by_subspace``).
     """
     if quantized_moments:
         inner = scale_by_adam_8bit(b1=b1, b2=b2, eps=eps)
@@ -118,6 +120,7 @@ def galore_adamw(
         refresh_sharding=refresh_sharding,
         projection_dtype=projection_dtype,
         basis_dtype=basis_dtype,
+        side=side,
     )
 
 
@@ -158,6 +161,7 @@ def galore_sgd(
     refresh_sharding: Any = None,
     projection_dtype: Any = None,
     basis_dtype: Any = None,
+    side: str = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
     """GaLore with (momentum) SGD, optax's momentum convention (``T <- momentum * T + R``).
 
@@ -182,6 +186,7 @@ def galore_sgd(
         refresh_sharding=refresh_sharding,
         projection_dtype=projection_dtype,
         basis_dtype=basis_dtype,
+        side=side,
     )
 
 
@@ -336,6 +341,7 @@ def osd_adamw(
     weight_decay: float = 1e-4,
     weight_decay_mask: Any = None,
     mask: Any = None,
+    side: str = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
     """Online Subspace Descent with AdamW (arXiv 2408.12857): P tracked by online PCA.
 
@@ -350,6 +356,7 @@ def osd_adamw(
         orthonormalize_every=orthonormalize_every,
         scale=scale,
         mask=mask,
+        side=side,
     )
     return _finish(core, learning_rate, weight_decay, weight_decay_mask)
 
@@ -366,6 +373,7 @@ def osd_sgd(
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
     mask: Any = None,
+    side: str = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
     """Online Subspace Descent with (momentum) SGD inside (optax's momentum convention)."""
     inner = optax.identity() if momentum is None else optax.trace(decay=momentum)
@@ -377,5 +385,6 @@ def osd_sgd(
         orthonormalize_every=orthonormalize_every,
         scale=scale,
         mask=mask,
+        side=side,
     )
     return _finish(core, learning_rate, weight_decay, weight_decay_mask)

@@ -5,10 +5,22 @@ if ``m <= n`` it projects on the left, ``R = P^T G`` with ``P`` of shape ``m x r
 the right, ``R = G Q`` with ``Q`` of shape ``n x r``. The smaller dimension is always the one
 that is compressed, so the optimizer state lives on ``r x n`` (or ``m x r``).
 
-We follow the paper's rule on the array as it is stored. Flax kernels are stored ``(in, out)``,
-the transpose of PyTorch's ``(out, in)``; for a square kernel the paper's rule therefore projects
-the input dimension, which is what GaLore's code does on PyTorch's layout (it sends square
-matrices to the right). For non-square kernels both conventions compress the same dimension.
+Which side is projected is a choice (``side`` of :func:`make_layout`, :data:`SIDE_RULES`):
+
+* ``"gradient"`` (default): the paper's and GaLore's rule above, compress the smaller dimension;
+* ``"state"``: the side whose basis plus inner-optimizer moments hold fewer floats
+  (:func:`state_floats`). With ``k`` moments per element (Adam: 2) the left side holds
+  ``r (m + k n)`` floats and the right side ``r (n + k m)``; for ``k > 1`` that compresses the
+  LARGER dimension, which is ``optax.contrib.galore``'s choice (left when ``m >= n``). Ties go
+  to the ``"gradient"`` side, so for ``k <= 1`` it is the ``"gradient"`` rule;
+* ``"left"`` / ``"right"``: always that side.
+
+The ``"gradient"`` rule is applied to the array as it is stored. Flax kernels are stored
+``(in, out)``, the transpose of PyTorch's ``(out, in)``; for a square kernel the paper's rule
+therefore projects the input dimension, which is what GaLore's code does on PyTorch's layout (it
+sends square matrices to the right). For non-square kernels both conventions compress the same
+dimension. ``optax.contrib.galore`` sends square matrices to the left, as the ``"gradient"``
+rule does on the stored array.
 
 Leaves with more than two dimensions are flattened to a matrix by splitting their axes into
 ``shape[:k]`` (rows) and ``shape[k:]`` (columns). The default ``k`` is the split that makes the
@@ -29,6 +41,7 @@ import jax.numpy as jnp
 
 LEFT = "left"
 RIGHT = "right"
+SIDE_RULES = ("gradient", "state", LEFT, RIGHT)
 
 
 class MatrixLayout(NamedTuple):
@@ -37,8 +50,12 @@ class MatrixLayout(NamedTuple):
     shape: tuple[int, ...]  # the leaf's own shape
     rows: int  # m
     cols: int  # n
-    side: str  # LEFT (m <= n) or RIGHT (m > n)
+    side: str  # LEFT (P is m x r) or RIGHT (Q is n x r), chosen by a side rule
     rank: int  # r
+
+    def state_floats(self, moments: int, basis_moments: int = 0) -> int:
+        """:func:`state_floats` of this layout."""
+        return state_floats(self.rows, self.cols, self.rank, self.side, moments, basis_moments)
 
     @property
     def projected_dim(self) -> int:
@@ -69,21 +86,67 @@ def most_square_split(shape: Sequence[int]) -> int:
     return best_k
 
 
-def make_layout(shape: Sequence[int], rank: int, split: int | None = None) -> MatrixLayout:
+def state_floats(
+    rows: int, cols: int, rank: int, side: str, moments: int, basis_moments: int = 0
+) -> int:
+    """Floats held for one projected ``rows x cols`` leaf: the basis (``m r`` on the left,
+    ``n r`` on the right) plus ``moments`` low-rank moments (``r n`` each on the left, ``m r``
+    on the right); ``moments`` is 2 for Adam, 1 for momentum SGD, 0 for plain SGD.
+    ``basis_moments``: moments of an optimizer of the basis itself (Online Subspace Descent)."""
+    if side == LEFT:
+        return (1 + basis_moments) * rank * rows + moments * rank * cols
+    if side == RIGHT:
+        return (1 + basis_moments) * rank * cols + moments * rows * rank
+    raise ValueError(f"side must be {LEFT!r} or {RIGHT!r}, got {side!r}")
+
+
+def check_side_rule(side: str, where: str) -> None:
+    """A one-line error naming ``where`` unless ``side`` is one of :data:`SIDE_RULES`."""
+    if side not in SIDE_RULES:
+        raise ValueError(f"{where}: side must be one of {SIDE_RULES}, got {side!r}")
+
+
+def choose_side(
+    rows: int, cols: int, rule: str = "gradient", moments: int = 2, basis_moments: int = 0
+) -> str:
+    """The side a ``rows x cols`` matrix is projected on under ``rule`` (see the module doc);
+    ``"state"`` reads ``moments`` and ``basis_moments`` (see :func:`state_floats`)."""
+    check_side_rule(rule, "choose_side")
+    if rule in (LEFT, RIGHT):
+        return rule
+    by_gradient = LEFT if rows <= cols else RIGHT
+    if rule == "gradient":
+        return by_gradient
+    left = state_floats(rows, cols, 1, LEFT, moments, basis_moments)
+    right = state_floats(rows, cols, 1, RIGHT, moments, basis_moments)
+    return by_gradient if left == right else (LEFT if left < right else RIGHT)
+
+
+def make_layout(
+    shape: Sequence[int],
+    rank: int,
+    split: int | None = None,
+    side: str = "gradient",
+    moments: int = 2,
+    basis_moments: int = 0,
+) -> MatrixLayout:
     """Builds the layout of a leaf of ``shape`` projected to ``rank``.
 
     Args:
       shape: the leaf's shape (at least 2 dimensions).
       rank: the subspace rank ``r``.
       split: rows are ``shape[:split]``; ``None`` picks :func:`most_square_split`.
+      side: the side rule, one of :data:`SIDE_RULES` (see :func:`choose_side`).
+      moments, basis_moments: read by ``"state"``, see :func:`state_floats`.
     """
     shape = tuple(int(d) for d in shape)
     k = most_square_split(shape) if split is None else split
     if not 1 <= k < len(shape):
         raise ValueError(f"split {k} is out of range for a leaf of shape {shape}")
     rows, cols = math.prod(shape[:k]), math.prod(shape[k:])
-    side = LEFT if rows <= cols else RIGHT
-    return MatrixLayout(shape, rows, cols, side, int(rank))
+    return MatrixLayout(
+        shape, rows, cols, choose_side(rows, cols, side, moments, basis_moments), int(rank)
+    )
 
 
 def as_matrix(x: jax.Array, layout: MatrixLayout) -> jax.Array:

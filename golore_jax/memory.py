@@ -21,20 +21,25 @@ def optimizer_state_floats(state: Any) -> int:
 
 
 def subspace_state_floats(
-    params: Any, *, rank: RankRule, moments: int = 2, mask: MaskArg = None
+    params: Any,
+    *,
+    rank: RankRule,
+    moments: int = 2,
+    mask: MaskArg = None,
+    side: str = "gradient",
 ) -> int:
-    """Closed form of the floats in ``scale_by_subspace(inner)``'s state.
+    """Closed form of the floats in ``scale_by_subspace(inner, side=side)``'s state.
 
-    Per projected leaf ``m x n`` (side rule of :mod:`golore_jax.layout`): the basis
+    Per projected leaf ``m x n`` (``side`` rule of :mod:`golore_jax.layout`): the basis
     (``m*r`` on the left, ``n*r`` on the right) plus ``moments`` low-rank moments of ``r*n``
-    (left) or ``m*r`` (right) floats; per other leaf, ``moments`` full-size moments. For Adam
-    ``moments=2``, for momentum SGD 1.
+    (left) or ``m*r`` (right) floats (:func:`golore_jax.layout.state_floats`); per other leaf,
+    ``moments`` full-size moments. For Adam ``moments=2``, for momentum SGD 1.
     """
-    layouts = subspace_layouts(params, rank=rank, mask=mask)
+    layouts = subspace_layouts(params, rank=rank, mask=mask, side=side, moments=moments)
     total = 0
     for leaf, lay in zip(jax.tree_util.tree_leaves(params), layouts.values(), strict=True):
         if lay is None:
             total += moments * math.prod(jnp.shape(leaf))
         else:
-            total += math.prod(lay.basis_shape) + moments * math.prod(lay.low_rank_shape)
+            total += lay.state_floats(moments)
     return total

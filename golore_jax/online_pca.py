@@ -97,6 +97,7 @@ def scale_by_online_subspace(
     mask: Any = None,
     orthonormalize_every: int | None = None,
     matrix_split: Callable[[str, tuple[int, ...]], int | None] | None = None,
+    side: str = "gradient",
 ) -> optax.GradientTransformationExtraArgs:
     """Runs ``inner`` in a rank-``r`` subspace tracked by online PCA (Online Subspace Descent).
 
@@ -114,6 +115,8 @@ def scale_by_online_subspace(
         ``t % N == 0`` (after its optimizer step). Default None: the loss alone keeps ``P``
         near-orthonormal, as in the authors' code.
       matrix_split: as in ``scale_by_subspace``, for leaves with more than 2 dims.
+      side: as in ``scale_by_subspace``; ``"state"`` also counts ``projector_optimizer``'s
+        moments, which live on the bases.
 
     Extra args:
       ``subspace_grads``: a gradient tree used only for the initial SVD and the PCA loss (a
@@ -128,11 +131,18 @@ def scale_by_online_subspace(
     projector_optimizer = (
         projector_optimizer if projector_optimizer is not None else default_projector_optimizer()
     )
+    layout_lib.check_side_rule(side, "scale_by_online_subspace")
     inner = optax.with_extra_args_support(inner)
     initial_svd = projectors_lib.svd()
 
     def plan(tree) -> tuple[list[MatrixLayout | None], Any]:
-        return subspace_lib._plan(tree, mask, rank, matrix_split, False)
+        moments = (0, 0)
+        if side == "state":
+            moments = (
+                subspace_lib.count_moments(inner, tree),
+                subspace_lib.count_moments(projector_optimizer, tree),
+            )
+        return subspace_lib._plan(tree, mask, rank, matrix_split, False, side, moments)
 
     def rows_of(g: jax.Array, lay: MatrixLayout) -> jax.Array:
         return layout_lib.projected_rows(layout_lib.as_matrix(g.astype(jnp.float32), lay), lay)

@@ -45,15 +45,17 @@ def _subspace_specs(state: ScaleBySubspaceState, params: Any, param_specs: Any) 
     param_leaves = treedef.flatten_up_to(params)
     spec_leaves = treedef.flatten_up_to(param_specs)
     basis_leaves = treedef.flatten_up_to(state.bases)
+    moments = _low_rank_shapes(state.inner_state, treedef, len(param_leaves))
     basis_specs, low_rank_specs = [], []
-    for leaf, spec, basis in zip(param_leaves, spec_leaves, basis_leaves, strict=True):
+    for leaf, spec, basis, moment in zip(
+        param_leaves, spec_leaves, basis_leaves, moments, strict=True
+    ):
         if isinstance(basis, optax.MaskedNode):
             basis_specs.append(basis)
             low_rank_specs.append(spec)
             continue
         shape = tuple(leaf.shape)
-        k = _split_of(shape, tuple(basis.shape))
-        lay = layout_lib.make_layout(shape, basis.shape[1], k)
+        k, lay = _layout_of(shape, tuple(basis.shape), moment)
         entries = _entries(spec, len(shape))
         rows, cols = _merged(entries[:k]), _merged(entries[k:])
         if lay.side == layout_lib.LEFT:
@@ -71,13 +73,38 @@ def _subspace_specs(state: ScaleBySubspaceState, params: Any, param_specs: Any) 
     )
 
 
-def _split_of(shape: tuple[int, ...], basis_shape: tuple[int, int]) -> int:
-    """The row/column split that produced ``basis_shape`` (the default one first)."""
+def _low_rank_shapes(inner_state: Any, treedef: Any, n: int) -> list[tuple[int, ...] | None]:
+    """Per leaf, the shape of its first params-like moment in ``inner_state`` (None: none)."""
+
+    def find(state):
+        if jax.tree_util.tree_structure(state) == treedef and jax.tree_util.tree_leaves(state):
+            return [tuple(x.shape) for x in treedef.flatten_up_to(state)]
+        children = ()
+        if isinstance(state, tuple | list):
+            children = state
+        elif isinstance(state, dict):
+            children = state.values()
+        return next((s for s in map(find, children) if s is not None), None)
+
+    shapes = find(inner_state)
+    return shapes if shapes is not None else [None] * n
+
+
+def _layout_of(
+    shape: tuple[int, ...], basis_shape: tuple[int, int], low_rank: tuple[int, ...] | None
+) -> tuple[int, layout_lib.MatrixLayout]:
+    """The split and layout that produced ``basis_shape`` (and the moments' ``low_rank``
+    shape, which tells the side of a square matrix): default split and side rule first."""
     default = layout_lib.most_square_split(shape)
     for k in [default, *range(1, len(shape))]:
-        if layout_lib.make_layout(shape, basis_shape[1], k).basis_shape == basis_shape:
-            return k
-    raise ValueError(f"no split of a leaf of shape {shape} has a basis of shape {basis_shape}")
+        for side in ("gradient", layout_lib.LEFT, layout_lib.RIGHT):
+            lay = layout_lib.make_layout(shape, basis_shape[1], k, side)
+            if lay.basis_shape == basis_shape and low_rank in (None, lay.low_rank_shape):
+                return k, lay
+    raise ValueError(
+        f"no split or side of a leaf of shape {shape} has a basis of shape {basis_shape} "
+        f"and moments of shape {low_rank}"
+    )
 
 
 def _sparse_specs(

@@ -11,6 +11,14 @@ A projector is called at refresh steps with
 and returns a new ``(d, r)`` basis with orthonormal columns. It runs inside ``jit``; the rank is
 read from ``previous.shape``.
 
+Signs. A singular vector (or eigenvector) is defined up to sign, and which sign LAPACK,
+cuSOLVER, an SVD or an eigendecomposition returns differs between them. When a refresh keeps
+the inner optimizer's moments (GaLore's default), a flipped column turns its kept momentum into
+anti-momentum, so the trajectory would depend on the backend. The SVD-based projectors
+therefore put every basis in a canonical sign (:func:`canonical_signs`: each column's
+largest-magnitude entry positive) unless built with ``canonical_signs=False`` (the raw signs
+of the decomposition, e.g. to reproduce another library's run on the same backend).
+
 A projector whose choice depends on ``g`` only through the ``d x d`` Gram matrix ``g g^T`` may
 say so (``gram_input = True``) and implement ``from_gram(key, gram, previous, step)``: the
 refresh then forms each Gram matrix once and decomposes all Gram matrices of one size in one
@@ -30,6 +38,18 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def canonical_signs(basis: jax.Array) -> jax.Array:
+    """``basis`` (``(..., d, r)``) with each column's sign flipped so that its entry of largest
+    magnitude (the first one on ties) is positive; a zero column is left as it is."""
+    index = jnp.argmax(jnp.abs(basis), axis=-2)
+    largest = jnp.take_along_axis(basis, index[..., None, :], axis=-2)
+    return basis * jnp.where(largest < 0, -1.0, 1.0).astype(basis.dtype)
+
+
+def _signed(basis: jax.Array, canonical: bool) -> jax.Array:
+    return canonical_signs(basis) if canonical else basis
+
+
 class Projector(Protocol):
     """Chooses an orthonormal ``(d, r)`` basis at a refresh step."""
 
@@ -44,13 +64,14 @@ class Projector(Protocol):
 class SVDProjector:
     """GaLore: the top-``r`` left singular vectors of ``g`` (``U[:, :r]``), computed in fp32."""
 
+    canonical_signs: bool = True
     uses_gradient: bool = dataclasses.field(default=True, init=False)
 
     def __call__(self, key, g, previous, step):
         del key, step
         rank = previous.shape[-1]
         u, _, _ = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
-        return u[:, :rank]
+        return _signed(u[:, :rank], self.canonical_signs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +84,7 @@ class ImportanceSVDProjector:
     ``multinomial(s, r)`` without replacement, under jit and in fixed shapes.
     """
 
+    canonical_signs: bool = True
     uses_gradient: bool = dataclasses.field(default=True, init=False)
 
     def __call__(self, key, g, previous, step):
@@ -73,7 +95,7 @@ class ImportanceSVDProjector:
             key, s.shape
         )
         _, chosen = lax.top_k(scores, rank)
-        return u[:, jnp.sort(chosen)]
+        return _signed(u[:, jnp.sort(chosen)], self.canonical_signs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +110,7 @@ class GramEighProjector:
     the tests).
     """
 
+    canonical_signs: bool = True
     uses_gradient: bool = dataclasses.field(default=True, init=False)
     gram_input: bool = dataclasses.field(default=True, init=False)
 
@@ -98,7 +121,7 @@ class GramEighProjector:
     def from_gram(self, key, gram, previous, step):
         del key, step
         _, vectors = jnp.linalg.eigh(gram)  # ascending eigenvalues
-        return vectors[:, ::-1][:, : previous.shape[-1]]
+        return _signed(vectors[:, ::-1][:, : previous.shape[-1]], self.canonical_signs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +137,7 @@ class SubspaceIterationProjector:
     """
 
     iterations: int = 2
+    canonical_signs: bool = True
     uses_gradient: bool = dataclasses.field(default=True, init=False)
 
     def __call__(self, key, g, previous, step):
@@ -127,10 +151,10 @@ class SubspaceIterationProjector:
             x = lax.fori_loop(0, self.iterations, body, previous)
             b = x.T @ g  # r x k, the projected matrix
             _, rotation = jnp.linalg.eigh(b @ b.T)
-            return x @ rotation[:, ::-1]
+            return _signed(x @ rotation[:, ::-1], self.canonical_signs)
 
         def cold(g, previous):
-            return GramEighProjector()(None, g, previous, None)
+            return GramEighProjector(self.canonical_signs)(None, g, previous, None)
 
         return _cold_or_warm(cold, warm)(g.astype(jnp.float32), previous)
 
@@ -263,26 +287,31 @@ def haar_stiefel(key: jax.Array, shape: tuple[int, int], method: str = "qr") -> 
     return z @ ((v * lax.rsqrt(w)[None, :]) @ v.T)
 
 
-def svd() -> SVDProjector:
-    """GaLore's projector: top-r singular vectors of the minibatch (or large-batch) gradient."""
-    return SVDProjector()
+def svd(canonical_signs: bool = True) -> SVDProjector:
+    """GaLore's projector: top-r singular vectors of the minibatch (or large-batch) gradient.
+
+    ``canonical_signs``: each column's largest-magnitude entry positive (False: LAPACK's)."""
+    return SVDProjector(canonical_signs)
 
 
-def importance_svd() -> ImportanceSVDProjector:
+def importance_svd(canonical_signs: bool = True) -> ImportanceSVDProjector:
     """The GoLore authors' SVD variant: directions sampled with probability ~ singular value."""
-    return ImportanceSVDProjector()
+    return ImportanceSVDProjector(canonical_signs)
 
 
-def gram_eigh() -> GramEighProjector:
-    """GaLore's subspace through an eigendecomposition of the smaller Gram matrix (fast)."""
-    return GramEighProjector()
+def gram_eigh(canonical_signs: bool = True) -> GramEighProjector:
+    """GaLore's subspace through an eigendecomposition of the smaller Gram matrix (fast); with
+    ``canonical_signs`` the same basis as :func:`svd`'s up to rounding."""
+    return GramEighProjector(canonical_signs)
 
 
-def subspace_iteration(iterations: int = 2) -> SubspaceIterationProjector:
+def subspace_iteration(
+    iterations: int = 2, canonical_signs: bool = True
+) -> SubspaceIterationProjector:
     """GaLore's subspace by warm-started subspace iteration: a few matmuls and QRs a refresh."""
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    return SubspaceIterationProjector(iterations)
+    return SubspaceIterationProjector(iterations, canonical_signs)
 
 
 def random(method: str = "qr") -> RandomProjector:

@@ -143,7 +143,13 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         )
     replicated = sharding_lib.replicated(mesh)
     relora = bool(config.optimizer.relora)
-    layouts = relora_lib.layouts_of(param_shapes, config.optimizer.rank) if relora else None
+    layouts = (
+        relora_lib.layouts_of(
+            param_shapes, config.optimizer.rank, config.optimizer.get("side", "gradient")
+        )
+        if relora
+        else None
+    )
     adapter_sharding = relora_lib.adapter_shardings(param_sharding, layouts) if relora else None
     state_sharding = TrainState(
         replicated, param_sharding, opt_sharding, replicated, adapter_sharding

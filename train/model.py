@@ -182,7 +182,9 @@ class Dense(nn.Dense):
         basis = jnp.asarray(self.get_variable(ADAPTER, "basis"), self.dtype)
         coef = jnp.asarray(self.get_variable(ADAPTER, "coef"), self.dtype)
         x = jnp.asarray(inputs, self.dtype)
-        if inputs.shape[-1] <= self.features:  # golore_jax.layout's side rule on (in, out)
+        # The adapter's shapes say the side the optimizer chose: P (in, r) and A (r, out) on the
+        # left; A (in, r) and Q (out, r) on the right (r < min(in, out) keeps them apart).
+        if basis.shape[0] == inputs.shape[-1] and coef.shape[0] == basis.shape[1]:
             return y + (x @ basis) @ coef
         return y + (x @ coef) @ basis.T
 

@@ -13,7 +13,17 @@ from jax.sharding import PartitionSpec
 import golore_jax as gl
 from train.sharding import MESH_AXES
 
-OPTIMIZERS = ("adamw", "galore", "golore", "hybrid", "importance", "gasare", "gosare", "osd")
+OPTIMIZERS = (
+    "adamw",
+    "galore",
+    "golore",
+    "hybrid",
+    "importance",
+    "gasare",
+    "gosare",
+    "osd",
+    "optax_galore",  # optax.contrib.galore, to measure beside ours
+)
 INNERS = ("adamw", "adamw8bit", "msgd")
 PROJECTION_DTYPES = ("float32", "bfloat16")  # config.optimizer.projection_dtype
 BASIS_DTYPES = ("float32", "bfloat16")  # config.optimizer.basis_dtype
@@ -64,6 +74,7 @@ def _family_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTrans
         return alias(
             schedule,
             rank=opt.rank,
+            side=opt.get("side", "gradient"),
             projector_optimizer=gl.online_pca.default_projector_optimizer(lr),
             **common,
         )
@@ -118,7 +129,26 @@ def validate(opt: Any) -> None:
             f"config.optimizer.layer_grad_clip={opt.layer_grad_clip} needs layerwise=True "
             "and a value >= 0 (the plain step clips by the global norm: grad_clip)"
         )
+    side = opt.get("side", "gradient")
+    if side not in gl.layout.SIDE_RULES:
+        raise ValueError(
+            f"config.optimizer.side must be one of {gl.layout.SIDE_RULES}, got {side!r}"
+        )
+    if opt.name == "optax_galore":  # settings optax.contrib.galore has no counterpart for
+        if opt.inner == "adamw8bit":
+            raise ValueError("config.optimizer.name='optax_galore' has no inner='adamw8bit'")
+        if opt.momentum_projection or opt.second_moment != "keep":
+            raise ValueError(
+                "config.optimizer.name='optax_galore' keeps moments at a refresh: needs "
+                f"momentum_projection=False and second_moment='keep', got "
+                f"{opt.momentum_projection} and {opt.second_moment!r}"
+            )
     if opt.get("relora"):
+        if side == "state":
+            raise ValueError(
+                "config.optimizer.relora=True needs side 'gradient', 'left' or 'right', got "
+                "'state' (the adapters' side would depend on the inner optimizer)"
+            )
         if opt.name not in RELORA_OPTIMIZERS:
             raise ValueError(
                 f"config.optimizer.relora=True needs a basis projector, name one of "
@@ -141,6 +171,45 @@ SVD_PROJECTORS = {
     "gram_eigh": gl.projectors.gram_eigh,
     "subspace_iteration": gl.projectors.subspace_iteration,
 }
+
+
+def optax_galore(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int,
+    update_proj_gap: int,
+    scale: float,
+    base_optimizer: optax.GradientTransformation,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformation:
+    """``optax.contrib.galore`` on the matrices golore_jax's default mask projects (attention
+    and MLP kernels; not the embedding or the head), with its own SVD and side rule."""
+
+    def dimension_numbers(params):
+        def spec(path, leaf, selected):
+            if not selected:
+                return None
+            if jnp.ndim(leaf) != 2:
+                raise ValueError(
+                    f"config.optimizer.name='optax_galore' projects 2-D kernels only; "
+                    f"{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)} "
+                    "(set model.scan_layers=False)"
+                )
+            return optax.contrib.GaLoreDimensionNumbers()
+
+        return jax.tree_util.tree_map_with_path(spec, params, gl.default_mask(params))
+
+    return optax.contrib.galore(
+        learning_rate,
+        rank=rank,
+        update_proj_gap=update_proj_gap,
+        scale=scale,
+        base_optimizer=base_optimizer,
+        weight_decay=weight_decay,
+        mask=weight_decay_mask,
+        weight_dimension_numbers=dimension_numbers,
+    )
 
 
 def build_optimizer(
@@ -171,6 +240,20 @@ def build_optimizer(
         )
     elif opt.name in ("gasare", "gosare", "osd"):
         tx = _family_optimizer(opt, schedule)
+    elif opt.name == "optax_galore":
+        tx = optax_galore(
+            schedule,
+            rank=opt.rank,
+            update_proj_gap=opt.update_every,
+            scale=opt.scale,
+            base_optimizer=(
+                optax.scale_by_adam(opt.b1, opt.b2, opt.eps)
+                if opt.inner == "adamw"
+                else optax.trace(decay=opt.momentum)
+            ),
+            weight_decay=opt.weight_decay,
+            weight_decay_mask=_matrices,
+        )
     else:
         if opt.projector not in SVD_PROJECTORS:
             raise ValueError(
@@ -198,6 +281,7 @@ def build_optimizer(
             refresh_batch_size=opt.get("refresh_batch_size", 0) or None,
             projection_dtype=opt.get("projection_dtype", "float32"),
             basis_dtype=opt.get("basis_dtype", "float32"),
+            side=opt.get("side", "gradient"),
         )
         if opt.inner in ("adamw", "adamw8bit"):
             tx = gl.galore_adamw(

@@ -40,10 +40,11 @@ from train.model import ADAPTER
 Layouts = list[MatrixLayout | None]  # aligned with the params' leaves
 
 
-def layouts_of(params: Any, rank: int) -> Layouts:
+def layouts_of(params: Any, rank: int, side: str = "gradient") -> Layouts:
     """The optimizer's layout of every leaf (None: not projected), as ``build_optimizer`` makes
-    it (default mask, one rank); projected leaves must be Dense ``kernel``s."""
-    by_path = gl.subspace_layouts(params, rank=rank)
+    it (default mask, one rank, ``side`` not ``"state"``); projected leaves must be Dense
+    ``kernel``s."""
+    by_path = gl.subspace_layouts(params, rank=rank, side=side)
     for path, lay in by_path.items():
         if lay is not None and (len(lay.shape) != 2 or not path.endswith("['kernel']")):
             raise ValueError(
