@@ -79,7 +79,7 @@ def run_pair(phases: list[str], tmp: pathlib.Path, port: int, process_id: int) -
         "coordinator_address": f"127.0.0.1:{port}",
         "num_processes": 2,
         "process_id": process_id,
-        "heartbeat_timeout_s": 10,
+        "heartbeat_timeout_s": 5,
         "initialization_timeout_s": 60,
     }
     for phase in phases:
@@ -104,6 +104,9 @@ def reference(tmp: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
+    # The second launch of the pair loads the first one's compiled steps.
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(sys.argv[2]) / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if sys.argv[1] == "reference":
         reference(pathlib.Path(sys.argv[2]))
     else:
