@@ -643,11 +643,13 @@ def finetune(
     params = initial_params(source, ft, config.seed)
     opt_state = ft.init_opt_state(params)
 
-    metrics_file = (workdir / "metrics.jsonl").open("a")
+    # Process 0 alone writes the metrics (every process computes the same records).
+    metrics_file = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
 
     def log(record: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
         logging.info("%s", record)
 
     def run_eval(step: int) -> tuple[float, float]:
@@ -689,7 +691,8 @@ def finetune(
             losses = []
         if step % config.eval_every == 0 or step == config.num_steps:
             accuracy, eval_loss = run_eval(step)
-    metrics_file.close()
+    if metrics_file is not None:
+        metrics_file.close()
     del opt_state  # Free the optimizer state before the host copy of the export.
     export_dir = export_finetuned(config, source, params, workdir)
     return {
