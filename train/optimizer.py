@@ -116,7 +116,8 @@ def validate(opt: Any, *, num_steps: int | None = None) -> None:
     )
     if opt.name != "adamw":
         for key in ("rank", "update_every"):
-            _require(int(opt[key]) >= 1, key, opt[key], ">= 1")
+            if not callable(opt[key]):  # fine-tuning passes a per-matrix rank rule
+                _require(int(opt[key]) >= 1, key, opt[key], ">= 1")
         _require(finite(opt.scale) and opt.scale > 0, "scale", opt.scale, "a finite number > 0")
     if opt.name == "hybrid":
         fraction = opt.golore_fraction
