@@ -21,7 +21,7 @@ import pytest
 
 from tests import reliability_run as rr
 from tests.child_env import child_env, eight_devices_env
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import tiny_config, write_corpus
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import main as main_lib
@@ -410,15 +410,22 @@ def test_command_line_config_errors_are_one_line(tmp_path):
 
 
 def test_two_fake_devices_default_refresh_without_pjrt_nproc_finishes(tmp_path):
-    """GoLore with the default batched refresh on 2 fake CPU devices, PJRT_NPROC unset (it
-    hung at 0% CPU on a 2-core machine): ``python -m train`` sizes XLA:CPU's pool and ends."""
+    """configs/llama_tiny.py with GoLore and the default batched refresh on 2 fake CPU devices,
+    PJRT_NPROC unset: on a 2-core machine it hung at 0% CPU in step 1 (it still does with
+    PJRT_NPROC=2). ``python -m train`` sizes XLA:CPU's pool before JAX starts, and it ends.
+    The tiny local corpus replaces the default one (no tokenizer training over GCIDE)."""
+    corpus = write_corpus(tmp_path / "corpus")
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "import pathlib\n"
-        "from tests.train_fixtures import tiny_config\n"
+        "from configs import llama_tiny\n"
         "def get_config():\n"
-        f"    return tiny_config(pathlib.Path({str(tmp_path)!r}), num_steps=3, "
-        "**{'optimizer.name': 'golore', 'optimizer.update_every': 1})\n"
+        "    config = llama_tiny.get_config()\n"
+        "    config.update(num_steps=3, seq_len=32, eval_batches=1, log_every=1)\n"
+        "    config.optimizer.update(name='golore', warmup_steps=1)\n"
+        "    config.data.update(source='files', txt_split='blank_lines', vocab_size=512,\n"
+        f"                       paths=[{str(corpus)!r}], eval_fraction=0.1,\n"
+        f"                       cache_dir={str(tmp_path / 'cache')!r})\n"
+        "    return config\n"
     )
     env_flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
     env = child_env(XLA_FLAGS=env_flags)

@@ -400,11 +400,11 @@ def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
             process_count=jax.process_count(),
             model_vocab_size=config.model.vocab_size,
         )
+        eval_batches = datasets.eval_batches(config.eval_batches)
     except ValueError as e:  # the data config or files: the user's to fix
         if isinstance(e, UserError):
             raise
         raise ConfigError(str(e)) from e
-    eval_batches = datasets.eval_batches(config.eval_batches)
     trainer = build_trainer(config, mesh)
     logging.info(
         "attention: %s; XLA_FLAGS: %r",
