@@ -5,9 +5,9 @@ processes x 4 fake CPU devices on 127.0.0.1 (gloo collectives), and its 1-proces
 process of the pair, the phases named in PHASES (comma-separated), one ``train_and_evaluate``
 each, on the workdir ``TMP/run``, printing ``RESULT <phase> <json>`` after each:
 
-* ``first``: steps 1-4 (``run_steps=4``; checkpoints 2 and 4);
-* ``sigterm``: resumes; process 1 pauses after step 5 (``PAUSED 5``) until ``TMP/go`` exists;
-  the test sends SIGTERM to process 1 alone before creating it;
+* ``sigterm``: trains from scratch (checkpoints every 2 steps); process 1 pauses after step 5
+  (``PAUSED 5``) until ``TMP/go`` exists; the test sends SIGTERM to process 1 alone before
+  creating it;
 * ``fallback``: resumes (the test has corrupted the newest checkpoint); process 1 pauses after
   step 13 (``PAUSED 13``) for the test's ``kill -9``.
 
@@ -88,8 +88,7 @@ def run_pair(phases: list[str], tmp: pathlib.Path, port: int, process_id: int) -
             _pause_after(5, tmp / "go")
         if phase == "fallback":
             _pause_after(13, None)
-        run_steps = 4 if phase == "first" else None
-        result = main_lib.train_and_evaluate(config(tmp, run_steps=run_steps, **dist), tmp / "run")
+        result = main_lib.train_and_evaluate(config(tmp, **dist), tmp / "run")
         result["process_index"] = jax.process_index()
         result["process_count"] = jax.process_count()
         result["devices"] = jax.device_count()

@@ -88,16 +88,6 @@ def all_true(flag: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def from_main(value: Any) -> Any:
-    """Process 0's ``value`` (a small numpy-convertible pytree) on every process."""
-    if jax.process_count() == 1:
-        return value
-    return jax.tree.map(
-        lambda x: x.item() if np.ndim(x) == 0 else x,
-        multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, value)),
-    )
-
-
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
