@@ -4,8 +4,8 @@
 Two launches of the pair (tests/multiprocess_run.py) and one reference process cover, in order:
 train and SIGTERM process 1 alone after step 5 (both save the same step and exit); corrupt
 that checkpoint and resume (one fallback, by process 0), then ``kill -9`` process 1 after step
-13 (process 0 exits with an error within the heartbeat timeout). The tests below check each
-part.
+13 (process 0 exits with an error within the heartbeat timeout). One test runs them all and
+checks each part.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from tests.child_env import child_env
 from tests.conftest import ROOT
@@ -109,10 +108,8 @@ def _flip_a_byte(step_dir: pathlib.Path) -> None:
     data.write_bytes(bytes(corrupt))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Runs every scenario once; returns what the tests check."""
-    tmp = tmp_path_factory.mktemp("multiprocess")
+def _run_scenarios(tmp: pathlib.Path) -> dict:
+    """Runs every scenario once; returns what the checks below look at."""
     start = time.monotonic()
     out: dict = {}
     reference = _Process(["reference", str(tmp)], devices=8)
@@ -170,7 +167,7 @@ def runs(tmp_path_factory):
     return out
 
 
-def test_two_processes_match_one_and_write_metrics_once(runs):
+def _two_processes_match_one_and_write_metrics_once(runs):
     """Losses of steps 1-13 equal the 1-process 8-device run (rtol 1e-5) across a stop on
     SIGTERM and a resume after a fallback; each step is in metrics.jsonl once."""
     first = [r["sigterm"] for r in runs["launch_a"]]
@@ -189,7 +186,7 @@ def test_two_processes_match_one_and_write_metrics_once(runs):
     assert evals[:4] == [0, 4, 8, 12] and evals == sorted(set(evals))
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(runs):
+def _sigterm_to_one_process_stops_both_at_the_same_step(runs):
     assert runs["sigterm_rc"] == [0, 0], runs["launch_a_output"][1][-3000:]
     results = [r["sigterm"] for r in runs["launch_a"]]
     assert all(r["stopped_by_signal"] for r in results)
@@ -201,7 +198,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(runs):
     assert stop in runs["sigterm_checkpoints"] and runs["corrupted"] == stop
 
 
-def test_corrupted_checkpoint_one_fallback_both_resume(runs):
+def _corrupted_checkpoint_one_fallback_both_resume(runs):
     """Process 0 alone moves the corrupted checkpoint aside (the others wait at a barrier);
     both resume from the previous one (and train on to step 13: the losses test)."""
     bad = runs["corrupted"]
@@ -218,10 +215,20 @@ def test_corrupted_checkpoint_one_fallback_both_resume(runs):
     assert all(f"checkpoints/{bad} is corrupted" in o for o in runs["fallback_output"])
 
 
-def test_killed_peer_ends_the_survivor_within_the_heartbeat_timeout(runs):
+def _killed_peer_ends_the_survivor_within_the_heartbeat_timeout(runs):
     """kill -9 of process 1 after step 13, while process 0 waits in step 14's collectives:
     process 0 exits with an error after about heartbeat_timeout_s instead of hanging."""
     assert runs["survivor_rc"] not in (None, 0), runs["survivor_output"][-3000:]
     assert runs["survivor_s"] < 4 * HEARTBEAT_S
     assert "another task died" in runs["survivor_output"]
     assert 13 in [r["step"] for r in runs["metrics"] if "loss" in r]
+
+
+def test_two_processes_sigterm_fallback_and_kill(tmp_path):
+    """One test (not a module fixture shared by four): under ``pytest -n 2`` the tests of a
+    module may run on both workers, and the scenarios would then run twice."""
+    runs = _run_scenarios(tmp_path)
+    _two_processes_match_one_and_write_metrics_once(runs)
+    _sigterm_to_one_process_stops_both_at_the_same_step(runs)
+    _corrupted_checkpoint_one_fallback_both_resume(runs)
+    _killed_peer_ends_the_survivor_within_the_heartbeat_timeout(runs)
