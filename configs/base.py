@@ -109,8 +109,17 @@ def llama_config(
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
     config.seed = 0  # init and data order
-    # Multi-host: call jax.distributed.initialize() (arguments from the environment).
+    # Several processes (one per host): jax.distributed.initialize (train/distributed.py).
     config.distributed = False
+    # Process 0's "host:port"; "" lets JAX detect the cluster (SLURM, Open MPI, TPU VM, GKE).
+    config.coordinator_address = ""
+    # Number of processes and this one's index in [0, num_processes) (None: detect).
+    config.num_processes = ml_collections.FieldReference(None, field_type=int)
+    config.process_id = ml_collections.FieldReference(None, field_type=int)
+    # A process that stops heartbeating for this long is dead: the others then exit with an
+    # error instead of waiting for it. Connecting to the coordinator gives up after the other.
+    config.heartbeat_timeout_s = 100
+    config.initialization_timeout_s = 300
     # JAX's persistent compilation cache ("" = off): a restarted or resumed run reuses the
     # compiled steps, e.g. "~/.cache/golore_jax/xla". Process-wide (set before compiling).
     config.compilation_cache_dir = ""

@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
         del config[key]
     for key in ("distributed", "run_steps", "nonfinite", "max_skipped"):
         del config[key]
+    for key in ("coordinator_address", "num_processes", "process_id"):
+        del config[key]
+    for key in ("heartbeat_timeout_s", "initialization_timeout_s"):
+        del config[key]
     config.model.max_seq_len = 2048
     config.model.remat = True  # 7B at seq 2048: keep only each decoder layer's input
     # Batch size 1 cannot be split over data / fsdp: tensor parallelism over every device

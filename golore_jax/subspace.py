@@ -338,6 +338,27 @@ def _require_positive_int(owner: str, name: str, value: Any, optional: bool = Fa
         raise ValueError(f"{owner}: {name} must be {allowed}, got {value!r}")
 
 
+def _check_update_leaves(updates: Any, layouts: list, bases: list) -> None:
+    """One-line errors naming the leaf for updates no optimizer can use: a float0 gradient
+    (``jax.grad(allow_int=True)`` of an integer param), or a floating update of a leaf that
+    ``init`` left unprojected because its param is not floating (e.g. int32)."""
+    for (path, update), lay, base in zip(
+        jax.tree_util.tree_leaves_with_path(updates), layouts, bases, strict=True
+    ):
+        where = jax.tree_util.keystr(path)
+        if jnp.result_type(update) == jax.dtypes.float0:
+            raise TypeError(
+                f"scale_by_subspace: leaf {where} has a float0 gradient (an integer param): "
+                "leave integer params out of the optimizer (e.g. optax.partition)"
+            )
+        if lay is not None and isinstance(base, optax.MaskedNode):
+            raise TypeError(
+                f"scale_by_subspace: leaf {where} gets a {jnp.result_type(update)} update but "
+                "was not projected at init (its param is not floating): leave integer params "
+                "out of the optimizer (e.g. optax.partition)"
+            )
+
+
 def _as_key(seed: int | jax.Array) -> jax.Array:
     """A typed PRNG key from an int seed (possibly traced, e.g. under inject_hyperparams),
     a typed key, or legacy uint32[2] key data."""
@@ -651,6 +672,7 @@ def scale_by_subspace(
         grads = treedef.flatten_up_to(updates)
         chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)
         old_bases = treedef.flatten_up_to(state.bases)
+        _check_update_leaves(updates, layouts, old_bases)
         next_key, refresh_key = jax.random.split(state.key)
 
         def refresh(operands):

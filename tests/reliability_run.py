@@ -300,6 +300,22 @@ def table(tmp: pathlib.Path) -> None:
         ("projectors.random('householder')", lambda: projectors.random("householder")),
         ("projectors.hybrid(-1)", lambda: projectors.hybrid(-1)),
     ]
+    int_params = {"w": jnp.ones((4, 6)), "ids": jnp.zeros((4, 6), jnp.int32)}
+
+    def int_leaf_update(grads):
+        tx = gl.galore_adamw(1e-3, rank=2, update_every=2)
+        return lambda: tx.update(grads, tx.init(int_params), int_params)
+
+    float0 = jax.grad(
+        lambda p: jnp.sum(p["w"]) + jnp.sum(p["ids"]).astype(jnp.float32), allow_int=True
+    )(int_params)
+    lib += [
+        (
+            "int32 param with a float32 gradient (update)",
+            int_leaf_update({"w": jnp.ones((4, 6)), "ids": jnp.ones((4, 6))}),
+        ),
+        ("float0 gradient, jax.grad(allow_int=True) (update)", int_leaf_update(float0)),
+    ]
     for what, fn in lib:
         attempt("library", what, fn)
 
@@ -327,6 +343,7 @@ def table(tmp: pathlib.Path) -> None:
         ("batch_size=100000 (more than the data)", {"batch_size": 100_000}),
     ]
     (tmp / "cache").mkdir(exist_ok=True)
+    (tmp / "blocker").write_text("a file")
     # --- trainer config
     config_cases = [
         ("optimizer.name='sophia'", {"optimizer.name": "sophia"}),
@@ -346,6 +363,25 @@ def table(tmp: pathlib.Path) -> None:
             "model.attention='cudnn' on CPU",
             {"model.attention": "cudnn", "model.dtype": "bfloat16"},
         ),
+        ("keep_checkpoints=0", {"keep_checkpoints": 0}),
+        ("optimizer.b1=1.5", {"optimizer.b1": 1.5}),
+        ("optimizer.b2=1.0", {"optimizer.b2": 1.0}),
+        ("optimizer.grad_clip=-1", {"optimizer.grad_clip": -1.0}),
+        ("optimizer.weight_decay=-0.1", {"optimizer.weight_decay": -0.1}),
+        ("optimizer.warmup_steps=7 > num_steps=6", {"optimizer.warmup_steps": 7}),
+        ("optimizer.min_lr_ratio=2", {"optimizer.min_lr_ratio": 2.0}),
+        ("optimizer.update_every=0", {"optimizer.update_every": 0}),
+        ("optimizer.golore_fraction=1.5", {"optimizer.golore_fraction": 1.5}),
+        ("eval_batches=0", {"eval_batches": 0}),
+        ("run_steps=0", {"run_steps": 0}),
+        ("checkpoint_every=0", {"checkpoint_every": 0}),
+        ("max_skipped=-1", {"max_skipped": -1}),
+        ("coordinator_address='10.0.0.1' (no port)", {"coordinator_address": "10.0.0.1"}),
+        ("num_processes=0", {"num_processes": 0}),
+        ("process_id=2, num_processes=2", {"num_processes": 2, "process_id": 2}),
+        ("heartbeat_timeout_s=0", {"heartbeat_timeout_s": 0}),
+        ("compilation_cache_dir is a file", {"compilation_cache_dir": str(tmp / "blocker")}),
+        ("data.cache_dir below a file", {"data.cache_dir": str(tmp / "blocker" / "cache")}),
     ]
     main_lib.build_trainer = cached_build_trainer
     for i, (what, overrides) in enumerate(data_cases + config_cases):
@@ -358,7 +394,6 @@ def table(tmp: pathlib.Path) -> None:
             ),
         )
     blocker = tmp / "blocker"
-    blocker.write_text("a file")
     attempt(
         "workdir",
         "workdir below a regular file",
@@ -441,8 +476,26 @@ def table(tmp: pathlib.Path) -> None:
             tampered("flip2", flip_unverified),
         ),
     ]
+    ckpt_cases.append(
+        (
+            "resume with batch_size=16, checkpoint saved with 8",
+            tampered(
+                "batch",
+                lambda d: None,
+                tiny_config(tmp, batch_size=16, **{"optimizer.name": "golore"}),
+            ),
+        )
+    )
     for what, fn in ckpt_cases:
         attempt("checkpoint", what, fn)
+
+    def locked(pid: int, host: str):
+        work = tmp / f"locked{pid}"
+        shutil.copytree(tmp / "good", work)
+        (work / checkpoint_lib.LOCK_FILE).write_text(json.dumps({"pid": pid, "host": host}))
+        return lambda: main_lib.train_and_evaluate(config, work)
+
+    attempt("workdir", "workdir locked by another run (.lock)", locked(4242, "other-host"))
 
     # --- non-finite steps (data poisoned at steps 2 and 3)
     data_lib.build_datasets = poisoned_build_datasets({2: NAN, 3: INF})

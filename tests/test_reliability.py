@@ -6,20 +6,26 @@ the 8-device preemption test runs two subprocesses (see tests/reliability_run.py
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
+import optax
 import pytest
 
 from tests import reliability_run as rr
-from tests.child_env import eight_devices_env
-from tests.train_fixtures import tiny_config
+from tests.child_env import child_env, eight_devices_env
+from tests.train_fixtures import tiny_config, write_corpus
+from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import main as main_lib
+from train.errors import CheckpointWriteError, ConfigError, WorkdirError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -202,3 +208,270 @@ def test_sigterm_sigint_and_kill_during_save_on_8_devices(tmp_path):
     assert result["eval_steps"] == [0, 3, 6]
     assert result["checkpoints"] == {"4": [], "6": []}
     assert not tmp_dir.exists()  # the uncommitted temporary dir was cleaned up
+
+
+# ------------------------------------------------ inputs refused before anything on disk changes
+
+
+def _tree(workdir: pathlib.Path) -> dict[str, int]:
+    """Every file under ``workdir`` with its size and mtime: what "unchanged" means below."""
+    return {
+        str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(workdir.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"keep_checkpoints": 0}, "config.keep_checkpoints=0: must be >= 1"),
+        ({"optimizer.b1": 1.5}, r"config.optimizer.b1=1.5: must be in \[0, 1\)"),
+        ({"optimizer.b2": -0.1}, r"config.optimizer.b2=-0.1: must be in \[0, 1\)"),
+        ({"optimizer.grad_clip": -1.0}, "config.optimizer.grad_clip=-1.0: must be a finite"),
+        ({"optimizer.warmup_steps": 7}, "warmup_steps=7: must be >= 0 and <= config.num_steps=6"),
+        ({"eval_batches": 0}, "config.eval_batches=0: must be >= 1"),
+        ({"run_steps": 0}, r"config.run_steps=0: must be >= 1 \(or None\)"),
+        ({"checkpoint_every": 0}, "config.checkpoint_every=0: must be >= 1"),
+        ({"optimizer.rank": 0}, "config.optimizer.rank=0: must be >= 1"),
+        (
+            {"optimizer.name": "hybrid", "optimizer.golore_fraction": 1.5},
+            r"golore_fraction=1.5: must be in \(0, 1\]",
+        ),
+        ({"mesh.data": 2}, "has 2 devices but 1 are available"),
+        ({"num_processes": 0}, r"config.num_processes=0: must be >= 1 \(or None: detect\)"),
+        ({"coordinator_address": "host"}, "config.coordinator_address='host': must be 'host:port'"),
+        # The data position counts batches of the saved size: refused, naming both values.
+        ({"batch_size": 16}, r"\['batch_size'\]: checkpoint has \{'batch_size': 8\}, config has"),
+    ],
+)
+def test_bad_trainer_input_one_line_error_before_any_change(full_run, tmp_path, overrides, message):
+    """Each input: a one-line ConfigError naming the key and the allowed range, raised before
+    anything in a workdir holding checkpoints changes (keep_checkpoints=0 once made orbax
+    delete them all)."""
+    src, _ = full_run
+    work = tmp_path / "run"
+    shutil.copytree(src / "run", work)
+    before = _tree(work)
+    with pytest.raises(ConfigError, match=message) as raised:
+        main_lib.train_and_evaluate(golore(tmp_path, **overrides), work)
+    assert "\n" not in str(raised.value)
+    assert _tree(work) == before
+    assert not (work / checkpoint_lib.LOCK_FILE).exists()
+
+
+def test_resume_with_another_seed_warns_naming_both(full_run, tmp_path, caplog):
+    src, _ = full_run
+    shutil.copytree(src / "run", tmp_path / "run")
+    result = main_lib.train_and_evaluate(golore(tmp_path, seed=7), tmp_path / "run")
+    assert result["step"] == 6
+    assert "RESUMING step 6 WITH A DIFFERENT SEED: config.seed=7" in caplog.text
+    assert "saved with seed=0" in caplog.text
+
+
+def test_unwritable_directories_are_found_at_start(full_run, tmp_path):
+    src, _ = full_run
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        ({"compilation_cache_dir": str(blocker)}, "config.compilation_cache_dir .*a_file is not"),
+        ({"data.cache_dir": str(blocker / "sub")}, "config.data.cache_dir .*a_file/sub is not"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(WorkdirError, match=message):
+            main_lib.train_and_evaluate(golore(tmp_path, **overrides), tmp_path / "fresh")
+    if os.geteuid() != 0:  # root writes anywhere
+        work = tmp_path / "ro"
+        shutil.copytree(src / "run", work)
+        (work / "checkpoints").chmod(0o500)
+        try:
+            with pytest.raises(WorkdirError, match=r"checkpoints directory .* is not writable"):
+                main_lib.train_and_evaluate(golore(tmp_path), work)
+        finally:
+            (work / "checkpoints").chmod(0o700)
+
+
+def test_workdir_lock_refuses_a_second_run_and_takes_over_a_dead_one(full_run, tmp_path, caplog):
+    src, config = full_run
+    work = tmp_path / "run"
+    shutil.copytree(src / "run", work)
+    before = _tree(work)
+    lock = work / checkpoint_lib.LOCK_FILE
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        for pid, holder_host in ((sleeper.pid, host), (1, "elsewhere")):
+            lock.write_text(json.dumps({"pid": pid, "host": holder_host}))
+            with pytest.raises(
+                WorkdirError, match=rf"in use by pid {pid} on host {holder_host} \(lock file"
+            ):
+                main_lib.train_and_evaluate(config, work)
+            assert _tree(work) == {**before, checkpoint_lib.LOCK_FILE: _tree(work)[".lock"]}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The holder is gone (same host): its lock is taken over with a warning, then released.
+    lock.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+    assert main_lib.train_and_evaluate(config, work)["step"] == 6
+    assert f"taking over the lock of pid {sleeper.pid}" in caplog.text
+    assert not lock.exists()
+
+
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_checkpoints(full_run, tmp_path):
+    """A save failing with ENOSPC (orbax wraps the OSError) -> CheckpointWriteError naming the
+    step, the cause and the intact checkpoints; other failures keep their type (bugs)."""
+    src, _ = full_run
+    shutil.copytree(src / "run", tmp_path / "run")
+    checkpoints = checkpoint_lib.Checkpoints(tmp_path / "run", keep=3, every=1)
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "x.npy.tmp")
+        except OSError as e:
+            raise RuntimeError("orbax: save failed") from e
+
+    try:
+        checkpoints._manager.save = full
+        with pytest.raises(
+            CheckpointWriteError,
+            match=r"saving step 9 to .*checkpoints failed: No space left on device \(x.npy.tmp\);"
+            r" the checkpoints saved before \(\[3, 6\]\) are intact",
+        ):
+            checkpoints.save(9, {}, {})
+        checkpoints._manager.save = lambda *a, **k: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            checkpoints.save(9, {}, {})
+    finally:
+        checkpoints.close()
+    assert _checkpoint_steps(tmp_path / "run") == [3, 6]
+
+
+# ------------------------------------------------------------------- the command line
+
+
+def test_list_valued_keys_from_the_command_line(tmp_path):
+    """``--config.data.paths=a,b`` (comma-separated) and a list literal both set the list."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from train import cli
+
+    cli.register_list_parser()
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "import ml_collections\n"
+        "def get_config():\n"
+        "    return ml_collections.ConfigDict({'data': {'paths': []}, 'n': 1})\n"
+    )
+    for value, expected in (
+        ("a.txt,b.jsonl", ["a.txt", "b.jsonl"]),
+        ('["x,y.txt", "z.txt"]', ["x,y.txt", "z.txt"]),
+        ("", []),
+    ):
+        argv = ["train", f"--config={config_file}", f"--config.data.paths={value}"]
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+        values(argv)
+        assert values.config.data.paths == expected
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = child_env()
+    env.pop("PJRT_NPROC", None)
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_command_line_config_errors_are_one_line(tmp_path):
+    """A config error: ``error: ConfigError: ...`` on one line, exit status 2, no traceback;
+    nothing written. A missing config file likewise."""
+    out = _cli(
+        "--config=configs/llama_tiny.py",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.optimizer.b1=1.5",
+        "--config.data.paths=a.txt,b.txt",
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: ConfigError: config.optimizer.b1=1.5: must be in [0, 1)"]
+    assert not (tmp_path / "w").exists()
+    missing = _cli("--config=configs/nope.py", f"--workdir={tmp_path / 'w'}")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "error: ConfigError: --config=configs/nope.py: cannot load the config file" in (
+        missing.stderr
+    )
+
+
+def test_two_fake_devices_default_refresh_without_pjrt_nproc_finishes(tmp_path):
+    """configs/llama_tiny.py with GoLore and the default batched refresh on 2 fake CPU devices,
+    PJRT_NPROC unset: on a 2-core machine it hung at 0% CPU in step 1 (it still does with
+    PJRT_NPROC=2). ``python -m train`` sizes XLA:CPU's pool before JAX starts, and it ends.
+    The tiny local corpus replaces the default one (no tokenizer training over GCIDE)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from configs import llama_tiny\n"
+        "def get_config():\n"
+        "    config = llama_tiny.get_config()\n"
+        "    config.update(num_steps=3, seq_len=32, eval_batches=1, log_every=1)\n"
+        "    config.optimizer.update(name='golore', warmup_steps=1)\n"
+        "    config.data.update(source='files', txt_split='blank_lines', vocab_size=512,\n"
+        f"                       paths=[{str(corpus)!r}], eval_fraction=0.1,\n"
+        f"                       cache_dir={str(tmp_path / 'cache')!r})\n"
+        "    return config\n"
+    )
+    env_flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+    env = child_env(XLA_FLAGS=env_flags)
+    env.pop("PJRT_NPROC", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "train", f"--config={config_file}", f"--workdir={tmp_path / 'w'}"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("step 3: train loss")
+    assert [r["step"] for r in rr.records(tmp_path / "w") if "loss" in r] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------- library inputs
+
+
+def test_integer_leaves_get_a_one_line_error_naming_the_leaf():
+    """An int32 param with a float32 gradient (it failed inside the batched refresh on a
+    MaskedNode) and float0 gradients (jax.grad(allow_int=True); numpy's ufunc error)."""
+    import jax
+    import jax.numpy as jnp
+
+    import golore_jax as gl
+
+    params = {"w": jnp.ones((6, 8)), "ids": jnp.zeros((6, 8), jnp.int32)}
+    tx = gl.galore_adamw(1e-3, rank=2, update_every=2)
+    state = tx.init(params)
+    float_grads = {"w": jnp.ones((6, 8)), "ids": jnp.ones((6, 8))}
+    float0_grads = jax.grad(
+        lambda p: jnp.sum(p["w"]) + jnp.sum(p["ids"]).astype(jnp.float32), allow_int=True
+    )(params)
+    for grads, message in (
+        (float_grads, r"leaf \['ids'\] gets a float32 update but was not projected at init"),
+        (float0_grads, r"leaf \['ids'\] has a float0 gradient \(an integer param\)"),
+    ):
+        for update in (tx.update, jax.jit(tx.update)):
+            with pytest.raises(TypeError, match=message):
+                update(grads, state, params)
+    # Left out of the optimizer as the message says, the int leaf trains nothing and fails not.
+    masked = optax.partition(
+        {"float": tx, "int": optax.set_to_zero()},
+        jax.tree.map(lambda p: "float" if jnp.issubdtype(p.dtype, jnp.floating) else "int", params),
+    )
+    updates, _ = masked.update(float0_grads, masked.init(params), params)
+    assert updates["ids"].dtype == jax.dtypes.float0 and updates["w"].shape == (6, 8)

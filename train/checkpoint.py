@@ -15,15 +15,21 @@ checked before restoring.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import pathlib
+import socket
 import tempfile
 import zlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from train import distributed as distributed_lib
+from train.errors import CheckpointWriteError, ConfigError, WorkdirError
 
 CHECKSUMS = "crc32.json"
 # Config fields that must match between a checkpoint and the run that resumes it.
@@ -34,6 +40,8 @@ MUST_MATCH = (
     "optimizer.rank",
     "optimizer.relora",
     "seq_len",
+    # The data position is counted in batches of this size, and the schedule in steps.
+    "batch_size",
 )
 
 
@@ -51,7 +59,7 @@ MODEL_RUNTIME_FIELDS = ("attention", "remat", "dtype")
 
 def comparable(fp: dict[str, Any] | None) -> dict[str, Any]:
     """A fingerprint without the runtime model fields (also for ones saved with them)."""
-    fp = dict(fp or {})
+    fp = {k: v for k, v in (fp or {}).items() if k in (*MUST_MATCH, *MUST_MATCH_WHEN_SET)}
     if isinstance(fp.get("model"), dict):
         fp["model"] = {k: v for k, v in fp["model"].items() if k not in MODEL_RUNTIME_FIELDS}
     return fp
@@ -76,20 +84,124 @@ def fingerprint(config: Any) -> dict[str, Any]:
     return comparable(found)
 
 
-def check_writable(workdir: pathlib.Path) -> None:
-    """Fails early, before training, when the workdir cannot be written."""
+def check_writable(directory: pathlib.Path, what: str = "workdir") -> None:
+    """Fails early, before training, when ``directory`` cannot be created or written."""
+    directory = pathlib.Path(directory).expanduser()
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise PermissionError(f"workdir {workdir} is not writable: {e}") from e
+        raise WorkdirError(f"{what} {directory} is not writable: {e}") from e
+
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLock:
+    """One run per workdir: ``WORKDIR/.lock`` holds the running process's pid and host.
+
+    A second run on the same workdir refuses to start, naming them. A lock left by a process
+    that no longer exists on this host (killed with ``kill -9``, a crash) is taken over with a
+    warning; one from another host cannot be checked from here and must be deleted by hand.
+    With several processes, process 0 holds the lock for the run.
+    """
+
+    def __init__(self, workdir: pathlib.Path) -> None:
+        self.path = pathlib.Path(workdir) / LOCK_FILE
+        self._held = False
+
+    def acquire(self) -> None:
+        error = None
+        if distributed_lib.is_main():
+            try:
+                self._acquire_here()
+            except WorkdirError as e:
+                error = e
+        if not distributed_lib.all_true(error is None):
+            raise error or WorkdirError(f"{self.path}: process 0 could not lock the workdir")
+
+    def _acquire_here(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # removed or half-written by another starting run: retry
+                if holder["host"] == me["host"] and not _pid_alive(holder["pid"]):
+                    logging.warning(
+                        "%s: taking over the lock of pid %d on %s, which no longer runs",
+                        self.path,
+                        holder["pid"],
+                        holder["host"],
+                    )
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise WorkdirError(
+                    f"workdir {self.path.parent} is in use by pid {holder['pid']} on host "
+                    f"{holder['host']} (lock file {self.path}); wait for that run to end, or "
+                    "delete the lock file if it is not running"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+            self._held = True
+            return
+        raise WorkdirError(f"could not lock workdir {self.path.parent} ({self.path})")
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return {"pid": int(holder["pid"]), "host": str(holder["host"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def release(self) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+    def __enter__(self) -> WorkdirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError an exception was raised from (orbax wraps them), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+# A save that fails with these is the environment's fault, not the program's.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class Checkpoints:
     """Saves every ``every`` steps, keeps the last ``keep``, restores the latest."""
 
     def __init__(self, workdir: pathlib.Path, *, keep: int, every: int) -> None:
+        # max_to_keep=0 would make orbax delete every checkpoint, the ones saved before too.
+        if keep < 1:
+            raise ConfigError(f"config.keep_checkpoints={keep!r}: must be >= 1")
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         self.every = every
         self._manager = ocp.CheckpointManager(
@@ -110,16 +222,26 @@ class Checkpoints:
         """Saves ``step`` (forced: even off the interval); a step already saved is kept."""
         if step in self._manager.all_steps():
             return False
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=force,
-        )
-        self._manager.wait_until_finished()
-        if saved and jax.process_index() == 0:
-            self._write_checksums(step)
+        try:
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=force,
+            )
+            self._manager.wait_until_finished()
+            if saved and jax.process_index() == 0:
+                self._write_checksums(step)
+        except Exception as e:
+            cause = _os_error(e)
+            if cause is None or cause.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            raise CheckpointWriteError(
+                f"saving step {step} to {self.directory} failed: {cause.strerror} "
+                f"({cause.filename or self.directory}); the checkpoints saved before "
+                f"({self.all_steps() or 'none'}) are intact"
+            ) from e
         return saved
 
     def _files(self, step: int) -> dict[str, pathlib.Path]:
@@ -176,10 +298,12 @@ class Checkpoints:
         except Exception as e:
             raise RuntimeError(f"checkpoint {path} is unreadable (its metadata): {e}") from e
         expected, found = fingerprint(config), comparable(meta.get("fingerprint"))
-        if found != expected:
-            keys = [*MUST_MATCH, *MUST_MATCH_WHEN_SET]
-            diffs = [k for k in keys if found.get(k) != expected.get(k)]
-            raise ValueError(
+        # A key an older checkpoint did not record is not compared; a when-set key is absent
+        # from both when unset.
+        diffs = [k for k in MUST_MATCH if k in found and found[k] != expected[k]]
+        diffs += [k for k in MUST_MATCH_WHEN_SET if found.get(k) != expected.get(k)]
+        if diffs:
+            raise ConfigError(
                 f"checkpoint {path} does not match the config in {diffs}: checkpoint has "
                 f"{ {k: found.get(k) for k in diffs} }, config has "
                 f"{ {k: expected.get(k) for k in diffs} }. Use another --workdir to start afresh."
@@ -205,20 +329,21 @@ class Checkpoints:
         steps = sorted(self.all_steps(), reverse=True)
         errors: list[str] = []
         for step in steps:
+            # Every process tries; a checkpoint counts as readable only if all of them read
+            # it, so all take the same decision.
             try:
                 state, meta = self.restore(step, abstract_state, config)
+                error = None
             except RuntimeError as e:
-                logging.warning("skipping checkpoint %s: %s", self.directory / str(step), e)
-                errors.append(str(e))
+                state, error = None, str(e)
+            if not distributed_lib.all_true(error is None):
+                if error is None:
+                    path = self.directory / str(step)
+                    error = f"checkpoint {path} is unreadable on another process"
+                logging.warning("skipping checkpoint %s: %s", self.directory / str(step), error)
+                errors.append(error)
                 continue
-            for bad in steps[: len(errors)]:
-                moved = self._move_aside(bad)
-                logging.warning(
-                    "checkpoint step %d was unreadable: moved it to %s; resuming from step %d",
-                    bad,
-                    moved,
-                    step,
-                )
+            self._move_aside_all(steps[: len(errors)], resumed=step)
             return step, state, meta
         if errors:
             raise RuntimeError(
@@ -227,6 +352,22 @@ class Checkpoints:
             )
         return None
 
+    def _move_aside_all(self, bad_steps: list[int], *, resumed: int) -> None:
+        """Process 0 moves the unreadable checkpoints aside; the others wait, then reload."""
+        if not bad_steps:
+            return
+        if distributed_lib.is_main():
+            for bad in bad_steps:
+                moved = self._move_aside(bad)
+                logging.warning(
+                    "checkpoint step %d was unreadable: moved it to %s; resuming from step %d",
+                    bad,
+                    moved,
+                    resumed,
+                )
+        distributed_lib.barrier("checkpoints moved aside")
+        self._manager.reload()
+
     def _move_aside(self, step: int) -> pathlib.Path:
         aside = self.directory.parent / "checkpoints_unreadable"
         aside.mkdir(exist_ok=True)
@@ -234,7 +375,6 @@ class Checkpoints:
         while target.exists():
             target, n = aside / f"{step}.{n}", n + 1
         (self.directory / str(step)).rename(target)
-        self._manager.reload()
         return target
 
     def close(self) -> None:

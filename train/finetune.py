@@ -56,11 +56,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from train import hf_checkpoint, xla_flags
+from train import cli, hf_checkpoint, xla_flags
 from train import model as model_lib
 from train import optimizer as optimizer_lib
 from train import sharding as sharding_lib
 from train import tokenizer as tokenizer_lib
+from train.errors import ConfigError
 
 TASKS = ("boolq", "winogrande")
 # Optimizers whose ``rank`` is a subspace rank that must stay below each matrix's smaller side.
@@ -474,7 +475,7 @@ def finetune_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | No
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % rows:
-            raise ValueError(
+            raise ConfigError(
                 f"config.{name}={config[name]} is not divisible by the data x fsdp mesh axes "
                 f"({rows}) of config.mesh {dict(mesh.shape)}; with batch size 1 use tensor "
                 "parallelism (the default mesh: data=1, fsdp=1, tensor=-1)"
@@ -557,21 +558,28 @@ def evaluate(
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Checks what can be checked before any file is read."""
-    for name in ("seq_len", "batch_size", "num_steps", "log_every", "eval_every"):
-        if int(config[name]) <= 0:
-            raise ValueError(f"config.{name} must be > 0, got {config[name]}")
+    """Checks what can be checked before any file is read (one-line ConfigErrors)."""
+    for name in (
+        "seq_len",
+        "batch_size",
+        "eval_batch_size",
+        "num_steps",
+        "log_every",
+        "eval_every",
+    ):
+        if name in config and int(config[name]) <= 0:
+            raise ConfigError(f"config.{name}={config[name]!r}: must be > 0")
     if config.data.task not in TASKS:
-        raise ValueError(f"config.data.task must be one of {TASKS}, got {config.data.task!r}")
+        raise ConfigError(f"config.data.task must be one of {TASKS}, got {config.data.task!r}")
     if config.export.dtype not in EXPORT_DTYPES:
-        raise ValueError(
+        raise ConfigError(
             f"config.export.dtype must be one of {EXPORT_DTYPES}, got {config.export.dtype!r}"
         )
     if config.optimizer.get("relora"):
-        raise ValueError("config.optimizer.relora=True is for pre-training (train.main) only")
+        raise ConfigError("config.optimizer.relora=True is for pre-training (train.main) only")
     if config.optimizer.get("layerwise"):
-        raise ValueError("config.optimizer.layerwise=True is for pre-training (train.main) only")
-    optimizer_lib.validate(config.optimizer)
+        raise ConfigError("config.optimizer.layerwise=True is for pre-training (train.main) only")
+    optimizer_lib.validate(config.optimizer, num_steps=config.num_steps)
 
 
 def export_finetuned(
@@ -637,11 +645,13 @@ def finetune(
     params = initial_params(source, ft, config.seed)
     opt_state = ft.init_opt_state(params)
 
-    metrics_file = (workdir / "metrics.jsonl").open("a")
+    # Process 0 alone writes the metrics (every process computes the same records).
+    metrics_file = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
 
     def log(record: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
         logging.info("%s", record)
 
     def run_eval(step: int) -> tuple[float, float]:
@@ -683,7 +693,8 @@ def finetune(
             losses = []
         if step % config.eval_every == 0 or step == config.num_steps:
             accuracy, eval_loss = run_eval(step)
-    metrics_file.close()
+    if metrics_file is not None:
+        metrics_file.close()
     del opt_state  # Free the optimizer state before the host copy of the export.
     export_dir = export_finetuned(config, source, params, workdir)
     return {
@@ -708,7 +719,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.INFO)
     xla_flags.apply_defaults()  # before the first device is touched
-    result = finetune(_FLAGS.config, _FLAGS.workdir)
+    with cli.one_line_errors():
+        result = finetune(cli.loaded_config(_FLAGS), _FLAGS.workdir)
     print(
         f"step {result['step']}: train loss {result['train_loss']:.4f}, eval accuracy "
         f"{result['first_eval_accuracy']:.4f} -> {result['eval_accuracy']:.4f}, eval answer "
@@ -722,6 +734,7 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
+    cli.register_list_parser()
     _FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "Fine-tuning config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl, tokenizer, hf_export.")

@@ -8,6 +8,7 @@ the workdir already holds one. SIGTERM / SIGINT finish the current step, save an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,11 +29,13 @@ import optax
 import golore_jax as gl
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
+from train import distributed as distributed_lib
 from train import layerwise as layerwise_lib
 from train import model as model_lib
 from train import optimizer as optimizer_lib
 from train import relora as relora_lib
 from train import sharding as sharding_lib
+from train.errors import ConfigError, UserError, WorkdirError
 
 NONFINITE_POLICIES = ("skip", "stop")
 
@@ -64,41 +67,54 @@ class Trainer:
     weights: Callable[[TrainState], Any]
 
 
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raises a one-line ConfigError ``config.KEY=VALUE: must be ALLOWED`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r}: must be {allowed}")
+
+
 def validate_config(config: Any) -> None:
-    """Checks the config before anything is built or compiled."""
+    """Checks the config before anything is built, compiled or written."""
     for name in ("seq_len", "batch_size", "num_steps", "log_every", "eval_every"):
-        if int(config[name]) <= 0:
-            raise ValueError(f"config.{name} must be > 0, got {config[name]}")
+        require(int(config[name]) > 0, name, config[name], "> 0")
+    # eval_batches=0 would average no losses (NaN); checkpoint_every=0 divides by zero;
+    # keep_checkpoints=0 makes orbax delete every checkpoint, the saved ones included.
+    for name in ("eval_batches", "checkpoint_every", "keep_checkpoints"):
+        require(int(config[name]) >= 1, name, config[name], ">= 1")
+    require(int(config.max_skipped) >= 0, "max_skipped", config.max_skipped, ">= 0")
+    if config.run_steps is not None:
+        require(int(config.run_steps) >= 1, "run_steps", config.run_steps, ">= 1 (or None)")
     if config.seq_len > config.model.max_seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"config.seq_len={config.seq_len} exceeds config.model.max_seq_len="
             f"{config.model.max_seq_len}"
         )
     if config.nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(
+        raise ConfigError(
             f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}"
         )
-    optimizer_lib.validate(config.optimizer)
+    optimizer_lib.validate(config.optimizer, num_steps=config.num_steps)
     if config.optimizer.get("stochastic_rounding") and config.model.param_dtype != "bfloat16":
-        raise ValueError(
+        raise ConfigError(
             "config.optimizer.stochastic_rounding=True needs config.model.param_dtype="
             f"'bfloat16', got {config.model.param_dtype!r}"
         )
     if config.optimizer.get("stochastic_rounding") and config.optimizer.relora:
-        raise ValueError(
+        raise ConfigError(
             "config.optimizer.stochastic_rounding=True is not supported with "
             "config.optimizer.relora=True (the ReLoRA-like step applies its own updates)"
         )
     if config.optimizer.relora and config.model.scan_layers:
-        raise ValueError(
+        raise ConfigError(
             "config.optimizer.relora=True needs config.model.scan_layers=False (the ReLoRA-like "
             "path reparameterises each layer's 2-D kernels)"
         )
     if config.optimizer.get("layerwise") and not config.model.scan_layers:
-        raise ValueError(
+        raise ConfigError(
             "config.optimizer.layerwise=True needs config.model.scan_layers=True (it scans "
             "over the stacked layers)"
         )
+    distributed_lib.validate(config)
 
 
 def use_compilation_cache(directory: str | pathlib.Path) -> None:
@@ -108,7 +124,7 @@ def use_compilation_cache(directory: str | pathlib.Path) -> None:
     Process-wide, and JAX reads it at its first cached compile: call before compiling.
     """
     path = pathlib.Path(directory).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    checkpoint_lib.check_writable(path, "config.compilation_cache_dir")
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Only compiles worth keeping (JAX's default threshold is 1 s).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -137,7 +153,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     )
     batch_size_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % batch_size_per_shard:
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by the data x fsdp mesh "
             f"axes ({batch_size_per_shard})"
         )
@@ -288,20 +304,33 @@ def to_global(batch: dict, sharding: Any) -> dict:
 
 
 class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step.
+
+    With several processes SIGTERM stays with JAX's preemption notifier, which makes all
+    processes stop at the same step (:meth:`agreed`); SIGINT is forwarded to it.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in distributed_lib.stop_signals():
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         del frame
-        self.signal = signum
+        if jax.process_count() > 1:
+            distributed_lib.forward_to_preemption_notifier()
+        else:
+            self.signal = signum
+
+    def agreed(self, step: int) -> bool:
+        """Whether to save and stop after ``step``: the same answer on every process."""
+        if distributed_lib.preemption_step(step):
+            self.signal = signal.SIGTERM
+        return self.signal is not None
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -341,26 +370,79 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     """Runs (or resumes) training; returns the final metrics.
 
     Returns a dict with ``step``, ``train_loss``, ``eval_loss`` (at the last evaluation),
-    ``first_eval_loss`` and ``stopped_by_signal``.
+    ``first_eval_loss`` and ``stopped_by_signal``. Bad config values, unwritable directories
+    and a workdir in use by another run raise a one-line :class:`~train.errors.UserError`
+    before anything on disk changes.
     """
     workdir = pathlib.Path(workdir)
     validate_config(config)
     if config.distributed:
-        jax.distributed.initialize()
-    checkpoint_lib.check_writable(workdir)
-    if config.get("compilation_cache_dir"):
+        distributed_lib.initialize(config)
+    check_directories(config, workdir)
+    if config.get("compilation_cache_dir"):  # before the first compile, the lock's included
         use_compilation_cache(config.compilation_cache_dir)
+    _warn_small_cpu_thread_pool()
+    with checkpoint_lib.WorkdirLock(workdir):
+        return _train(config, workdir)
+
+
+def check_directories(config: Any, workdir: pathlib.Path) -> None:
+    """Every directory the run writes to must be writable, before the first step."""
+    checkpoint_lib.check_writable(workdir)
+    for sub in ("checkpoints", "tensorboard"):
+        if (workdir / sub).exists():
+            checkpoint_lib.check_writable(workdir / sub, f"workdir's {sub} directory")
+    metrics = workdir / "metrics.jsonl"
+    if metrics.exists() and not os.access(metrics, os.W_OK):
+        raise WorkdirError(f"{metrics} is not writable")
+    if config.data.get("cache_dir"):
+        checkpoint_lib.check_writable(pathlib.Path(config.data.cache_dir), "config.data.cache_dir")
+    if config.get("compilation_cache_dir"):
+        checkpoint_lib.check_writable(
+            pathlib.Path(config.compilation_cache_dir), "config.compilation_cache_dir"
+        )
+
+
+def _warn_small_cpu_thread_pool() -> None:
+    """Several CPU devices and no spare pool thread can hang a batched refresh (see
+    train/xla_flags.py: ``python -m train`` sizes the pool; a library caller sets PJRT_NPROC)."""
+    if jax.default_backend() != "cpu" or jax.local_device_count() == 1:
+        return
+    cores = os.cpu_count() or 1
+    threads = int(os.environ.get("PJRT_NPROC", cores))
+    if threads < cores + jax.local_device_count():
+        logging.warning(
+            "%d CPU devices share %d XLA:CPU threads: a batched subspace refresh can hang; "
+            "set PJRT_NPROC=%d (or more) before JAX starts",
+            jax.local_device_count(),
+            threads,
+            cores + jax.local_device_count(),
+        )
+
+
+def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     mesh = sharding_lib.make_mesh(config.mesh)
-    datasets = data_lib.build_datasets(
-        config.data,
-        seq_len=config.seq_len,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        model_vocab_size=config.model.vocab_size,
-    )
-    eval_batches = datasets.eval_batches(config.eval_batches)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % rows:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size}: must be divisible by the data x fsdp mesh "
+            f"axes ({rows}) of config.mesh {dict(mesh.shape)}"
+        )
+    try:
+        datasets = data_lib.build_datasets(
+            config.data,
+            seq_len=config.seq_len,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            model_vocab_size=config.model.vocab_size,
+        )
+        eval_batches = datasets.eval_batches(config.eval_batches)
+    except ValueError as e:  # the data config or files: the user's to fix
+        if isinstance(e, UserError):
+            raise
+        raise ConfigError(str(e)) from e
     trainer = build_trainer(config, mesh)
     logging.info(
         "attention: %s; XLA_FLAGS: %r",
@@ -381,6 +463,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
         latest, state, meta = restored
         datasets.train.set_state(meta["data_position"])
         logging.info("resumed from step %d in %s", latest, checkpoints.directory)
+        _warn_changed_seed(meta, config, latest)
 
     def meta() -> dict[str, Any]:
         return {
@@ -392,8 +475,11 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     tokens_per_step = config.batch_size * config.seq_len
     metrics_path = workdir / "metrics.jsonl"
     history, evals = [], []
+    main = distributed_lib.is_main()  # process 0 alone writes metrics, events and plots
     if metrics_path.exists():
-        records = _read_metrics(metrics_path, keep_until=-1 if latest is None else latest)
+        records = _read_metrics(
+            metrics_path, keep_until=-1 if latest is None else latest, rewrite=main
+        )
         for record in records:
             (evals if "eval_loss" in record else history).append(record)
     writer = _summary_writer(workdir)
@@ -404,7 +490,8 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     stop_at = None if config.run_steps is None else step + config.run_steps
     result: dict[str, Any] = {"stopped_by_signal": False}
     progress = _progress(step, config.num_steps)
-    with _StopRequest() as stop, metrics_path.open("a") as metrics_file:
+    metrics_cm = metrics_path.open("a") if main else contextlib.nullcontext()
+    with _StopRequest() as stop, metrics_cm as metrics_file:
         if latest is None:
             record = {"step": 0, "eval_loss": initial_eval, "eval_ppl": math.exp(initial_eval)}
             evals.append(record)
@@ -456,7 +543,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
                 checkpoints.save(step, state, meta())
             if step % config.eval_every == 0 or step % config.checkpoint_every == 0:
                 last_time = time.perf_counter()  # keep eval and saving out of tokens/s
-            if stop.signal is not None or step == stop_at:
+            if stop.agreed(step) or step == stop_at:
                 checkpoints.save(step, state, meta(), force=True)
                 reason = f"received signal {stop.signal}" if stop.signal else "run_steps reached"
                 print(
@@ -469,7 +556,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     checkpoints.close()
     if writer is not None:
         writer.close()
-    if history:
+    if history and main:
         _loss_png(history, evals, workdir / "loss.png")
     result.update(
         step=step,
@@ -480,7 +567,22 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     return result
 
 
-def _read_metrics(path: pathlib.Path, keep_until: int) -> list[dict]:
+def _warn_changed_seed(meta: dict[str, Any], config: Any, step: int) -> None:
+    """A resumed run may change config.seed (it set the init, which is restored, and the data
+    order, which continues from the saved position in the new seed's order): said loudly."""
+    saved = (meta.get("config") or {}).get("seed")
+    if saved is not None and saved != config.seed:
+        logging.warning(
+            "RESUMING step %d WITH A DIFFERENT SEED: config.seed=%s, the checkpoint was saved "
+            "with seed=%s; the data order from here on follows seed %s",
+            step,
+            config.seed,
+            saved,
+            config.seed,
+        )
+
+
+def _read_metrics(path: pathlib.Path, keep_until: int, *, rewrite: bool = True) -> list[dict]:
     """The records of ``path`` up to step ``keep_until``: the ones after it are dropped.
 
     Steps run after the checkpoint a run resumes from (before a crash or kill) are run again,
@@ -496,7 +598,7 @@ def _read_metrics(path: pathlib.Path, keep_until: int) -> list[dict]:
             continue
         if record.get("step", 0) <= keep_until:
             records.append(record)
-    if len(records) != len(lines):
+    if len(records) != len(lines) and rewrite:
         logging.warning(
             "%s: dropped %d records past the resumed step %d (they will be run again)",
             path,
@@ -510,6 +612,8 @@ def _read_metrics(path: pathlib.Path, keep_until: int) -> list[dict]:
 
 
 def _write(metrics_file, writer, record: dict) -> None:
+    if metrics_file is None:  # not process 0
+        return
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
     if writer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 import golore_jax as gl
+from train.errors import ConfigError
 from train.sharding import MESH_AXES
 
 OPTIMIZERS = (
@@ -89,35 +91,68 @@ def _family_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTrans
     return alias(schedule, update_every=opt.update_every, seed=opt.seed, **sparsity, **common)
 
 
-def validate(opt: Any) -> None:
-    """Rejects an optimizer block the trainer cannot build, before anything compiles."""
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.optimizer.{key}={value!r}: must be {allowed}")
+
+
+def validate(opt: Any, *, num_steps: int | None = None) -> None:
+    """Rejects an optimizer block the trainer cannot build, before anything compiles.
+
+    Each error is one line naming the key and its allowed range (``num_steps``, when given,
+    bounds ``warmup_steps``).
+    """
     if opt.name not in OPTIMIZERS:
-        raise ValueError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
+        raise ConfigError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
     if opt.inner not in INNERS:
-        raise ValueError(f"config.optimizer.inner must be one of {INNERS}, got {opt.inner!r}")
+        raise ConfigError(f"config.optimizer.inner must be one of {INNERS}, got {opt.inner!r}")
     if opt.inner == "adamw8bit" and opt.name in ("gasare", "gosare", "osd"):
-        raise ValueError(
+        raise ConfigError(
             f"config.optimizer.inner='adamw8bit' is offered for adamw and the basis projectors, "
             f"not for name={opt.name!r}"
         )
     if opt.learning_rate <= 0:
-        raise ValueError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+        raise ConfigError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+    finite = math.isfinite
+    for key in ("b1", "b2", "momentum"):  # optax convention: the decay of the moving average
+        _require(0 <= opt[key] < 1, key, opt[key], "in [0, 1)")
+    _require(finite(opt.eps) and opt.eps >= 0, "eps", opt.eps, "a finite number >= 0")
+    for key in ("grad_clip", "weight_decay"):
+        _require(finite(opt[key]) and opt[key] >= 0, key, opt[key], "a finite number >= 0")
+    _require(0 <= opt.min_lr_ratio <= 1, "min_lr_ratio", opt.min_lr_ratio, "in [0, 1]")
+    bound = "" if num_steps is None else f" and <= config.num_steps={num_steps}"
+    _require(
+        opt.warmup_steps >= 0 and (num_steps is None or opt.warmup_steps <= num_steps),
+        "warmup_steps",
+        opt.warmup_steps,
+        ">= 0" + bound,
+    )
+    if opt.name != "adamw":
+        for key in ("rank", "update_every"):
+            if not callable(opt[key]):  # fine-tuning passes a per-matrix rank rule
+                _require(int(opt[key]) >= 1, key, opt[key], ">= 1")
+        _require(finite(opt.scale) and opt.scale > 0, "scale", opt.scale, "a finite number > 0")
+    if opt.name == "hybrid":
+        fraction = opt.golore_fraction
+        _require(0 < fraction <= 1, "golore_fraction", fraction, "in (0, 1]")
+    refresh = opt.get("refresh_batch_size", 0)
+    _require(int(refresh) >= 0, "refresh_batch_size", refresh, ">= 0 (0: no limit)")
     if opt.get("projection_dtype", "float32") not in PROJECTION_DTYPES:
-        raise ValueError(
+        raise ConfigError(
             f"config.optimizer.projection_dtype must be one of {PROJECTION_DTYPES}, "
             f"got {opt.projection_dtype!r}"
         )
     if opt.get("basis_dtype", "float32") not in BASIS_DTYPES:
-        raise ValueError(
+        raise ConfigError(
             f"config.optimizer.basis_dtype must be one of {BASIS_DTYPES}, got {opt.basis_dtype!r}"
         )
     if opt.get("basis_dtype", "float32") != "float32" and opt.name not in RELORA_OPTIMIZERS:
-        raise ValueError(
+        raise ConfigError(
             f"config.optimizer.basis_dtype={opt.basis_dtype!r} applies to the basis projectors "
             f"{RELORA_OPTIMIZERS}, not to name={opt.name!r}"
         )
     if opt.get("layerwise") and opt.grad_clip:
-        raise ValueError(
+        raise ConfigError(
             f"config.optimizer.grad_clip={opt.grad_clip} is a global-norm clip, which "
             "config.optimizer.layerwise=True cannot do (the layers' gradients never exist "
             "together): set grad_clip=0, and layer_grad_clip for a per-layer clip"
@@ -125,39 +160,39 @@ def validate(opt: Any) -> None:
     if opt.get("layer_grad_clip", 0.0) < 0 or (
         opt.get("layer_grad_clip", 0.0) and not opt.get("layerwise")
     ):
-        raise ValueError(
+        raise ConfigError(
             f"config.optimizer.layer_grad_clip={opt.layer_grad_clip} needs layerwise=True "
             "and a value >= 0 (the plain step clips by the global norm: grad_clip)"
         )
     side = opt.get("side", "gradient")
     if side not in gl.layout.SIDE_RULES:
-        raise ValueError(
+        raise ConfigError(
             f"config.optimizer.side must be one of {gl.layout.SIDE_RULES}, got {side!r}"
         )
     if opt.name == "optax_galore":  # settings optax.contrib.galore has no counterpart for
         if opt.inner == "adamw8bit":
-            raise ValueError("config.optimizer.name='optax_galore' has no inner='adamw8bit'")
+            raise ConfigError("config.optimizer.name='optax_galore' has no inner='adamw8bit'")
         if opt.momentum_projection or opt.second_moment != "keep":
-            raise ValueError(
+            raise ConfigError(
                 "config.optimizer.name='optax_galore' keeps moments at a refresh: needs "
                 f"momentum_projection=False and second_moment='keep', got "
                 f"{opt.momentum_projection} and {opt.second_moment!r}"
             )
     if opt.get("relora"):
         if side == "state":
-            raise ValueError(
+            raise ConfigError(
                 "config.optimizer.relora=True needs side 'gradient', 'left' or 'right', got "
                 "'state' (the adapters' side would depend on the inner optimizer)"
             )
         if opt.name not in RELORA_OPTIMIZERS:
-            raise ValueError(
+            raise ConfigError(
                 f"config.optimizer.relora=True needs a basis projector, name one of "
                 f"{RELORA_OPTIMIZERS}, got {opt.name!r}"
             )
         # Both act on the full gradient / weights, which the low-rank path never forms.
         for field in ("grad_clip", "weight_decay"):
             if opt[field]:
-                raise ValueError(
+                raise ConfigError(
                     f"config.optimizer.relora=True needs config.optimizer.{field}=0, "
                     f"got {opt[field]}"
                 )
@@ -191,7 +226,7 @@ def optax_galore(
             if not selected:
                 return None
             if jnp.ndim(leaf) != 2:
-                raise ValueError(
+                raise ConfigError(
                     f"config.optimizer.name='optax_galore' projects 2-D kernels only; "
                     f"{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)} "
                     "(set model.scan_layers=False)"
@@ -256,7 +291,7 @@ def build_optimizer(
         )
     else:
         if opt.projector not in SVD_PROJECTORS:
-            raise ValueError(
+            raise ConfigError(
                 f"config.optimizer.projector must be one of {sorted(SVD_PROJECTORS)}, "
                 f"got {opt.projector!r}"
             )

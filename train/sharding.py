@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from golore_jax.partitioning import state_partition_specs
+from train.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -44,20 +45,20 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     """Resolves ``config.mesh`` (one entry may be -1) to sizes whose product is num_devices."""
     sizes = [int(mesh_config[a]) for a in MESH_AXES]
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))}: each axis must be a positive "
             "size, with at most one -1 (meaning: all remaining devices)"
         )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} does not divide the "
                 f"{num_devices} devices"
             )
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} has {math.prod(sizes)} "
             f"devices but {num_devices} are available"
         )
@@ -86,7 +87,7 @@ def check_divisible(shapes: Any, specs: Any, mesh: Mesh, what: str) -> None:
         for dim, axes in enumerate(spec):
             size = _mesh_axis_size(mesh, axes)
             if leaf.shape[dim] % size:
-                raise ValueError(
+                raise ConfigError(
                     f"{what} {jax.tree_util.keystr(path)} of shape {leaf.shape}: dim {dim} "
                     f"({leaf.shape[dim]}) is not divisible by mesh axes {axes} of size {size}; "
                     f"change config.mesh {dict(mesh.shape)} or the model dims"
