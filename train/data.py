@@ -351,12 +351,18 @@ def _shuffle_seed(seed: int) -> int:
     return int(seed)
 
 
-def _as_tuples(state: Any) -> Any:
-    """Undoes JSON's tuple -> list: grain's packing state compares (start, stop) tuples."""
+def _from_json(state: Any) -> Any:
+    """Undoes JSON's tuple -> list where grain needs tuples: its concat-then-split packing
+    compares the ``remainder_slices`` (start, stop) pairs with a tuple."""
     if isinstance(state, dict):
-        return {k: _as_tuples(v) for k, v in state.items()}
-    if isinstance(state, list | tuple):
-        return tuple(_as_tuples(v) for v in state)
+        return {
+            k: {f: tuple(v) for f, v in value.items()}
+            if k == "remainder_slices"
+            else _from_json(value)
+            for k, value in state.items()
+        }
+    if isinstance(state, list):
+        return [_from_json(v) for v in state]
     return state
 
 
@@ -394,7 +400,7 @@ class TrainIterator(Iterator[Batch]):
                 "'pipeline': dict} from TrainIterator.get_state of the same data config"
             )
         try:
-            self._iterator.set_state(_as_tuples(state["pipeline"]))
+            self._iterator.set_state(_from_json(state["pipeline"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
                 f"Invalid data iterator state {state!r} for this data pipeline: "
@@ -454,8 +460,10 @@ def streaming_train_dataset(
 ) -> grain.IterDataset:
     """This host's batches of ``batch_size`` rows of ``seq_len + 1`` tokens, streamed.
 
-    Documents are dealt round-robin after the per-epoch shuffle, so the processes read disjoint
-    documents that together are the documents one process would read; documents with
+    ArrayRecord: the documents of the whole split are shuffled per epoch and dealt round-robin
+    to the processes, so in every epoch they read disjoint documents that together are the
+    documents one process would read. TFRecord: process ``i`` reads files ``i::process_count``
+    (file order reshuffled per epoch, then a window of documents shuffled). Documents with
     ``is_eval_document(text, held_out_fraction)`` are skipped.
     """
     seed = _shuffle_seed(seed)
@@ -484,8 +492,9 @@ def streaming_train_dataset(
                 lambda raw: corpus.text(corpus.decode(raw))
             )
 
-        shuffled = grain.MapDataset.source(files).shuffle(seed=seed).repeat()
-        per_file = shuffled[process_index::process_count].map(read_file)
+        # Each process keeps its own files; their order is reshuffled every epoch.
+        own_files = grain.MapDataset.source(files[process_index::process_count])
+        per_file = own_files.shuffle(seed=seed).repeat().map(read_file)
         texts = grain.experimental.InterleaveIterDataset(per_file, cycle_length=1)
         texts = grain.experimental.WindowShuffleIterDataset(
             texts, window_size=shuffle_window, seed=seed
