@@ -1,0 +1,181 @@
+"""Host memory of the streaming input pipeline over a prepared TFDS copy, and an exact resume.
+
+Prepares (once) an ArrayRecord TFDS copy of generated text (``--mb`` megabytes in documents of
+C4-like length), then, in a fresh process, streams ``--steps`` batches through
+``train.data.build_datasets(source='tfds')`` printing the resident set size (RSS) at several
+steps, and checks that a new pipeline restored from the JSON state taken at ``--resume_at``
+yields exactly the batches of the uninterrupted one.
+
+    nice -n 10 python experiments/streaming_rss.py --data_dir /tmp/streaming_corpus --mb 400
+
+The copy is named ``streaming_corpus`` (split ``train`` and a small ``validation``); the trainer
+reads it like any prepared copy, e.g. ``--config.data.source=tfds
+--config.data.tfds_name=streaming_corpus --config.data.data_dir=/tmp/streaming_corpus``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+# Generated documents: words drawn from a Zipf-like law over a fixed made-up vocabulary, with
+# C4's typical document lengths (a few hundred to a few thousand characters).
+_VOCAB_WORDS = 20_000
+_DOCS_PER_SHARD_HINT = 50_000
+
+
+def _words(rng: np.random.Generator) -> np.ndarray:
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    lengths = rng.integers(2, 10, size=_VOCAB_WORDS)
+    return np.array(["".join(rng.choice(letters, size=n)) for n in lengths])
+
+
+def generate_documents(total_mb: float, seed: int, first_id: int = 0):
+    """Yields ``(key, text)`` until about ``total_mb`` megabytes of text."""
+    rng = np.random.default_rng(seed)
+    words = _words(np.random.default_rng(0))  # The same vocabulary for every split.
+    weights = 1.0 / np.arange(1, _VOCAB_WORDS + 1)
+    weights /= weights.sum()
+    produced, key = 0, first_id
+    while produced < total_mb * 1e6:
+        n = int(rng.integers(60, 900))
+        ids = rng.choice(_VOCAB_WORDS, size=n, p=weights)
+        sentences = np.array_split(words[ids], max(1, n // 15))
+        text = ". ".join(" ".join(s).capitalize() for s in sentences) + "."
+        text = f"Document {key}. {text}"
+        produced += len(text)
+        yield key, text
+        key += 1
+
+
+def builder_class(total_mb: float):
+    import tensorflow_datasets as tfds
+
+    class StreamingCorpus(tfds.core.GeneratorBasedBuilder):
+        """Generated text in a ``text`` feature (as C4's)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        code_path = pathlib.Path(__file__)
+
+        def _info(self) -> tfds.core.DatasetInfo:
+            features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {
+                "train": self._generate_examples(total_mb, 1),
+                "validation": self._generate_examples(2.0, 2, first_id=10**9),
+            }
+
+        def _generate_examples(self, mb: float, seed: int, first_id: int = 0):
+            for key, text in generate_documents(mb, seed, first_id):
+                yield key, {"text": text}
+
+    return StreamingCorpus
+
+
+def prepare(data_dir: pathlib.Path, total_mb: float) -> None:
+    import tensorflow_datasets as tfds
+
+    builder = builder_class(total_mb)(data_dir=str(data_dir), file_format="array_record")
+    if builder.is_prepared():
+        print(f"using the prepared copy in {builder.data_dir}", flush=True)
+        return
+    start = time.time()
+    shards = max(1, int(total_mb * 1e6 / 2500 / _DOCS_PER_SHARD_HINT))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=shards))
+    print(f"prepared {builder.data_dir} in {time.time() - start:.0f} s", flush=True)
+
+
+def rss_mib() -> float:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from train import data as data_lib
+
+    cfg = data_lib.default_data_config()
+    cfg.source = "tfds"
+    cfg.tfds_name = "streaming_corpus"
+    cfg.data_dir = str(args.data_dir)
+    cfg.tfds_eval_split = "validation"
+    cfg.vocab_size = args.vocab_size
+    cfg.cache_dir = str(args.data_dir / "cache")
+    cfg.read_threads = args.read_threads
+
+    def build():
+        return data_lib.build_datasets(
+            cfg, seq_len=args.seq_len, global_batch_size=args.batch_size, seed=0
+        )
+
+    rss = {"start": rss_mib()}
+    start = time.time()
+    datasets = build()
+    rss["built"] = rss_mib()
+    print(datasets.description, flush=True)
+    print(f"built in {time.time() - start:.1f} s, RSS {rss['built']:.0f} MiB", flush=True)
+    report = sorted({1, *np.unique(np.geomspace(1, args.steps, 8).astype(int)), args.steps})
+    checkpoint, reference, tokens = None, [], 0
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        batch = next(datasets.train)
+        tokens += batch["inputs"].size
+        if step == args.resume_at:
+            checkpoint = json.dumps(datasets.train.get_state())
+        if args.resume_at < step <= args.resume_at + args.resume_steps:
+            reference.append(batch["inputs"])
+        if step in report:
+            rss[step] = rss_mib()
+            print(
+                f"step {step:6d}: RSS {rss[step]:7.1f} MiB, {tokens / 1e6:8.2f} M tokens, "
+                f"{tokens / (time.time() - start):,.0f} tokens/s",
+                flush=True,
+            )
+    restored = build()
+    restored.train.set_state(json.loads(checkpoint))
+    exact = all(np.array_equal(next(restored.train)["inputs"], ref) for ref in reference)
+    print(
+        f"resume at step {args.resume_at}: the next {len(reference)} batches "
+        f"{'equal' if exact else 'DIFFER FROM'} the uninterrupted run's; state {checkpoint}",
+        flush=True,
+    )
+    return {"rss_mib": rss, "resume_exact": exact, "tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data_dir", type=pathlib.Path, required=True)
+    parser.add_argument("--mb", type=float, default=400.0, help="train split size to generate")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--vocab_size", type=int, default=8192)
+    parser.add_argument("--read_threads", type=int, default=2)
+    parser.add_argument("--resume_at", type=int, default=500)
+    parser.add_argument("--resume_steps", type=int, default=20)
+    parser.add_argument("--measure", action="store_true", help="(internal) the measuring child")
+    args = parser.parse_args()
+    if args.measure:
+        builder_class(args.mb)  # Registers the builder's name in this process.
+        result = measure(args)
+        if not result["resume_exact"]:
+            sys.exit(1)
+        return
+    prepare(args.data_dir, args.mb)
+    # Measure in a fresh process, so preparation's memory is not counted.
+    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--measure"], check=True)
+
+
+if __name__ == "__main__":
+    main()
