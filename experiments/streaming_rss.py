@@ -40,12 +40,12 @@ def generate_documents(total_mb: float, seed: int, first_id: int = 0):
     """Yields ``(key, text)`` until about ``total_mb`` megabytes of text."""
     rng = np.random.default_rng(seed)
     words = _words(np.random.default_rng(0))  # The same vocabulary for every split.
-    weights = 1.0 / np.arange(1, _VOCAB_WORDS + 1)
-    weights /= weights.sum()
+    cdf = np.cumsum(1.0 / np.arange(1, _VOCAB_WORDS + 1))
+    cdf /= cdf[-1]
     produced, key = 0, first_id
     while produced < total_mb * 1e6:
         n = int(rng.integers(60, 900))
-        ids = rng.choice(_VOCAB_WORDS, size=n, p=weights)
+        ids = np.minimum(np.searchsorted(cdf, rng.random(n)), _VOCAB_WORDS - 1)
         sentences = np.array_split(words[ids], max(1, n // 15))
         text = ". ".join(" ".join(s).capitalize() for s in sentences) + "."
         text = f"Document {key}. {text}"
@@ -157,9 +157,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_dir", type=pathlib.Path, required=True)
     parser.add_argument("--mb", type=float, default=400.0, help="train split size to generate")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--read_threads", type=int, default=2)
     parser.add_argument("--resume_at", type=int, default=500)

@@ -199,6 +199,17 @@ def test_reads_prepared_copy(prepared) -> None:
     assert epoch0 != epoch1  # ...and reshuffled every epoch.
 
 
+def test_versioned_name_reads_the_prepared_files(prepared) -> None:
+    # As 'c4/en:3.0.1' (T5/seqio/MaxText copies): with a version, tfds reads the copy's files.
+    _, data_dir = prepared
+    plain, versioned = (
+        _build(_config(data_dir, tfds_name=n)) for n in ("tiny_corpus", "tiny_corpus:1.0.0")
+    )
+    np.testing.assert_array_equal(next(plain.train)["inputs"], next(versioned.train)["inputs"])
+    with pytest.raises(ValueError, match=r"'tiny_corpus:9.0.0'.*no prepared copy found"):
+        _build(_config(data_dir, tfds_name="tiny_corpus:9.0.0"))
+
+
 def test_shuffle_is_deterministic_and_seeded(prepared) -> None:
     _, data_dir = prepared
     cfg = _config(data_dir)

@@ -322,7 +322,11 @@ class TfdsCorpus:
                 f"data_dir={data_dir}); install the extra: pip install 'golore-jax[c4]'"
             ) from e
         except Exception as e:  # tfds raises many types (AssertionError, RuntimeError, ...).
-            raise ValueError(f"Cannot read {where}: {type(e).__name__}: {e}") from e
+            # A versioned name (c4/en:3.0.1) is read from its prepared files when they exist,
+            # else tfds falls back to the builder code, which may lack that version.
+            raise ValueError(
+                f"Cannot read {where}: no prepared copy found there, and {type(e).__name__}: {e}"
+            ) from e
         if not builder.is_prepared():
             raise ValueError(
                 f"Cannot read {where}: not prepared there (no {builder.data_dir}); prepare it "
