@@ -48,6 +48,8 @@ SOURCES = ("default", "files", "tfds")
 _STREAM_VERSION = "stream-v1"
 # Documents tokenized per call: bounds memory while letting the Rust encoder use all cores.
 _ENCODE_CHUNK = 4096
+# Batches prepared ahead of the training step, in a background thread.
+_PREFETCH_BATCHES = 2
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -433,7 +435,16 @@ def cached_train_dataset(
         return _to_batch(gathered)
 
     order = grain.MapDataset.range(sequences.shape[0]).shuffle(seed=_shuffle_seed(seed)).repeat()
-    return order.batch(global_batch_size, drop_remainder=True).map(gather).to_iter_dataset()
+    batches = order.batch(global_batch_size, drop_remainder=True).map(gather)
+    return _prefetched(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+def _prefetched(batches: grain.IterDataset) -> grain.IterDataset:
+    """Produces the next batches in a background thread while the device runs a step (its
+    checkpointed state is still that of the last batch handed out)."""
+    return grain.experimental.ThreadPrefetchIterDataset(
+        batches, prefetch_buffer_size=_PREFETCH_BATCHES
+    )
 
 
 def _encoder(tok: tokenizer_lib.Tokenizer) -> Callable[[str], dict[str, np.ndarray]]:
@@ -503,9 +514,8 @@ def streaming_train_dataset(
     packed = grain.experimental.ConcatThenSplitIterDataset(
         documents, length_struct={"tokens": seq_len + 1}
     )
-    return (
-        packed.map(lambda row: row["tokens"]).batch(batch_size, drop_remainder=True).map(_to_batch)
-    )
+    rows = packed.map(lambda row: row["tokens"])
+    return _prefetched(rows.batch(batch_size, drop_remainder=True).map(_to_batch))
 
 
 def streaming_eval_rows(
