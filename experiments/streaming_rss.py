@@ -11,6 +11,9 @@ yields exactly the batches of the uninterrupted one.
 The copy is named ``streaming_corpus`` (split ``train`` and a small ``validation``); the trainer
 reads it like any prepared copy, e.g. ``--config.data.source=tfds
 --config.data.tfds_name=streaming_corpus --config.data.data_dir=/tmp/streaming_corpus``.
+``--train_steps N`` then pre-trains llama_tiny on it through ``python -m train`` (RSS sampled
+every second), and repeats the run stopped at ``--train_resume_at`` and resumed, comparing the
+losses.
 """
 
 from __future__ import annotations
@@ -153,6 +156,89 @@ def measure(args: argparse.Namespace) -> dict:
     return {"rss_mib": rss, "resume_exact": exact, "tokens": tokens}
 
 
+def _rss_of(pid: int) -> float | None:
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def run_trainer(args: argparse.Namespace, workdir: pathlib.Path, extra: list[str]) -> list:
+    """Runs ``python -m train`` on the copy, sampling its RSS; returns (step, RSS MiB) pairs."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "train",
+        "--config",
+        str(root / "configs" / "llama_tiny.py"),
+        "--workdir",
+        str(workdir),
+        "--config.data.source=tfds",
+        "--config.data.tfds_name=streaming_corpus",
+        f"--config.data.data_dir={args.data_dir}",
+        "--config.data.tfds_eval_split=validation",
+        f"--config.data.cache_dir={args.data_dir / 'cache'}",
+        f"--config.data.read_threads={args.read_threads}",
+        f"--config.num_steps={args.train_steps}",
+        "--config.eval_every=100",
+        "--config.checkpoint_every=1000000",
+        *extra,
+    ]
+    child = subprocess.Popen(
+        command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    samples = []  # (last logged step, RSS MiB)
+    while child.poll() is None:
+        rss = _rss_of(child.pid)
+        steps = _losses(workdir)
+        if rss is not None:
+            samples.append((max(steps, default=0), rss))
+        time.sleep(1.0)
+    if child.returncode:
+        raise SystemExit(f"trainer failed ({child.returncode}): {' '.join(command)}")
+    return samples
+
+
+def train(args: argparse.Namespace) -> None:
+    """A llama_tiny pre-training run reading the copy (RSS per logged step), and the same run
+    stopped at ``--train_resume_at`` and resumed: its losses must equal the first run's."""
+    base = args.data_dir / "runs"
+    straight, interrupted = base / "straight", base / "interrupted"
+    for path in (straight, interrupted):
+        if path.exists():
+            raise SystemExit(f"{path} exists: remove it first")
+    samples = run_trainer(args, straight, [])
+    by_step: dict[int, float] = {}
+    for step, rss in samples:
+        by_step[step] = max(rss, by_step.get(step, 0.0))
+    print("trainer RSS (max while at each logged step):", flush=True)
+    for step in sorted(by_step):
+        print(f"  step {step:5d}: {by_step[step]:7.1f} MiB", flush=True)
+    run_trainer(args, interrupted, [f"--config.run_steps={args.train_resume_at}"])
+    run_trainer(args, interrupted, [])
+    a, b = _losses(straight), _losses(interrupted)
+    after = [s for s in sorted(a) if s > args.train_resume_at]
+    diff = max(abs(a[s] - b[s]) for s in after)
+    print(
+        f"resumed at step {args.train_resume_at}: losses at steps {after[0]}..{after[-1]} "
+        f"differ from the uninterrupted run's by at most {diff:.3g}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_dir", type=pathlib.Path, required=True)
@@ -164,6 +250,9 @@ def main() -> None:
     parser.add_argument("--read_threads", type=int, default=2)
     parser.add_argument("--resume_at", type=int, default=500)
     parser.add_argument("--resume_steps", type=int, default=20)
+    parser.add_argument("--train_steps", type=int, default=0, help="also pre-train llama_tiny")
+    parser.add_argument("--train_resume_at", type=int, default=60)
+    parser.add_argument("--skip_stream", action="store_true", help="only the trainer runs")
     parser.add_argument("--measure", action="store_true", help="(internal) the measuring child")
     args = parser.parse_args()
     if args.measure:
@@ -173,8 +262,11 @@ def main() -> None:
             sys.exit(1)
         return
     prepare(args.data_dir, args.mb)
-    # Measure in a fresh process, so preparation's memory is not counted.
-    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--measure"], check=True)
+    if not args.skip_stream:
+        # Measure in a fresh process, so preparation's memory is not counted.
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--measure"], check=True)
+    if args.train_steps:
+        train(args)
 
 
 if __name__ == "__main__":
