@@ -25,6 +25,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from train import corpus as corpus_lib  # noqa: E402
 from train import data  # noqa: E402
 
 VOCAB = 300
@@ -35,6 +36,8 @@ _DOC_ID = re.compile(r"^doc (\d+):")
 
 
 def _text(i: int) -> str:
+    if i == 3:  # Multi-byte UTF-8 and JSON escapes.
+        return 'doc 3: naïve café, 漢字 🙂 and a quote " \\ inside'
     rng = random.Random(i)
     return f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
 
@@ -329,3 +332,60 @@ def test_bad_tfds_inputs_are_named(prepared) -> None:
         many = _config(data_dir)
         with pytest.raises(ValueError, match=r"4 TFRecord file\(s\), fewer than the 8 processes"):
             _build(many, global_batch_size=8, process_index=0, process_count=8)
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def _local_files(tmp_path: pathlib.Path) -> list[pathlib.Path]:
+    texts = [_text(i) for i in range(160)]
+    jsonl = tmp_path / "a.jsonl"
+    lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(texts[:100])]
+    jsonl.write_text("\n".join(lines[:50]) + "\n\n" + "\n".join(lines[50:]) + "\n")
+    # Paragraphs separated by blank lines, some holding spaces, and a leading blank paragraph.
+    body = "\n\n".join(texts[100:130]) + "\n \n\n" + "\n\n\n".join(texts[130:])
+    (tmp_path / "b.txt").write_text("\n\n" + body + "\n")
+    return [jsonl, tmp_path / "b.txt"]
+
+
+def test_indexed_files_read_the_documents_of_the_cached_reader(tmp_path) -> None:
+    files = _local_files(tmp_path)
+    expected = list(corpus_lib.file_documents(files, txt_split="blank_lines"))
+    indexed = corpus_lib.FileDocuments(files, text_field="text", txt_split="blank_lines")
+    assert len(indexed) == len(expected) == 160
+    assert list(indexed.documents()) == expected
+    assert indexed[137] == expected[137]  # Random access.
+    (tmp_path / "c.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"Cannot stream .*c\.parquet"):
+        corpus_lib.FileDocuments([tmp_path], text_field="text", txt_split="file")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: invalid JSON"):
+        corpus_lib.FileDocuments([tmp_path / "bad.jsonl"], text_field="text", txt_split="file")
+
+
+def test_streamed_files_resume_and_shard(tmp_path) -> None:
+    cfg = data.default_data_config()
+    cfg.source, cfg.stream_files, cfg.txt_split = "files", True, "blank_lines"
+    cfg.paths = [str(p) for p in _local_files(tmp_path)]
+    cfg.vocab_size, cfg.eval_fraction, cfg.cache_dir = VOCAB, 0.1, str(tmp_path / "cache")
+    one = _build(cfg)
+    assert "local file(s)" in one.description and "160 documents" in one.description
+    straight = _take(one.train, 40)
+    ids = _doc_ids(_stream(straight), one)
+    held = {i for i in range(160) if data.is_eval_document(_text(i), 0.1)}
+    assert held and not held & set(ids)  # Held-out documents are never trained on.
+    assert len(set(ids[:100])) == 100 and ids[:100] != sorted(ids[:100])  # Shuffled, no repeat.
+    it = _build(cfg).train
+    _take(it, 17)
+    resumed = _build(cfg).train
+    resumed.set_state(json.loads(json.dumps(it.get_state())))
+    for i in range(17, 40):
+        np.testing.assert_array_equal(next(resumed)["inputs"], straight[i]["inputs"])
+    # Without held-out filtering, host h gets documents h, h + 2, ... of the one-process order.
+    cfg.eval_fraction = 0.0
+    single = _doc_ids(_stream(_take(_build(cfg).train, 40)), one)
+    for index in range(2):
+        host = _build(cfg, process_index=index, process_count=2)
+        ids = _doc_ids(_stream(_take(host.train, 30)), host)
+        n = min(len(ids), len(single[index::2]))
+        assert n > 30 and ids[:n] == single[index::2][:n]

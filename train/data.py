@@ -5,14 +5,16 @@ Both pipelines below are grain datasets; the training iterator's position (``get
 small JSON dict saved in every checkpoint, so a restored run yields exactly the batches of an
 uninterrupted one.
 
-* Streaming (``source='tfds'``, corpora of any size): documents are read lazily from a prepared
-  TFDS copy (ArrayRecord through tfds's random-access data source; TFRecord through grain's
-  file reader), shuffled per epoch with a seeded index shuffle (ArrayRecord: over the whole
+* Streaming (``source='tfds'``, or ``'files'`` with ``stream_files``; corpora of any size):
+  documents are read lazily from a prepared TFDS copy (ArrayRecord through tfds's random-access
+  data source; TFRecord through grain's file reader) or local .jsonl/.txt files (through a
+  byte-offset index), shuffled per epoch with a seeded index shuffle (ArrayRecord: over the whole
   split; TFRecord: file order per epoch, then a window of documents), dealt round-robin to the
   processes (each reads only its own documents), tokenized on the fly, each followed by EOS,
   and packed into rows of ``seq_len + 1`` tokens by concatenate-then-split. Host memory stays
-  flat: nothing is held beyond prefetch buffers.
-* Cached (``source='default'`` or ``'files'``, corpora that fit on disk as tokens): the
+  flat: nothing is held beyond prefetch buffers (and, for local files, 24 bytes of index a
+  document).
+* Cached (``source='default'`` or ``'files'``, corpora whose tokens fit in memory once): the
   documents are tokenized once into a token stream cached as ``.npy`` (uint16 when the
   vocabulary fits) under the cache directory and memory-mapped; the stream is cut into rows of
   ``seq_len + 1`` tokens, visited in a permutation seeded by ``(seed, epoch)``,
@@ -65,6 +67,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             "text_field": "text",
             # .txt handling: 'file' (one document per file) or 'blank_lines' (per paragraph).
             "txt_split": "file",
+            # source='files': stream .jsonl/.txt documents from disk through a byte-offset
+            # index (as TFDS copies are streamed) instead of caching their tokens.
+            "stream_files": False,
             # TFDS dataset, split and prepared data directory (source='tfds'). T5 / seqio /
             # MaxText copies of C4 are 'c4/en:3.0.1'; plain 'c4/en' finds only 3.1.0.
             "tfds_name": "c4/en",
@@ -130,9 +135,10 @@ class CorpusSpec:
     identity: str
     description: str
     documents: Callable[[float | None], Iterator[str]]  # max_mb -> documents
-    # The streamed TFDS splits (source='tfds'); None for the cached sources.
-    tfds: corpus_lib.TfdsCorpus | None = None
-    tfds_eval: corpus_lib.TfdsCorpus | None = None
+    # The streamed documents (source='tfds', or 'files' with stream_files) and a separate
+    # held-out split (tfds_eval_split); None for the cached sources.
+    stream: corpus_lib.TfdsCorpus | corpus_lib.FileDocuments | None = None
+    stream_eval: corpus_lib.TfdsCorpus | None = None
 
 
 def corpus_spec(cfg: ml_collections.ConfigDict) -> CorpusSpec:
@@ -169,14 +175,26 @@ def corpus_spec(cfg: ml_collections.ConfigDict) -> CorpusSpec:
                 f"Unknown data.txt_split {cfg.txt_split!r}; expected {corpus_lib.TXT_SPLITS}"
             )
         fingerprint = corpus_lib.files_fingerprint(files)
+        stream = None
+        if cfg.stream_files:
+            if max_mb is not None:
+                raise ValueError("data.max_corpus_mb applies to cached files, not stream_files")
+            stream = corpus_lib.FileDocuments(
+                files, text_field=cfg.text_field, txt_split=cfg.txt_split
+            )
         return CorpusSpec(
             identity=f"files-{fingerprint}|{cfg.text_field}|{cfg.txt_split}|max_mb={max_mb}",
-            description=f"{len(files)} local file(s) starting with {files[0]}",
+            description=(
+                stream.description
+                if stream is not None
+                else f"{len(files)} local file(s) starting with {files[0]}"
+            ),
             documents=limited(
                 lambda mb: corpus_lib.file_documents(
                     files, text_field=cfg.text_field, txt_split=cfg.txt_split, max_mb=mb
                 )
             ),
+            stream=stream,
         )
     if cfg.source == "tfds":
         if max_mb is not None:
@@ -199,8 +217,8 @@ def corpus_spec(cfg: ml_collections.ConfigDict) -> CorpusSpec:
             identity=f"tfds-{cfg.tfds_name}|{cfg.tfds_split}|{cfg.data_dir}|{cfg.text_field}",
             description=corpus.description,
             documents=lambda mb: corpus_lib.take_mb(corpus.documents(), mb),
-            tfds=corpus,
-            tfds_eval=held_out,
+            stream=corpus,
+            stream_eval=held_out,
         )
     raise ValueError(f"Unknown data source {cfg.source!r}; expected one of {SOURCES}")
 
@@ -457,7 +475,7 @@ def _encoder(tok: tokenizer_lib.Tokenizer) -> Callable[[str], dict[str, np.ndarr
 
 
 def streaming_train_dataset(
-    corpus: corpus_lib.TfdsCorpus,
+    corpus: corpus_lib.TfdsCorpus | corpus_lib.FileDocuments,
     tok: tokenizer_lib.Tokenizer,
     *,
     seq_len: int,
@@ -471,7 +489,8 @@ def streaming_train_dataset(
 ) -> grain.IterDataset:
     """This host's batches of ``batch_size`` rows of ``seq_len + 1`` tokens, streamed.
 
-    ArrayRecord: the documents of the whole split are shuffled per epoch and dealt round-robin
+    ArrayRecord (and indexed local files): the documents of the whole split are shuffled per
+    epoch and dealt round-robin
     to the processes, so in every epoch they read disjoint documents that together are the
     documents one process would read. TFRecord: process ``i`` reads files ``i::process_count``
     (file order reshuffled per epoch, then a window of documents shuffled). Documents with
@@ -618,7 +637,7 @@ def build_datasets(
     tok = build_tokenizer(cfg, spec)
     if model_vocab_size is not None:
         check_vocab(tok.vocab_size, model_vocab_size)
-    if spec.tfds is not None:
+    if spec.stream is not None:
         datasets = _streaming_datasets(
             cfg, spec, tok, seq_len, global_batch_size, seed, slc, process_index, process_count
         )
@@ -669,9 +688,9 @@ def _streaming_datasets(
 ) -> Datasets:
     eval_fraction = _check_eval_fraction(cfg)
     # With a separate held-out split every document of the training split is trained on.
-    held_out_fraction = 0.0 if spec.tfds_eval is not None else eval_fraction
+    held_out_fraction = 0.0 if spec.stream_eval is not None else eval_fraction
     dataset = streaming_train_dataset(
-        spec.tfds,
+        spec.stream,
         tok,
         seq_len=seq_len,
         batch_size=slc.stop - slc.start,
@@ -682,10 +701,10 @@ def _streaming_datasets(
         read_threads=cfg.read_threads,
         shuffle_window=cfg.shuffle_window,
     )
-    if spec.tfds_eval is not None:
-        eval_corpus, held_out = spec.tfds_eval, lambda text: True
+    if spec.stream_eval is not None:
+        eval_corpus, held_out = spec.stream_eval, lambda text: True
     else:
-        eval_corpus = spec.tfds
+        eval_corpus = spec.stream
         held_out = lambda text: is_eval_document(text, eval_fraction)  # noqa: E731
     cached: dict[int | None, np.ndarray] = {}
 
@@ -697,8 +716,8 @@ def _streaming_datasets(
         return cached[n]
 
     held = (
-        f"held out: split {spec.tfds_eval.split!r}"
-        if spec.tfds_eval is not None
+        f"held out: split {spec.stream_eval.split!r}"
+        if spec.stream_eval is not None
         else f"held out: {eval_fraction:g} of documents by hash"
     )
     description = (
