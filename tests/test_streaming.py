@@ -361,6 +361,9 @@ def test_indexed_files_read_the_documents_of_the_cached_reader(tmp_path) -> None
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 2: invalid JSON"):
         corpus_lib.FileDocuments([tmp_path / "bad.jsonl"], text_field="text", txt_split="file")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl, line 2: not valid UTF-8"):
+        corpus_lib.FileDocuments([tmp_path / "latin1.jsonl"], text_field="text", txt_split="file")
 
 
 def test_streamed_files_resume_and_shard(tmp_path) -> None:

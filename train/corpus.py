@@ -312,6 +312,14 @@ class FileDocuments(Sequence[str]):
 
     def _ranges(self, path: pathlib.Path) -> Iterator[tuple[int, int]]:
         """Byte ranges of the non-blank documents of one file, each checked once."""
+        if path.suffix == ".jsonl":
+            with open(path, "rb") as f:  # Line by line: a large file is never held whole.
+                offset = 0
+                for lineno, line in enumerate(f, start=1):
+                    start, offset = offset, offset + len(line)
+                    if line.strip() and self._jsonl_text(line, path, lineno).strip():
+                        yield start, start + len(line.rstrip(b"\n"))
+            return
         try:
             raw = path.read_bytes()
             text = raw.decode("utf-8")  # Not read_text: offsets must be of the raw bytes.
@@ -319,31 +327,26 @@ class FileDocuments(Sequence[str]):
             raise ValueError(
                 f"Cannot read {path}: not valid UTF-8 ({e.reason} at byte {e.start})"
             ) from e
-        if path.suffix == ".txt":
-            if self.txt_split == "file":
-                if text.strip():
-                    yield 0, len(raw)
-                return
-            # The paragraphs of _txt_documents, as byte ranges.
-            char, byte = 0, 0
-            for separator in [*re.finditer(r"\n\s*\n", text), None]:
-                block = text[char : len(text) if separator is None else separator.start()]
-                size = len(block.encode("utf-8"))
-                if block.strip():
-                    yield byte, byte + size
-                if separator is not None:
-                    byte += size + len(separator.group().encode("utf-8"))
-                    char = separator.end()
+        if self.txt_split == "file":
+            if text.strip():
+                yield 0, len(raw)
             return
-        offset = 0
-        for lineno, line in enumerate(raw.split(b"\n"), start=1):
-            start, offset = offset, offset + len(line) + 1
-            if line.strip() and self._jsonl_text(line, path, lineno).strip():
-                yield start, start + len(line)
+        # The paragraphs of _txt_documents, as byte ranges.
+        char, byte = 0, 0
+        for separator in [*re.finditer(r"\n\s*\n", text), None]:
+            block = text[char : len(text) if separator is None else separator.start()]
+            size = len(block.encode("utf-8"))
+            if block.strip():
+                yield byte, byte + size
+            if separator is not None:
+                byte += size + len(separator.group().encode("utf-8"))
+                char = separator.end()
 
     def _jsonl_text(self, line: bytes, path: pathlib.Path, lineno: int) -> str:
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"Cannot read {path}, line {lineno}: not valid UTF-8") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"Cannot read {path}, line {lineno}: invalid JSON ({e.msg})") from e
         if not isinstance(record, dict) or self.text_field not in record:
