@@ -1,32 +1,43 @@
 """Language-model data pipeline: corpus -> tokenizer -> packed, shuffled, resumable batches.
 
 Entry point: ``build_datasets(data_config, seq_len=..., global_batch_size=..., seed=...)``.
+Both pipelines below are grain datasets; the training iterator's position (``get_state``) is a
+small JSON dict saved in every checkpoint, so a restored run yields exactly the batches of an
+uninterrupted one.
 
-* Documents come from ``train.corpus`` (the offline default corpus, local files or TFDS/C4).
-* Each document goes to the held-out split when a hash of its text falls below
-  ``eval_fraction``, so no document (nor any exact duplicate of it) is in both splits.
-* The tokenized documents of each split are concatenated, each followed by EOS, into one token
-  stream cached as ``.npy`` (uint16 when the vocabulary fits) under the cache directory, so a
-  second run with the same corpus and tokenizer skips tokenization.
-* The stream is cut into sequences of ``seq_len + 1`` tokens (the remainder is dropped);
-  ``inputs`` are the first ``seq_len`` tokens and ``targets`` the last ``seq_len``.
-* Training order: epoch ``e`` visits the sequences in a permutation seeded by ``(seed, e)``,
-  ``global_batch_size`` at a time (a partial last batch is dropped). The iterator's position
-  is two ints, so a restored run yields exactly the batches of an uninterrupted one.
-* With several hosts each yields its contiguous ``1 / process_count`` slice of every global
-  batch.
+* Streaming (``source='tfds'``, or ``'files'`` with ``stream_files``; corpora of any size):
+  documents are read lazily from a prepared TFDS copy (ArrayRecord through tfds's random-access
+  data source; TFRecord through grain's file reader) or local .jsonl/.txt files (through a
+  byte-offset index), shuffled per epoch with a seeded index shuffle (ArrayRecord: over the whole
+  split; TFRecord: file order per epoch, then a window of documents), dealt round-robin to the
+  processes (each reads only its own documents), tokenized on the fly, each followed by EOS,
+  and packed into rows of ``seq_len + 1`` tokens by concatenate-then-split. Host memory stays
+  flat: nothing is held beyond prefetch buffers (and, for local files, 24 bytes of index a
+  document).
+* Cached (``source='default'`` or ``'files'``, corpora whose tokens fit in memory once): the
+  documents are tokenized once into a token stream cached as ``.npy`` (uint16 when the
+  vocabulary fits) under the cache directory and memory-mapped; the stream is cut into rows of
+  ``seq_len + 1`` tokens, visited in a permutation seeded by ``(seed, epoch)``,
+  ``global_batch_size`` rows at a time, each process reading its contiguous
+  ``1 / process_count`` slice of every global batch.
+
+``inputs`` are the first ``seq_len`` tokens of a row and ``targets`` the last ``seq_len``.
+Held-out documents: those whose text hash falls below ``eval_fraction`` (never trained on), or
+for TFDS a separate ``tfds_eval_split`` (e.g. C4's ``validation``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pathlib
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import grain
 import ml_collections
 import numpy as np
 
@@ -39,13 +50,16 @@ SOURCES = ("default", "files", "tfds")
 _STREAM_VERSION = "stream-v1"
 # Documents tokenized per call: bounds memory while letting the Rust encoder use all cores.
 _ENCODE_CHUNK = 4096
+# Batches prepared ahead of the training step, in a background thread.
+_PREFETCH_BATCHES = 2
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """The data section of a training config, with every supported field."""
+    """The data section of a training config, with every supported field and its default."""
     return ml_collections.ConfigDict(
         {
-            # 'default' (offline GCIDE dictionary corpus), 'files' (paths) or 'tfds' (e.g. C4).
+            # 'default' (offline GCIDE dictionary corpus), 'files' (paths) or 'tfds' (e.g. C4,
+            # streamed).
             "source": "default",
             # Files or directories of .txt / .jsonl / .parquet (source='files').
             "paths": [],
@@ -53,10 +67,21 @@ def default_data_config() -> ml_collections.ConfigDict:
             "text_field": "text",
             # .txt handling: 'file' (one document per file) or 'blank_lines' (per paragraph).
             "txt_split": "file",
-            # TFDS dataset, split and prepared data directory (source='tfds').
+            # source='files': stream .jsonl/.txt documents from disk through a byte-offset
+            # index (as TFDS copies are streamed) instead of caching their tokens.
+            "stream_files": False,
+            # TFDS dataset, split and prepared data directory (source='tfds'). T5 / seqio /
+            # MaxText copies of C4 are 'c4/en:3.0.1'; plain 'c4/en' finds only 3.1.0.
             "tfds_name": "c4/en",
             "tfds_split": "train",
             "data_dir": ml_collections.FieldReference(None, field_type=str),
+            # Held-out TFDS split (e.g. 'validation'); None holds out documents of tfds_split
+            # by hash (eval_fraction), which scans the split from its start.
+            "tfds_eval_split": ml_collections.FieldReference(None, field_type=str),
+            # Streaming: threads reading and tokenizing documents, and documents shuffled
+            # together within a window for TFRecord copies (ArrayRecord: whole-split shuffle).
+            "read_threads": 4,
+            "shuffle_window": 4096,
             # 'bpe' trains a byte-level BPE on the corpus; or a tokenizer.json / .model path.
             "tokenizer": "bpe",
             "vocab_size": 8192,
@@ -68,10 +93,21 @@ def default_data_config() -> ml_collections.ConfigDict:
             "eval_fraction": 0.01,
             # Cache root for tokenizers and token streams (None: ~/.cache/golore_jax).
             "cache_dir": ml_collections.FieldReference(None, field_type=str),
-            # Read at most this many megabytes of corpus text (None: all of it).
+            # Cached sources: read at most this many megabytes of corpus text (None: all of it).
             "max_corpus_mb": ml_collections.FieldReference(None, field_type=float),
         }
     )
+
+
+def resolve_config(data_config: Any) -> ml_collections.ConfigDict:
+    """``default_data_config()`` with the given fields set; an unknown field is an error."""
+    cfg = default_data_config()
+    items = data_config.items() if hasattr(data_config, "items") else vars(data_config).items()
+    for key, value in items:
+        if key not in cfg:
+            raise ValueError(f"Unknown data config field data.{key}; expected one of {sorted(cfg)}")
+        cfg[key] = value
+    return cfg
 
 
 def check_vocab(tokenizer_vocab: int, model_vocab: int) -> None:
@@ -89,12 +125,6 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    """Reads an optional config field, so partial configs work too."""
-    value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-    return default if value is None and default is not None else value
-
-
 # --------------------------------------------------------------------------- corpus selection
 
 
@@ -105,17 +135,19 @@ class CorpusSpec:
     identity: str
     description: str
     documents: Callable[[float | None], Iterator[str]]  # max_mb -> documents
+    # The streamed documents (source='tfds', or 'files' with stream_files) and a separate
+    # held-out split (tfds_eval_split); None for the cached sources.
+    stream: corpus_lib.TfdsCorpus | corpus_lib.FileDocuments | None = None
+    stream_eval: corpus_lib.TfdsCorpus | None = None
 
 
-def corpus_spec(cfg: Any) -> CorpusSpec:
-    """Validates the corpus part of a data config and returns how to read it.
+def corpus_spec(cfg: ml_collections.ConfigDict) -> CorpusSpec:
+    """Validates the corpus part of a (resolved) data config and returns how to read it.
 
     Raises:
       ValueError: unknown ``source``; FileNotFoundError: a missing data path.
     """
-    source = _get(cfg, "source", "default")
-    max_mb = _get(cfg, "max_corpus_mb")
-    text_field = _get(cfg, "text_field", "text")
+    max_mb = cfg.max_corpus_mb
 
     def limited(read: Callable[[float | None], Iterator[str]]) -> Callable:
         # The corpus limit and the tokenizer-training limit both apply; the smaller wins.
@@ -125,7 +157,7 @@ def corpus_spec(cfg: Any) -> CorpusSpec:
 
         return documents
 
-    if source == "default":
+    if cfg.source == "default":
         files = corpus_lib.default_corpus_files()  # Fails early if the package is missing.
         version = corpus_lib.default_corpus_version()
         return CorpusSpec(
@@ -136,61 +168,87 @@ def corpus_spec(cfg: Any) -> CorpusSpec:
             ),
             documents=limited(lambda mb: corpus_lib.default_corpus_documents(mb)),
         )
-    if source == "files":
-        paths = list(_get(cfg, "paths", []) or [])
-        files = corpus_lib.expand_paths(paths)
-        txt_split = _get(cfg, "txt_split", "file")
-        if txt_split not in corpus_lib.TXT_SPLITS:
-            raise ValueError(f"Unknown txt_split {txt_split!r}; expected {corpus_lib.TXT_SPLITS}")
+    if cfg.source == "files":
+        files = corpus_lib.expand_paths(list(cfg.paths or []))
+        if cfg.txt_split not in corpus_lib.TXT_SPLITS:
+            raise ValueError(
+                f"Unknown data.txt_split {cfg.txt_split!r}; expected {corpus_lib.TXT_SPLITS}"
+            )
         fingerprint = corpus_lib.files_fingerprint(files)
+        stream = None
+        if cfg.stream_files:
+            if max_mb is not None:
+                raise ValueError("data.max_corpus_mb applies to cached files, not stream_files")
+            stream = corpus_lib.FileDocuments(
+                files, text_field=cfg.text_field, txt_split=cfg.txt_split
+            )
         return CorpusSpec(
-            identity=f"files-{fingerprint}|{text_field}|{txt_split}|max_mb={max_mb}",
-            description=f"{len(files)} local file(s) starting with {files[0]}",
+            identity=f"files-{fingerprint}|{cfg.text_field}|{cfg.txt_split}|max_mb={max_mb}",
+            description=(
+                stream.description
+                if stream is not None
+                else f"{len(files)} local file(s) starting with {files[0]}"
+            ),
             documents=limited(
                 lambda mb: corpus_lib.file_documents(
-                    files, text_field=text_field, txt_split=txt_split, max_mb=mb
+                    files, text_field=cfg.text_field, txt_split=cfg.txt_split, max_mb=mb
                 )
             ),
+            stream=stream,
         )
-    if source == "tfds":
-        name = _get(cfg, "tfds_name", "c4/en")
-        split = _get(cfg, "tfds_split", "train")
-        data_dir = _get(cfg, "data_dir")
-        if data_dir is not None and not pathlib.Path(data_dir).expanduser().exists():
-            raise FileNotFoundError(f"TFDS data_dir does not exist: {data_dir}")
+    if cfg.source == "tfds":
+        if max_mb is not None:
+            raise ValueError(
+                "data.max_corpus_mb applies to the cached sources; to stream part of a TFDS "
+                "split, slice it, e.g. data.tfds_split='train[:1%]' (ArrayRecord copies)"
+            )
+        corpus = corpus_lib.TfdsCorpus(
+            cfg.tfds_name, data_dir=cfg.data_dir, split=cfg.tfds_split, text_field=cfg.text_field
+        )
+        held_out = None
+        if cfg.tfds_eval_split is not None:
+            held_out = corpus_lib.TfdsCorpus(
+                cfg.tfds_name,
+                data_dir=cfg.data_dir,
+                split=cfg.tfds_eval_split,
+                text_field=cfg.text_field,
+            )
         return CorpusSpec(
-            identity=f"tfds-{name}|{split}|{data_dir}|{text_field}|max_mb={max_mb}",
-            description=f"TFDS {name} split {split!r} from {data_dir}",
-            documents=limited(
-                lambda mb: corpus_lib.tfds_documents(
-                    name, data_dir=data_dir, split=split, text_field=text_field, max_mb=mb
-                )
-            ),
+            identity=f"tfds-{cfg.tfds_name}|{cfg.tfds_split}|{cfg.data_dir}|{cfg.text_field}",
+            description=corpus.description,
+            documents=lambda mb: corpus_lib.take_mb(corpus.documents(), mb),
+            stream=corpus,
+            stream_eval=held_out,
         )
-    raise ValueError(f"Unknown data source {source!r}; expected one of {SOURCES}")
+    raise ValueError(f"Unknown data source {cfg.source!r}; expected one of {SOURCES}")
 
 
-def cache_root(cfg: Any) -> pathlib.Path:
+def cache_root(cfg: ml_collections.ConfigDict) -> pathlib.Path:
     """The cache directory of a data config (default ``~/.cache/golore_jax``)."""
-    raw = _get(cfg, "cache_dir")
+    raw = cfg.cache_dir
     return pathlib.Path(raw).expanduser() if raw else pathlib.Path.home() / ".cache" / "golore_jax"
 
 
-def build_tokenizer(cfg: Any, spec: CorpusSpec) -> tokenizer_lib.Tokenizer:
+def build_tokenizer(cfg: ml_collections.ConfigDict, spec: CorpusSpec) -> tokenizer_lib.Tokenizer:
     """Loads the configured tokenizer file, or the cached/freshly trained corpus BPE."""
-    name = _get(cfg, "tokenizer", "bpe")
-    if name != "bpe":
-        return tokenizer_lib.load_tokenizer(name, eos_token=_get(cfg, "eos_token"))
-    vocab_size = _get(cfg, "vocab_size", 8192)
-    train_mb = float(_get(cfg, "tokenizer_train_mb", 8.0))
-    _check_positive(vocab_size=vocab_size)
+    if cfg.tokenizer != "bpe":
+        return tokenizer_lib.load_tokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
+    _check_positive(vocab_size=cfg.vocab_size)
+    train_mb = float(cfg.tokenizer_train_mb)
     return tokenizer_lib.load_or_train(
         cache_dir=cache_root(cfg),
         corpus_id=spec.identity,
-        vocab_size=vocab_size,
+        vocab_size=cfg.vocab_size,
         train_mb=train_mb,
         texts=lambda: spec.documents(train_mb),
     )
+
+
+def _check_eval_fraction(cfg: ml_collections.ConfigDict) -> float:
+    eval_fraction = float(cfg.eval_fraction)
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
+    return eval_fraction
 
 
 # --------------------------------------------------------------------------- token streams
@@ -260,12 +318,10 @@ def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 def load_or_tokenize(
-    cfg: Any, spec: CorpusSpec, tok: tokenizer_lib.Tokenizer
+    cfg: ml_collections.ConfigDict, spec: CorpusSpec, tok: tokenizer_lib.Tokenizer
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns the (train, eval) token streams, from the cache when present (memory-mapped)."""
-    eval_fraction = float(_get(cfg, "eval_fraction", 0.01))
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    eval_fraction = _check_eval_fraction(cfg)
     key = hashlib.sha256(
         f"{_STREAM_VERSION}|{spec.identity}|{tok.identity}|{eval_fraction}".encode()
     ).hexdigest()[:20]
@@ -309,84 +365,199 @@ def host_slice(global_batch_size: int, process_index: int, process_count: int) -
     return slice(process_index * per_host, (process_index + 1) * per_host)
 
 
-class TrainIterator(Iterator[Batch]):
-    """Endless, resumable iterator over shuffled training batches.
+def _shuffle_seed(seed: int) -> int:
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32) for the data shuffle, got {seed}")
+    return int(seed)
 
-    The position is ``{"epoch": e, "index": i}``: the next batch is batch ``i`` of epoch ``e``.
-    Epoch ``e`` uses the permutation of sequences seeded by ``(seed, e)``, so the batch at any
-    position depends only on (data, seed, position), never on how the iterator got there.
+
+def _from_json(state: Any) -> Any:
+    """Undoes JSON's tuple -> list where grain needs tuples: its concat-then-split packing
+    compares the ``remainder_slices`` (start, stop) pairs with a tuple."""
+    if isinstance(state, dict):
+        return {
+            k: {f: tuple(v) for f, v in value.items()}
+            if k == "remainder_slices"
+            else _from_json(value)
+            for k, value in state.items()
+        }
+    if isinstance(state, list):
+        return [_from_json(v) for v in state]
+    return state
+
+
+class TrainIterator(Iterator[Batch]):
+    """Endless, resumable iterator over this host's training batches (a grain pipeline).
+
+    The position is ``{"step": n, "pipeline": <grain iterator state>}``, JSON-serialisable:
+    ``set_state`` on a fresh iterator of the same pipeline continues exactly where
+    ``get_state`` was taken.
     """
 
-    def __init__(
-        self,
-        sequences: np.ndarray,
-        *,
-        global_batch_size: int,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        start_step: int = 0,
-    ) -> None:
-        self._seqs = sequences
-        self._batch = global_batch_size
-        self._seed = int(seed)
-        self._slice = host_slice(global_batch_size, process_index, process_count)
-        self.batches_per_epoch = sequences.shape[0] // global_batch_size
-        if self.batches_per_epoch == 0:
+    def __init__(self, dataset: grain.IterDataset, *, batches_per_epoch: int | None) -> None:
+        self._dataset = dataset
+        self._iterator = iter(dataset)
+        self.step = 0  # Batches yielded so far.
+        # Global batches per pass over the rows (cached pipeline; None when streaming).
+        self.batches_per_epoch = batches_per_epoch
+
+    def get_state(self) -> dict[str, Any]:
+        """The position as a small JSON-compatible dict (store it in the checkpoint)."""
+        return json.loads(json.dumps({"step": self.step, "pipeline": self._iterator.get_state()}))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Moves to a position returned by ``get_state`` (possibly through JSON)."""
+        valid = (
+            isinstance(state, dict)
+            and set(state) == {"step", "pipeline"}
+            and isinstance(state["step"], int)
+            and state["step"] >= 0
+            and isinstance(state["pipeline"], dict)
+        )
+        if not valid:
             raise ValueError(
-                f"Too little training data: {sequences.shape[0]} sequences cannot fill one "
-                f"global batch of {global_batch_size}"
+                f"Invalid data iterator state {state!r}: expected {{'step': int >= 0, "
+                "'pipeline': dict} from TrainIterator.get_state of the same data config"
             )
-        self._perm_epoch = -1
-        self._perm = np.zeros((0,), np.int64)
-        self.set_state(self.state_at_step(start_step))
-
-    def state_at_step(self, step: int) -> dict[str, int]:
-        """The state of an iterator that has already yielded ``step`` batches."""
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
-        return {"epoch": step // self.batches_per_epoch, "index": step % self.batches_per_epoch}
-
-    def get_state(self) -> dict[str, int]:
-        """The position as a small dict of ints (store it in the checkpoint)."""
-        return {"epoch": self._epoch, "index": self._index}
-
-    def set_state(self, state: dict[str, int]) -> None:
-        """Moves to a position returned by ``get_state`` or ``state_at_step``."""
-        epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index < self.batches_per_epoch:
+        try:
+            self._iterator.set_state(_from_json(state["pipeline"]))
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
-                f"Invalid data iterator state {dict(state)}: need epoch >= 0 and "
-                f"0 <= index < {self.batches_per_epoch}"
-            )
-        self._epoch, self._index = epoch, index
-
-    @property
-    def step(self) -> int:
-        """Number of batches yielded so far (counting from the start of epoch 0)."""
-        return self._epoch * self.batches_per_epoch + self._index
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng(np.random.SeedSequence([self._seed, epoch]))
-            self._perm, self._perm_epoch = rng.permutation(self._seqs.shape[0]), epoch
-        return self._perm
+                f"Invalid data iterator state {state!r} for this data pipeline: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        self.step = state["step"]
 
     def __iter__(self) -> TrainIterator:
         return self
 
     def __next__(self) -> Batch:
-        perm = self._permutation(self._epoch)
-        start = self._index * self._batch
-        rows = perm[start : start + self._batch][self._slice]
+        batch = next(self._iterator)
+        self.step += 1
+        return batch
+
+
+def cached_train_dataset(
+    sequences: np.ndarray, *, global_batch_size: int, seed: int, rows: slice
+) -> grain.IterDataset:
+    """Batches of packed rows: epoch ``e`` visits the rows in an index shuffle seeded by
+    ``seed + e``; global batch ``i`` holds shuffled positions ``[i B, (i + 1) B)`` (batches span
+    epoch boundaries) and this host reads only its ``rows`` of it from the memory map."""
+
+    def gather(indices: np.ndarray) -> Batch:
+        indices = np.asarray(indices)[rows]
         # Sorted reads are faster on a memory-mapped stream; the original order is restored.
-        order = np.argsort(rows)
-        gathered = np.empty((rows.shape[0], self._seqs.shape[1]), self._seqs.dtype)
-        gathered[order] = self._seqs[rows[order]]
-        self._index += 1
-        if self._index == self.batches_per_epoch:
-            self._epoch, self._index = self._epoch + 1, 0
+        order = np.argsort(indices)
+        gathered = np.empty((indices.shape[0], sequences.shape[1]), sequences.dtype)
+        gathered[order] = sequences[indices[order]]
         return _to_batch(gathered)
+
+    order = grain.MapDataset.range(sequences.shape[0]).shuffle(seed=_shuffle_seed(seed)).repeat()
+    batches = order.batch(global_batch_size, drop_remainder=True).map(gather)
+    return _prefetched(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+def _prefetched(batches: grain.IterDataset) -> grain.IterDataset:
+    """Produces the next batches in a background thread while the device runs a step (its
+    checkpointed state is still that of the last batch handed out)."""
+    return grain.experimental.ThreadPrefetchIterDataset(
+        batches, prefetch_buffer_size=_PREFETCH_BATCHES
+    )
+
+
+def _encoder(tok: tokenizer_lib.Tokenizer) -> Callable[[str], dict[str, np.ndarray]]:
+    dtype = _token_dtype(tok.vocab_size)
+
+    def encode(text: str) -> dict[str, np.ndarray]:
+        return {"tokens": np.asarray([*tok.encode_batch([text])[0], tok.eos_id], dtype=dtype)}
+
+    return encode
+
+
+def streaming_train_dataset(
+    corpus: corpus_lib.TfdsCorpus | corpus_lib.FileDocuments,
+    tok: tokenizer_lib.Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    held_out_fraction: float,
+    read_threads: int,
+    shuffle_window: int,
+) -> grain.IterDataset:
+    """This host's batches of ``batch_size`` rows of ``seq_len + 1`` tokens, streamed.
+
+    ArrayRecord (and indexed local files): the documents of the whole split are shuffled per
+    epoch and dealt round-robin
+    to the processes, so in every epoch they read disjoint documents that together are the
+    documents one process would read. TFRecord: process ``i`` reads files ``i::process_count``
+    (file order reshuffled per epoch, then a window of documents shuffled). Documents with
+    ``is_eval_document(text, held_out_fraction)`` are skipped.
+    """
+    seed = _shuffle_seed(seed)
+    _check_positive(read_threads=read_threads, shuffle_window=shuffle_window)
+
+    def trained_on(text: str) -> bool:
+        return bool(text.strip()) and not is_eval_document(text, held_out_fraction)
+
+    encode = _encoder(tok)
+    if corpus.random_access:
+        records = grain.MapDataset.source(corpus.source()).shuffle(seed=seed).repeat()
+        texts = records[process_index::process_count].map(corpus.text).filter(trained_on)
+        documents = texts.map(encode).to_iter_dataset(
+            grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads)
+        )
+    else:
+        files = corpus.record_files()
+        if len(files) < process_count:
+            raise ValueError(
+                f"{corpus.description} has {len(files)} TFRecord file(s), fewer than the "
+                f"{process_count} processes that each read their own files"
+            )
+
+        def read_file(path: str) -> grain.IterDataset:
+            return grain.experimental.TFRecordIterDataset(path).map(
+                lambda raw: corpus.text(corpus.decode(raw))
+            )
+
+        # Each process keeps its own files; their order is reshuffled every epoch.
+        own_files = grain.MapDataset.source(files[process_index::process_count])
+        per_file = own_files.shuffle(seed=seed).repeat().map(read_file)
+        texts = grain.experimental.InterleaveIterDataset(per_file, cycle_length=1)
+        texts = grain.experimental.WindowShuffleIterDataset(
+            texts, window_size=shuffle_window, seed=seed
+        )
+        documents = texts.filter(trained_on).map(encode)
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        documents, length_struct={"tokens": seq_len + 1}
+    )
+    rows = packed.map(lambda row: row["tokens"])
+    return _prefetched(rows.batch(batch_size, drop_remainder=True).map(_to_batch))
+
+
+def streaming_eval_rows(
+    documents: Iterable[str],
+    tok: tokenizer_lib.Tokenizer,
+    *,
+    seq_len: int,
+    held_out: Callable[[str], bool],
+    max_rows: int | None,
+) -> np.ndarray:
+    """The first ``max_rows`` rows (all when None) of the held-out documents in stored order,
+    each followed by EOS, concatenated and cut into rows of ``seq_len + 1`` tokens."""
+    encode = _encoder(tok)
+    parts, total = [], 0
+    for text in documents:
+        if max_rows is not None and total >= max_rows * (seq_len + 1):
+            break
+        if held_out(text):
+            parts.append(encode(text)["tokens"])
+            total += parts[-1].size
+    stream = np.concatenate(parts) if parts else np.zeros((0,), _token_dtype(tok.vocab_size))
+    rows = pack(stream, seq_len)
+    return rows if max_rows is None else rows[:max_rows]
 
 
 @dataclasses.dataclass
@@ -396,35 +567,37 @@ class Datasets:
     tokenizer: tokenizer_lib.Tokenizer
     vocab_size: int
     train: TrainIterator
-    eval_sequences: np.ndarray  # [num_eval_sequences, seq_len + 1], in stream order
+    # Held-out rows [n, seq_len + 1] in a fixed order, the same on every host: the first
+    # ``n`` of them for ``eval_rows(n)``, all of them for ``eval_rows(None)``.
+    eval_rows: Callable[[int | None], np.ndarray]
     global_batch_size: int
     process_slice: slice
-    num_train_tokens: int
-    num_eval_tokens: int
     description: str
+    # Token counts of the cached pipeline (None when streaming: the corpus is never counted).
+    num_train_tokens: int | None = None
+    num_eval_tokens: int | None = None
 
     @property
     def num_eval_batches(self) -> int:
-        """How many full global eval batches the held-out split holds."""
-        return self.eval_sequences.shape[0] // self.global_batch_size
+        """How many full global eval batches the held-out data holds (reads all of it)."""
+        return self.eval_rows(None).shape[0] // self.global_batch_size
 
     def eval_batches(self, n: int | None = None) -> list[Batch]:
-        """The first ``n`` held-out batches (all when None), the same on every call and run.
+        """The first ``n`` held-out batches (all when None), the same on every call and run;
+        this host's slice of each.
 
-        Raises ValueError when the held-out split cannot fill one global batch; returns fewer
+        Raises ValueError when the held-out data cannot fill one global batch; returns fewer
         than ``n`` batches when it cannot fill ``n``.
         """
-        if self.num_eval_batches == 0:
-            raise ValueError(
-                f"Too little held-out data: {self.eval_sequences.shape[0]} eval sequences cannot "
-                f"fill one global batch of {self.global_batch_size}; raise data.eval_fraction"
-            )
-        count = self.num_eval_batches if n is None else min(n, self.num_eval_batches)
         b = self.global_batch_size
-        return [
-            _to_batch(self.eval_sequences[i * b : (i + 1) * b][self.process_slice])
-            for i in range(count)
-        ]
+        rows = self.eval_rows(None if n is None else n * b)
+        count = rows.shape[0] // b
+        if count == 0:
+            raise ValueError(
+                f"Too little held-out data: {rows.shape[0]} eval sequences cannot fill one "
+                f"global batch of {b}; raise data.eval_fraction (or set data.tfds_eval_split)"
+            )
+        return [_to_batch(rows[i * b : (i + 1) * b][self.process_slice]) for i in range(count)]
 
 
 def build_datasets(
@@ -441,52 +614,122 @@ def build_datasets(
     """Builds tokenizer, training iterator and held-out batches from a data config.
 
     Args:
-      data_config: a ConfigDict shaped like ``default_data_config()``.
-      seq_len: tokens per example (each packed sequence holds ``seq_len + 1``).
+      data_config: fields of ``default_data_config()`` (missing ones take their defaults).
+      seq_len: tokens per example (each packed row holds ``seq_len + 1``).
       global_batch_size: examples per step over all hosts.
-      seed: shuffling seed (epoch ``e`` is shuffled with ``(seed, e)``).
-      process_index, process_count: this host and the number of hosts; each host's batches hold
-        its contiguous ``global_batch_size // process_count`` rows of the global batch.
-      start_step: position the training iterator as if this many batches were already taken.
+      seed: shuffling seed.
+      process_index, process_count: this host and the number of hosts; each host's batches
+        hold ``global_batch_size // process_count`` rows, read from its own documents
+        (streaming) or its contiguous slice of each global batch (cached).
+      start_step: advance the training iterator past this many batches.
       model_vocab_size: when given, ``check_vocab`` runs against it before any tokenization.
 
     Raises:
       ValueError / FileNotFoundError / ImportError with a message naming the offending input.
     """
     _check_positive(seq_len=seq_len, global_batch_size=global_batch_size)
+    if start_step < 0:
+        raise ValueError(f"start_step must be non-negative, got {start_step}")
     slc = host_slice(global_batch_size, process_index, process_count)
-    spec = corpus_spec(data_config)
-    tok = build_tokenizer(data_config, spec)
+    cfg = resolve_config(data_config)
+    _check_eval_fraction(cfg)
+    spec = corpus_spec(cfg)
+    tok = build_tokenizer(cfg, spec)
     if model_vocab_size is not None:
         check_vocab(tok.vocab_size, model_vocab_size)
-    train_stream, eval_stream = load_or_tokenize(data_config, spec, tok)
+    if spec.stream is not None:
+        datasets = _streaming_datasets(
+            cfg, spec, tok, seq_len, global_batch_size, seed, slc, process_index, process_count
+        )
+    else:
+        datasets = _cached_datasets(cfg, spec, tok, seq_len, global_batch_size, seed, slc)
+    for _ in range(start_step):
+        next(datasets.train)
+    return datasets
+
+
+def _cached_datasets(cfg, spec, tok, seq_len, global_batch_size, seed, slc) -> Datasets:
+    train_stream, eval_stream = load_or_tokenize(cfg, spec, tok)
     train_seqs, eval_seqs = pack(train_stream, seq_len), pack(eval_stream, seq_len)
     if train_seqs.shape[0] == 0:
         raise ValueError(
             f"Too little training data: {train_stream.shape[0]} tokens cannot fill one sequence "
             f"of seq_len + 1 = {seq_len + 1} tokens"
         )
-    train = TrainIterator(
-        train_seqs,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-        start_step=start_step,
+    batches_per_epoch = train_seqs.shape[0] // global_batch_size
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"Too little training data: {train_seqs.shape[0]} sequences cannot fill one "
+            f"global batch of {global_batch_size}"
+        )
+    dataset = cached_train_dataset(
+        train_seqs, global_batch_size=global_batch_size, seed=seed, rows=slc
     )
     description = (
         f"{spec.description}: {train_stream.shape[0]:,} train / {eval_stream.shape[0]:,} eval "
         f"tokens, vocab {tok.vocab_size}, {train_seqs.shape[0]:,} train sequences of "
-        f"{seq_len} (+1), {train.batches_per_epoch:,} batches of {global_batch_size} per epoch"
+        f"{seq_len} (+1), {batches_per_epoch:,} batches of {global_batch_size} per epoch"
     )
     return Datasets(
         tokenizer=tok,
         vocab_size=tok.vocab_size,
-        train=train,
-        eval_sequences=eval_seqs,
+        train=TrainIterator(dataset, batches_per_epoch=batches_per_epoch),
+        eval_rows=lambda n: eval_seqs if n is None else eval_seqs[:n],
         global_batch_size=global_batch_size,
         process_slice=slc,
+        description=description,
         num_train_tokens=int(train_stream.shape[0]),
         num_eval_tokens=int(eval_stream.shape[0]),
+    )
+
+
+def _streaming_datasets(
+    cfg, spec, tok, seq_len, global_batch_size, seed, slc, process_index, process_count
+) -> Datasets:
+    eval_fraction = _check_eval_fraction(cfg)
+    # With a separate held-out split every document of the training split is trained on.
+    held_out_fraction = 0.0 if spec.stream_eval is not None else eval_fraction
+    dataset = streaming_train_dataset(
+        spec.stream,
+        tok,
+        seq_len=seq_len,
+        batch_size=slc.stop - slc.start,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        held_out_fraction=held_out_fraction,
+        read_threads=cfg.read_threads,
+        shuffle_window=cfg.shuffle_window,
+    )
+    if spec.stream_eval is not None:
+        eval_corpus, held_out = spec.stream_eval, lambda text: True
+    else:
+        eval_corpus = spec.stream
+        held_out = lambda text: is_eval_document(text, eval_fraction)  # noqa: E731
+    cached: dict[int | None, np.ndarray] = {}
+
+    def eval_rows(n: int | None) -> np.ndarray:
+        if n not in cached:
+            cached[n] = streaming_eval_rows(
+                eval_corpus.documents(), tok, seq_len=seq_len, held_out=held_out, max_rows=n
+            )
+        return cached[n]
+
+    held = (
+        f"held out: split {spec.stream_eval.split!r}"
+        if spec.stream_eval is not None
+        else f"held out: {eval_fraction:g} of documents by hash"
+    )
+    description = (
+        f"{spec.description}, streamed ({held}): vocab {tok.vocab_size}, rows of {seq_len} "
+        f"(+1), {slc.stop - slc.start} of each global batch of {global_batch_size} per process"
+    )
+    return Datasets(
+        tokenizer=tok,
+        vocab_size=tok.vocab_size,
+        train=TrainIterator(dataset, batches_per_epoch=None),
+        eval_rows=eval_rows,
+        global_batch_size=global_batch_size,
+        process_slice=slc,
         description=description,
     )
