@@ -239,6 +239,11 @@ def _in_context(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
             return fn(*args)
 
+    def lower(*args):  # ahead-of-time compilation (train/compile.py), abstract arguments
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+            return fn.lower(*args)
+
+    wrapped.lower = lower
     return wrapped
 
 
