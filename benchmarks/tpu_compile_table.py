@@ -111,9 +111,12 @@ def main() -> None:
     results = pathlib.Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        for model in args.only:
-            for name in args.topologies:
-                for optimizer in args.optimizers:
+        # 7B first, v5e-256 first: the rows a slow machine should not leave out.
+        for model in sorted(args.only, reverse=True):
+            for name in ("v5e-256", "v5e-16", "v5p-128"):
+                for optimizer in ("galore", "adamw", "golore"):
+                    if name not in args.topologies or optimizer not in args.optimizers:
+                        continue
                     out = report_path(results, model, optimizer, name)
                     if out.exists():
                         continue

@@ -194,7 +194,8 @@ def compile_train_step(
         "seq_len": config.seq_len,
         "attention": _attention(trainer.model.config, mesh),
         "hbm_capacity_gib": capacity,
-        "refresh_cond": "stablehlo.case" in lowered_text or "stablehlo.if" in lowered_text,
+        # lax.conds of the step: the non-finite skip, and the refresh (subspace optimizers).
+        "conditionals": len(re.findall(r"stablehlo\.(?:case|if)\b", lowered_text)),
         "decompositions": decompositions(lowered_text),
         "jax": jax.__version__,
     }
@@ -247,6 +248,8 @@ def compile_train_step(
     hlo_text = compiled.as_text()
     report["collectives"] = count_collectives(hlo_text)
     report["hlo_conditionals"] = len(re.findall(r"\sconditional\(", hlo_text))
+    # cost_analysis counts a while loop's body once (e.g. a collective matmul's loop).
+    report["hlo_while_loops"] = len(re.findall(r"\swhile\(", hlo_text))
     # What the TPU compiler made of the decompositions (e.g. EighTpu, QrDecompositionBlock).
     targets = re.findall(r'custom_call_target="(\w+)"', hlo_text)
     report["compiled_decompositions"] = sorted(
@@ -295,7 +298,7 @@ def format_report(report: dict[str, Any]) -> str:
     rows.append(
         (
             "refresh",
-            f"lax.cond {'yes' if report['refresh_cond'] else 'no'}, decompositions "
+            f"{report['conditionals']} lax.cond (non-finite skip + refresh), decompositions "
             + (", ".join(f"{k} x{v}" for k, v in report["decompositions"].items()) or "none"),
         )
     )
