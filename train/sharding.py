@@ -118,7 +118,9 @@ def param_and_state_shardings(
     params_shapes = nn.unbox(boxed_params)
     param_specs = logical_to_mesh(logical)
     check_divisible(params_shapes, param_specs, mesh, "param")
-    state_specs = state_partition_specs(opt_state_shapes, params_shapes, param_specs)
+    state_specs = state_partition_specs(
+        opt_state_shapes, params_shapes, param_specs, dict(mesh.shape)
+    )
     return named(mesh, param_specs), named(mesh, state_specs)
 
 
