@@ -66,35 +66,37 @@ def run_one(model: str, optimizer: str, name: str, out: pathlib.Path, timeout: f
     return status
 
 
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
 def table(results: pathlib.Path) -> str:
     lines = [
-        "| model | optimizer | topology | mesh | HBM per chip (GiB) | fits | TFLOPs per chip "
-        "(HLO / 6N) | all-gather / reduce-scatter / all-reduce / all-to-all | compile (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | optimizer | topology | mesh | HBM per chip (GiB) | state + batch per chip "
+        "(GiB) | fits | TFLOPs per chip (HLO / model) | " + " / ".join(COLLECTIVES) + " | "
+        "compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in MODELS:
         for optimizer in OPTIMIZERS:
             for name in TOPOLOGIES:
                 path = report_path(results, model, optimizer, name)
                 if not path.exists():
-                    lines.append(f"| {model} | {optimizer} | {name} | | not run | | | | |")
+                    lines.append(f"| {model} | {optimizer} | {name} | | not run | | | | | |")
                     continue
                 r = json.loads(path.read_text())
                 mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
-                hbm = f"{r['hbm_gib']:.2f} of {r['hbm_capacity_gib']}"
+                bound = ">= " if r.get("hbm_is_lower_bound") else ""
+                hbm = f"{bound}{r['hbm_gib']:.2f} of {r['hbm_capacity_gib']}"
                 if "collectives" in r:
-                    c = r["collectives"]
-                    coll = " / ".join(
-                        str(c[k])
-                        for k in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
-                    )
+                    coll = " / ".join(str(r["collectives"][k]) for k in COLLECTIVES)
                     flops = f"{r['hlo_tflops_per_chip']:.1f} / {r['model_tflops_per_chip']:.1f}"
                 else:  # the TPU compiler stopped at its HBM check
                     coll, flops = "(compiler: out of HBM)", ""
                 fits = "yes" if r["fits"] else "**no**"
                 lines.append(
-                    f"| {model} | {optimizer} | {name} | {mesh} | {hbm} | {fits} | {flops} | "
-                    f"{coll} | {r['compile_s']:.0f} |"
+                    f"| {model} | {optimizer} | {name} | {mesh} | {hbm} | "
+                    f"{r['state_and_batch_gib']:.2f} | {fits} | {flops} | {coll} | "
+                    f"{r['compile_s']:.0f} |"
                 )
     return "\n".join(lines)
 
