@@ -169,3 +169,27 @@ def test_auto_attention_follows_the_mesh_devices(monkeypatch):
     mesh = jax.sharding.AbstractMesh((1,), ("fsdp",), abstract_device=tpu)
     with jax.sharding.use_abstract_mesh(mesh):
         assert model_lib.resolve_attention(config) == "einsum"
+
+
+def test_table_driver_meshes_and_rows(tmp_path):
+    from benchmarks import tpu_compile_table as driver
+
+    assert driver.mesh_for("llama_7b", "v5e:16x16") == "fsdp=256"
+    assert driver.mesh_for("llama_1b", "v5p:4x4x4") == "data=4,fsdp=16"
+    refused = {
+        "mesh": {"data": 1, "fsdp": 16, "tensor": 1},
+        "hbm_gib": 20.85,
+        "hbm_capacity_gib": 16,
+        "hbm_is_lower_bound": True,
+        "state_and_batch_gib": 4.71,
+        "fits": False,
+        "compile_s": 72.0,
+    }
+    driver.report_path(tmp_path, "llama_7b", "adamw", "v5e-16").write_text(json.dumps(refused))
+    rows = driver.table(tmp_path).splitlines()
+    assert len(rows) == 2 + 18
+    assert (
+        "| llama_7b | adamw | v5e-16 | fsdp 16 | >= 20.85 of 16 | 4.71 | **no** |  | "
+        "(compiler: out of HBM) | 72 |" in rows
+    )
+    assert "| llama_1b | adamw | v5e-16 | | not run | | | | | |" in rows
