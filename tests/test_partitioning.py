@@ -93,3 +93,19 @@ def test_specs_for_a_custom_split_and_nested_wrappers():
     assert inner.inner_state.trace["wide"] == SPECS["wide"]
     assert specs.acc_grads == SPECS
     assert specs.inner_opt_state.hyperparams["lr"] == P()
+
+
+def test_low_rank_moments_shard_their_rank_dim_given_the_mesh():
+    """Given the mesh axis sizes, a low-rank moment's rank dim takes the spec of the param dim
+    it replaces (so FSDP shards the moments), where those axes divide the rank."""
+    state = jax.eval_shape(gl.galore_adamw(1e-3, rank=RANK, update_every=5).init, PARAMS)
+    mu = state_partition_specs(state, PARAMS, SPECS, {"x": 2, "y": 2})[0].inner_state.mu
+    assert mu["wide"] == P("x", "y")  # left (r, n): r takes the rows' "x"
+    assert mu["tall"] == P("x", "y")  # right (m, r): r takes the cols' "y"
+    assert mu["qkernel"] == P("x", "y")  # right, merged cols (heads, head_dim) -> "y"
+    assert mu["okernel"] == P("y", "x")  # left, merged rows (heads, head_dim) -> "y"
+    uneven = state_partition_specs(state, PARAMS, SPECS, {"x": 4, "y": 2})[0].inner_state.mu
+    assert uneven["wide"] == P(None, "y")  # 4 devices cannot split rank 2: as without sizes
+    assert uneven["tall"] == P("x", "y")
+    bases = state_partition_specs(state, PARAMS, SPECS, {"x": 2, "y": 2})[0].bases
+    assert {k: bases[k] for k in EXPECTED} == {k: v[0] for k, v in EXPECTED.items()}

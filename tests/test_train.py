@@ -82,13 +82,14 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     specs = result["specs"]["2x2x2"]
     assert specs["q_kernel"] == "P('fsdp', 'tensor')"
     assert specs["q_kernel_shards"] == 8
-    # Left-projected q (64 x 64): P spans rows (fsdp), the r x n moment keeps cols (tensor).
+    # Left-projected q (64 x 64): P spans rows (fsdp), the r x n moment keeps cols (tensor)
+    # and its rank dim takes the rows' fsdp.
     assert specs["q_basis"] == "P('fsdp', None)"
-    assert specs["q_mu"] == "P(None, 'tensor')"
-    assert specs["q_mu_shard_shape"] == [8, 32]  # r=8, 64 columns over tensor=2
+    assert specs["q_mu"] == "P('fsdp', 'tensor')"
+    assert specs["q_mu_shard_shape"] == [4, 32]  # r=8 over fsdp=2, 64 columns over tensor=2
     # Right-projected down_proj (128 x 64): Q spans cols (fsdp), the m x r moment keeps rows.
     assert specs["down_basis"] == "P('fsdp', None)"
-    assert specs["down_mu"] == "P('tensor', None)"
+    assert specs["down_mu"] == "P('tensor', 'fsdp')"
 
 
 def test_bad_mesh_raises_before_compiling():

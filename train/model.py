@@ -306,8 +306,12 @@ def resolve_attention(config: LlamaConfig) -> str:
         return config.attention
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)  # CUDA devices only
+    # The devices of the mesh being traced for, when one is set: a step compiled ahead of time
+    # for a TPU topology (train/compile.py) gets einsum even on a GPU host.
+    target = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = device.platform if target is None else target.platform
     fits = (
-        device.platform == "gpu"
+        platform == "gpu"
         and capability is not None
         and float(capability) >= 8.0
         and config.dtype in (jnp.bfloat16, jnp.float16)

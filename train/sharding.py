@@ -120,7 +120,7 @@ def param_and_state_shardings(
     param_specs = logical_to_mesh(logical)
     check_divisible(params_shapes, param_specs, mesh, "param")
     state_specs = state_partition_specs(
-        opt_state_shapes, params_shapes, param_specs, stack_path=stack_path
+        opt_state_shapes, params_shapes, param_specs, dict(mesh.shape), stack_path=stack_path
     )
     return named(mesh, param_specs), named(mesh, state_specs)
 
