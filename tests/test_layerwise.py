@@ -235,13 +235,15 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
         assert result["losses"][name] == pytest.approx(result["losses"]["1"], rel=1e-5), name
         specs = result["specs"][name]
         assert specs["q_kernel"] == "P(None, 'fsdp', 'tensor')"
-        # Left-projected q (64 x 64): P spans rows (fsdp), the r x n moment keeps cols (tensor).
+        # Left-projected q (64 x 64): P spans rows (fsdp); the r x n moment keeps cols (tensor)
+        # and shards its rank over the rows' axis (fsdp=2 divides r=8), as in the plain step.
         assert specs["q_basis"] == "P(None, 'fsdp', None)"
-        assert specs["q_mu"] == "P(None, None, 'tensor')"
-        assert specs["q_mu_shard_shape"] == [2, 8, 32]  # 2 layers, r=8, 64 cols over tensor=2
-        # Right-projected down_proj (128 x 64): Q spans cols (fsdp), the m x r moment rows.
+        assert specs["q_mu"] == "P(None, 'fsdp', 'tensor')"
+        assert specs["q_mu_shard_shape"] == [2, 4, 32]  # 2 layers, r=8 over fsdp=2, 64 over 2
+        # Right-projected down_proj (128 x 64): Q spans cols (fsdp); the m x r moment keeps the
+        # rows (tensor) and shards its rank over fsdp.
         assert specs["down_basis"] == "P(None, 'fsdp', None)"
-        assert specs["down_mu"] == "P(None, 'tensor', None)"
+        assert specs["down_mu"] == "P(None, 'tensor', 'fsdp')"
 
 
 @pytest.mark.parametrize(
