@@ -329,3 +329,43 @@ def test_finetune_refuses_layerwise():
     config.optimizer.layerwise = True
     with pytest.raises(ValueError, match="layerwise=True is for pre-training"):
         finetune.validate_config(config)
+
+
+def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(tmp_path):
+    """``model.scan_layers=True`` with GaLore and the plain full-gradient step: the optimizer
+    runs per layer (each layer's matrices projected, the stacked norms left alone), so with
+    no clipping it is the fused layer-wise step's trajectory (4 steps, refreshes at 0 and 2,
+    losses to rtol 1e-5); with the default global-norm clip it trains with finite steps."""
+    stacked = {"model.scan_layers": True, "optimizer.grad_clip": 0.0}
+    config = tiny_config(tmp_path, **stacked)
+    config.optimizer.name = "galore"
+    config.optimizer.momentum_projection = True  # signs: see the first test of this file
+    plain = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
+    fused_config = tiny_config(tmp_path, **LAYERWISE)
+    fused_config.optimizer.name = "galore"
+    fused_config.optimizer.momentum_projection = True
+    fused = main_lib.build_trainer(fused_config, sharding_lib.make_mesh(fused_config.mesh))
+    assert isinstance(plain.tx.init(plain.abstract_state.params), gl.layerwise.LayerwiseState)
+    state = plain.init(jax.random.key(0))
+    fused_state = fused.init(jax.random.key(0))
+    losses, fused_losses = [], []
+    for batch in _batches(config, 4):
+        state, metrics = plain.train_step(state, main_lib.to_global(batch, plain.batch_sharding))
+        fused_state, fused_metrics = fused.train_step(
+            fused_state, main_lib.to_global(batch, fused.batch_sharding)
+        )
+        losses.append(float(metrics["loss"]))
+        fused_losses.append(float(fused_metrics["loss"]))
+    np.testing.assert_allclose(losses, fused_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+
+    clipped = tiny_config(tmp_path, **{"model.scan_layers": True})
+    clipped.optimizer.name = "galore"
+    assert clipped.optimizer.grad_clip > 0
+    trainer = main_lib.build_trainer(clipped, sharding_lib.make_mesh(clipped.mesh))
+    state = trainer.init(jax.random.key(0))
+    for batch in _batches(clipped, 2):
+        state, metrics = trainer.train_step(
+            state, main_lib.to_global(batch, trainer.batch_sharding)
+        )
+        assert bool(metrics["finite"])

@@ -135,6 +135,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
+def _stacked_subspace(config: Any) -> bool:
+    """Stacked layers (``model.scan_layers``) with an optimizer that treats each matrix on its
+    own (everything but AdamW and optax.contrib.galore, which refuses stacked kernels)."""
+    return bool(config.model.scan_layers) and config.optimizer.name not in (
+        "adamw",
+        "optax_galore",
+    )
+
+
 def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     """Builds the model, optimizer, shardings and the jitted init / train / eval steps."""
     model_config = model_lib.LlamaConfig.from_dict(config.model)
@@ -143,13 +152,26 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     apply_updates = optimizer_lib.update_applier(config.optimizer, config.seed)
     dummy = jnp.zeros((1, config.seq_len), jnp.int32)
     layerwise = bool(config.optimizer.get("layerwise"))
+    per_layer = layerwise or _stacked_subspace(config)
     if layerwise:  # one copy of tx per decoder layer, updated inside the backward pass
         clip = config.optimizer.layer_grad_clip or None
         layer_tx = gl.layerwise.per_layer_transform(tx, clip)
         tx = gl.layerwise.layerwise(tx, layerwise_lib.STACK_PATH, clip_norm=clip)
+    elif per_layer:
+        # Stacked layers, full-gradient step: a subspace optimizer must still see each layer's
+        # matrices (not an (L*in) x out stack, nor the stacked norms as matrices), so it runs
+        # per layer; the global-norm clip stays global, in front of it.
+        opt = config.optimizer.copy_and_resolve_references()
+        opt.grad_clip = 0.0
+        tx = gl.layerwise.layerwise(
+            optimizer_lib.build_optimizer(opt, config.num_steps, num_devices=mesh.size),
+            layerwise_lib.STACK_PATH,
+        )
+        if config.optimizer.grad_clip:
+            tx = optax.chain(optax.clip_by_global_norm(config.optimizer.grad_clip), tx)
 
     param_shapes, opt_shapes, param_sharding, opt_sharding = sharding_lib.model_shardings(
-        mesh, model, tx, dummy, stack_path=layerwise_lib.STACK_PATH if layerwise else None
+        mesh, model, tx, dummy, stack_path=layerwise_lib.STACK_PATH if per_layer else None
     )
     batch_size_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % batch_size_per_shard:
