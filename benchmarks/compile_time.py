@@ -72,22 +72,13 @@ def layer_params(model: str, layers: int) -> dict[str, Any]:
 
 def update_optimizer(name: str, rank: int, update_every: int = 200):
     """The optimizer ``name`` of UPDATE_OPTIMIZERS (lr 1e-3, GaLore's scale 0.25, no decay)."""
-    import optax
-
     import golore_jax as gl
-    from train import optimizer as optimizer_lib
+    from benchmarks import train_step
 
     lr, common = 1e-3, dict(rank=rank, update_every=update_every, scale=0.25, weight_decay=0.0)
-    if name == "optax_adamw":
-        return optax.adamw(lr, weight_decay=0.0)
-    if name == "optax_galore":
-        return optimizer_lib.optax_galore(
-            lr,
-            rank=rank,
-            update_proj_gap=update_every,
-            scale=0.25,
-            base_optimizer=optax.scale_by_adam(),
-        )
+    if name in ("optax_adamw", "optax_galore"):
+        baseline = "adamw" if name == "optax_adamw" else name
+        return train_step.optax_baseline(baseline, rank, update_every, lr)
     if name == "galore_adamw":
         return gl.galore_adamw(lr, **common)
     if name == "galore_adamw_gram":
@@ -112,7 +103,8 @@ def time_compile(jitted: Any, *args: Any) -> tuple[float, float, float]:
 def measure_update(model: str, layers: int, name: str, repeats: int) -> dict[str, Any]:
     """Lower + compile times of ``update`` for optimizer ``name`` (median of ``repeats``)."""
     import jax
-    import optax
+
+    from train import step as step_lib
 
     params = layer_params(model, layers)
     tx = update_optimizer(name, SHAPES[model][2])
@@ -121,8 +113,7 @@ def measure_update(model: str, layers: int, name: str, repeats: int) -> dict[str
     for _ in range(repeats):
         # a new function each time: nothing traced or compiled before is reused
         def update(grads, state, params):
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
+            return step_lib.apply_gradients(tx.update, grads, state, params)
 
         times.append(time_compile(jax.jit(update), params, state, params))
     lower, compile_, cpu = (statistics.median(t) for t in zip(*times, strict=True))

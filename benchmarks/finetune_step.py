@@ -135,8 +135,7 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
     if args.compile_only:
         return row
 
-    params = ft.init_params(jax.random.key(0))  # straight onto the device, one copy
-    opt_state = ft.init_opt_state(params)
+    state = ft.init_state(ft.init_params(jax.random.key(0)))  # straight onto the device
     row["peak_bytes_after_init"] = _device_peak()
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, config.vocab_size, (args.batch, args.seq + 1), np.int32)
@@ -146,17 +145,18 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
     batch = jax.device_put(batch, ft.batch_sharding)
 
     # Step 0 refreshes (count 0) and warms up; then steady steps; then refreshes again.
-    (params, opt_state, loss), first = _timed(compiled, params, opt_state, batch)
+    (state, metrics), first = _timed(compiled, state, batch)
     row["peak_bytes_after_refresh"] = _device_peak()
-    (params, opt_state, loss), _ = _timed(compiled, params, opt_state, batch)
+    (state, metrics), _ = _timed(compiled, state, batch)
     steady = []
     for _ in range(args.steps):
-        (params, opt_state, loss), seconds = _timed(compiled, params, opt_state, batch)
+        (state, metrics), seconds = _timed(compiled, state, batch)
         steady.append(seconds)
     refreshes = []
     for _ in range(args.refreshes):
-        opt_state = optax.tree_utils.tree_set(opt_state, count=0)  # count % 500 == 0 again
-        (params, opt_state, loss), seconds = _timed(compiled, params, opt_state, batch)
+        # count % 500 == 0 again
+        state = state._replace(opt_state=optax.tree_utils.tree_set(state.opt_state, count=0))
+        (state, metrics), seconds = _timed(compiled, state, batch)
         refreshes.append(seconds)
     row["first_step_s"] = first
     row["steady_step_s"] = statistics.median(steady)
@@ -170,7 +170,7 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in row["device"]), None)
     flops = model_lib.model_flops_per_token(config, args.seq) * tokens_per_step
     row["mfu_steady"] = flops / row["steady_step_s"] / peak_flops if peak_flops else None
-    row["final_loss"] = float(loss)
+    row["final_loss"] = float(metrics["loss"])
     row["peak_bytes"] = _device_peak()
     row["bytes_limit"] = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     return row

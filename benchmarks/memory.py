@@ -54,7 +54,7 @@ import traceback
 from typing import Any
 
 from benchmarks import report
-from benchmarks.train_step import PEAK_BF16_FLOPS, memory_figures
+from benchmarks.train_step import memory_figures, throughput
 from train import xla_flags
 
 PREALLOCATE = "false"  # XLA_PYTHON_CLIENT_PREALLOCATE of every row's process
@@ -243,15 +243,17 @@ def run_row(config_path: str, overrides: list[str], label: str, steady_steps: in
         else None
     )
     if "steady_step_s" in row:
-        steady, refresh = row["steady_step_s"], row["refresh_step_s"]
-        tokens_per_step = config.batch_size * config.seq_len
-        row["amortized_step_s"] = steady + (refresh - steady) / amortize_every
-        row["steady_tokens_per_s"] = tokens_per_step / steady
-        row["amortized_tokens_per_s"] = tokens_per_step / row["amortized_step_s"]
-        model_config = model_lib.LlamaConfig.from_dict(config.model)
-        flops = model_lib.model_flops_per_token(model_config, config.seq_len) * tokens_per_step
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device.device_kind), None)
-        row["mfu_steady"] = flops / steady / peak if peak else None
+        row.update(
+            throughput(
+                row["steady_step_s"],
+                row["refresh_step_s"],
+                amortize_every,
+                model_lib.LlamaConfig.from_dict(config.model),
+                config.batch_size,
+                config.seq_len,
+                device.device_kind,
+            )
+        )
     return row
 
 

@@ -58,6 +58,24 @@ MEMORY_FIELDS = {
 }
 
 
+def optax_baseline(name: str, rank: int, update_every: int, lr: float = 1e-3):
+    """The optax optimizers the benchmarks compare against: ``adamw`` (no decay) and
+    ``optax_galore`` (optax.contrib.galore on the same matrices, GaLore's scale 0.25)."""
+    import optax
+
+    if name == "adamw":
+        return optax.adamw(lr, weight_decay=0.0)
+    from train import optimizer as optimizer_lib
+
+    return optimizer_lib.optax_galore(
+        lr,
+        rank=rank,
+        update_proj_gap=update_every,
+        scale=0.25,
+        base_optimizer=optax.scale_by_adam(),
+    )
+
+
 def _optimizer(
     name: str,
     rank: int,
@@ -65,23 +83,12 @@ def _optimizer(
     projection_dtype: str = "float32",
     refresh_batch_size: int | None = None,
 ):
-    import optax
 
     import golore_jax as gl
 
     lr = 1e-3
-    if name == "adamw":
-        return optax.adamw(lr, weight_decay=0.0)
-    if name == "optax_galore":  # optax.contrib.galore on the same matrices, same settings
-        from train import optimizer as optimizer_lib
-
-        return optimizer_lib.optax_galore(
-            lr,
-            rank=rank,
-            update_proj_gap=update_every,
-            scale=0.25,
-            base_optimizer=optax.scale_by_adam(),
-        )
+    if name in ("adamw", "optax_galore"):
+        return optax_baseline(name, rank, update_every, lr)
     projector = {
         "galore": gl.projectors.svd(),
         "galore_gram": gl.projectors.gram_eigh(),
@@ -142,21 +149,22 @@ def _model(model_name: str, seq: int, remat: bool, attention: str = "auto"):
 
 
 def _step_fn(model, tx):
-    """One train step; tokens are arguments (not constants) so it can be lowered abstractly."""
+    """One train step (the trainer's loss and update, without its non-finite guard); tokens
+    are arguments (not constants) so it can be lowered abstractly."""
     import jax
-    import optax
+
+    from train import step as step_lib
 
     def loss_fn(p, inputs, targets):
         logits = model.apply({"params": p}, inputs)
         # named scopes let profile_summary tell the loss and the optimizer from the model
         with jax.named_scope("loss"):
-            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            return step_lib.cross_entropy(logits, targets)
 
     def step(p, s, inputs, targets):
         loss, grads = jax.value_and_grad(loss_fn)(p, inputs, targets)
         with jax.named_scope("optimizer"):
-            updates, s = tx.update(grads, s, p)
-            p = optax.apply_updates(p, updates)
+            p, s = step_lib.apply_gradients(tx.update, grads, s, p)
         return p, s, loss
 
     return step
@@ -295,7 +303,6 @@ def run_one(
     import jax.numpy as jnp
 
     import golore_jax as gl
-    from train import model as model_lib
 
     rank = MODELS[model_name][4]
     batch, remat = batch_size(model_name, seq, batch), use_remat(model_name, remat)
@@ -342,26 +349,45 @@ def run_one(
         result["profile_step_s"] = summary["step_s"]
         result["profile_categories"] = summary["categories"]
     del compiled, p, state  # free the steady run before the refresh run
+    refresh = None
     if opt_name != "adamw":
         refresh, *_ = time_steps(
             _optimizer(opt_name, rank, 1, projection_dtype, refresh_batch_size), max(3, steps // 4)
         )
-        result["refresh_step_s"] = refresh
-        result["amortized_step_s"] = steady + (refresh - steady) / 200
-    else:
-        result["refresh_step_s"] = None
-        result["amortized_step_s"] = steady
-    tokens_per_step = batch * seq
-    result["steady_tokens_per_s"] = tokens_per_step / steady
-    result["amortized_tokens_per_s"] = tokens_per_step / result["amortized_step_s"]
-    flops = model_lib.model_flops_per_token(config, seq) * tokens_per_step
-    kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in kind), None)
-    result["device"] = kind
-    result["mfu_steady"] = flops / steady / peak if peak else None
+    result["refresh_step_s"] = refresh
+    result["device"] = jax.devices()[0].device_kind
+    result.update(throughput(steady, refresh, 200, config, batch, seq, result["device"]))
     stats = jax.devices()[0].memory_stats() or {}
     result["peak_bytes"] = stats.get("peak_bytes_in_use")
     return result
+
+
+def throughput(
+    steady_s: float,
+    refresh_s: float | None,
+    amortize_every: int,
+    model_config: Any,
+    batch: int,
+    seq: int,
+    device_kind: str,
+) -> dict[str, float | None]:
+    """Tokens per second of the steady step and amortized over one refresh every
+    ``amortize_every`` steps (none: ``refresh_s`` None), and the steady step's MFU (bf16 peak
+    of ``device_kind``, None when unknown)."""
+    from train import model as model_lib
+
+    amortized = steady_s
+    if refresh_s is not None:
+        amortized += (refresh_s - steady_s) / amortize_every
+    tokens_per_step = batch * seq
+    flops = model_lib.model_flops_per_token(model_config, seq) * tokens_per_step
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_kind), None)
+    return {
+        "amortized_step_s": amortized,
+        "steady_tokens_per_s": tokens_per_step / steady_s,
+        "amortized_tokens_per_s": tokens_per_step / amortized,
+        "mfu_steady": flops / steady_s / peak if peak else None,
+    }
 
 
 def _gib(x: float | None, digits: int = 1) -> str:

@@ -1,8 +1,9 @@
 """Run with 8 fake CPU devices: losses per mesh and the shardings of params and opt state.
 
-``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.multidevice_check DIR``
-prints one JSON object; tests/test_train.py runs it in a subprocess (the device count is fixed
-when jax starts).
+``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.multidevice_check DIR
+[--layerwise]`` prints one JSON object; tests/test_train.py (the plain step) and
+tests/test_layerwise.py (``--layerwise``: the layer-wise step on stacked layers) run it in a
+subprocess (the device count is fixed when jax starts).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from typing import Any
 
 import jax
 
@@ -18,17 +20,59 @@ from train import data as data_lib
 from train import main as main_lib
 from train import sharding as sharding_lib
 
+# (data, fsdp, tensor)
 MESHES = {"1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
+LAYERWISE_MESHES = {"1": (1, 1, 1), "2x2x2": (2, 2, 2)}
+LAYERWISE = {"optimizer.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True}
 
 
-def run(tmp: pathlib.Path, steps: int = 3) -> dict:
-    config = tiny_config(tmp)
+def _specs(state: Any) -> dict:
+    """The plain step: chain(clip, galore_adamw) -> scale_by_subspace; layers_0's leaves."""
+    subspace = state.opt_state[1][0]
+    layer = "layers_0"
+    q_kernel = state.params["model"][layer]["self_attn"]["q_proj"]["kernel"]
+    q_mu = subspace.inner_state.mu["model"][layer]["self_attn"]["q_proj"]["kernel"]
+    return {
+        "q_kernel": str(q_kernel.sharding.spec),
+        "q_basis": str(
+            subspace.bases["model"][layer]["self_attn"]["q_proj"]["kernel"].sharding.spec
+        ),
+        "q_mu": str(q_mu.sharding.spec),
+        "down_basis": str(
+            subspace.bases["model"][layer]["mlp"]["down_proj"]["kernel"].sharding.spec
+        ),
+        "down_mu": str(
+            subspace.inner_state.mu["model"][layer]["mlp"]["down_proj"]["kernel"].sharding.spec
+        ),
+        "q_kernel_shards": len(q_kernel.addressable_shards),
+        "q_mu_shard_shape": list(q_mu.addressable_shards[0].data.shape),
+    }
+
+
+def _layerwise_specs(state: Any) -> dict:
+    """The layer-wise step: LayerwiseState.layers holds galore_adamw's chain, stacked."""
+    layers = state.opt_state.layers[0]
+    q_kernel = state.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    q_mu = layers.inner_state.mu["self_attn"]["q_proj"]["kernel"]
+    return {
+        "q_kernel": str(q_kernel.sharding.spec),
+        "q_basis": str(layers.bases["self_attn"]["q_proj"]["kernel"].sharding.spec),
+        "q_mu": str(q_mu.sharding.spec),
+        "down_basis": str(layers.bases["mlp"]["down_proj"]["kernel"].sharding.spec),
+        "down_mu": str(layers.inner_state.mu["mlp"]["down_proj"]["kernel"].sharding.spec),
+        "q_mu_shard_shape": list(q_mu.addressable_shards[0].data.shape),
+        "embed": str(state.params["model"]["embed_tokens"]["embedding"].sharding.spec),
+    }
+
+
+def run(tmp: pathlib.Path, steps: int = 3, *, layerwise: bool = False) -> dict:
+    config = tiny_config(tmp, **(LAYERWISE if layerwise else {}))
     datasets = data_lib.build_datasets(
         config.data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=0
     )
     batches = [next(datasets.train) for _ in range(steps)]
     out = {"devices": jax.device_count(), "losses": {}, "specs": {}}
-    for name, shape in MESHES.items():
+    for name, shape in (LAYERWISE_MESHES if layerwise else MESHES).items():
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
         devices = jax.devices()[: shape[0] * shape[1] * shape[2]]
         mesh = sharding_lib.make_mesh(config.mesh, devices)
@@ -41,37 +85,9 @@ def run(tmp: pathlib.Path, steps: int = 3) -> dict:
             )
             losses.append(float(metrics["loss"]))
         out["losses"][name] = losses
-        subspace = state.opt_state[1][0]  # chain(clip, galore_adamw) -> scale_by_subspace
-        layer = "layers_0"
-        out["specs"][name] = {
-            "q_kernel": str(
-                state.params["model"][layer]["self_attn"]["q_proj"]["kernel"].sharding.spec
-            ),
-            "q_basis": str(
-                subspace.bases["model"][layer]["self_attn"]["q_proj"]["kernel"].sharding.spec
-            ),
-            "q_mu": str(
-                subspace.inner_state.mu["model"][layer]["self_attn"]["q_proj"][
-                    "kernel"
-                ].sharding.spec
-            ),
-            "down_basis": str(
-                subspace.bases["model"][layer]["mlp"]["down_proj"]["kernel"].sharding.spec
-            ),
-            "down_mu": str(
-                subspace.inner_state.mu["model"][layer]["mlp"]["down_proj"]["kernel"].sharding.spec
-            ),
-            "q_kernel_shards": len(
-                state.params["model"][layer]["self_attn"]["q_proj"]["kernel"].addressable_shards
-            ),
-            "q_mu_shard_shape": list(
-                subspace.inner_state.mu["model"][layer]["self_attn"]["q_proj"]["kernel"]
-                .addressable_shards[0]
-                .data.shape
-            ),
-        }
+        out["specs"][name] = (_layerwise_specs if layerwise else _specs)(state)
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(pathlib.Path(sys.argv[1]))))
+    print(json.dumps(run(pathlib.Path(sys.argv[1]), layerwise="--layerwise" in sys.argv[2:])))

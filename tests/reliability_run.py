@@ -28,6 +28,7 @@ import numpy as np
 from tests.train_fixtures import tiny_config
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
+from train import loop as loop_lib
 from train import main as main_lib
 from train import sharding as sharding_lib
 
@@ -157,7 +158,7 @@ def preempt_config(tmp: pathlib.Path):
     )
 
 
-class _RecordingStop(main_lib._StopRequest):
+class _RecordingStop(loop_lib.StopRequest):
     current: _RecordingStop | None = None
 
     def __enter__(self):
@@ -201,7 +202,7 @@ def _hang_in_save(step: int) -> None:
 
 def preempt(tmp: pathlib.Path) -> None:
     config = preempt_config(tmp)
-    main_lib._StopRequest = _RecordingStop
+    loop_lib.StopRequest = _RecordingStop
     pause: set[int] = set()
     main_lib.build_trainer = lambda c, m: _pausing(cached_build_trainer(c, m), pause)
     for phase, after in (("a", 1), ("b", 3)):

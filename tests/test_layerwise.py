@@ -221,7 +221,7 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     """Mesh 2x2x2 (data x fsdp x tensor) gives the losses of 1 device; each layer's
     state slice is sharded like that layer's params, behind an unsharded layer axis."""
     out = subprocess.run(
-        [sys.executable, "-m", "tests.layerwise_multidevice_check", str(tmp_path)],
+        [sys.executable, "-m", "tests.multidevice_check", str(tmp_path), "--layerwise"],
         env=eight_devices_env(),
         cwd=ROOT,
         capture_output=True,

@@ -107,11 +107,8 @@ def test_low_rank_step_never_forms_a_full_kernel_gradient(tmp_path):
     }
     assert kernel_shapes and not kernel_shapes & other_shapes
 
-    def finish(state, loss, grads, apply):
-        return apply((state.params, state.opt_state, state.adapters)), loss
-
     full_step, low_rank_step = relora_lib.make_steps(
-        trainer.model.apply, main_lib.cross_entropy, trainer.tx, layouts, finish
+        trainer.model.apply, main_lib.cross_entropy, trainer.tx, layouts
     )
     batch = _batches(config, 1)[0]
     low_rank_dots = _dot_output_shapes(jax.make_jaxpr(low_rank_step)(state, batch).jaxpr)

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from train import atomic
 from train import distributed as distributed_lib
 from train.errors import CheckpointWriteError, ConfigError, WorkdirError
 
@@ -254,10 +255,7 @@ class Checkpoints:
 
     def _write_checksums(self, step: int) -> None:
         sums = {name: _crc32(path) for name, path in self._files(step).items()}
-        path = self.directory / str(step) / CHECKSUMS
-        tmp = path.with_name(CHECKSUMS + ".tmp")
-        tmp.write_text(json.dumps(sums, indent=0))
-        tmp.replace(path)
+        atomic.write_text(self.directory / str(step) / CHECKSUMS, json.dumps(sums, indent=0))
 
     def verify(self, step: int) -> None:
         """Raises RuntimeError when a file of ``step`` is missing or its CRC-32 has changed.

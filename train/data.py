@@ -31,9 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -41,6 +39,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from train import atomic
 from train import corpus as corpus_lib
 from train import tokenizer as tokenizer_lib
 
@@ -310,11 +309,7 @@ def tokenize_to_streams(
 
 
 def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    atomic.write(path, lambda f: np.save(f, array), binary=True)
 
 
 def load_or_tokenize(

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-import logging
 import pathlib
 import shutil
 import time
@@ -56,10 +56,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from train import checkpoint as checkpoint_lib
 from train import cli, hf_checkpoint, xla_flags
+from train import loop as loop_lib
 from train import model as model_lib
 from train import optimizer as optimizer_lib
 from train import sharding as sharding_lib
+from train import step as step_lib
 from train import tokenizer as tokenizer_lib
 from train.errors import ConfigError
 
@@ -225,10 +228,7 @@ def encode_examples(
 # Model, tokenizer and optimizer.
 
 
-def answer_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-    """Cross-entropy averaged over answer tokens only (``weights`` 0 on prompt and padding)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+answer_loss = step_lib.answer_loss
 
 
 def continuation_logprob(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
@@ -334,8 +334,8 @@ def resolve_model(
 class FineTuner:
     """Compiled pieces of one fine-tuning run on a mesh.
 
-    ``train_step`` and ``score`` take host (numpy) batches; ``train_step`` donates its params
-    and optimizer state (the step updates them in place).
+    ``train_step`` and ``score`` take global batches on the devices (:meth:`put` makes one
+    from host rows); ``train_step`` donates its state (the step updates it in place).
     """
 
     model: model_lib.LlamaForCausalLM
@@ -343,15 +343,23 @@ class FineTuner:
     mesh: Mesh
     param_sharding: Any
     opt_sharding: Any
+    state_sharding: Any
     batch_sharding: NamedSharding
     param_shapes: Any  # ShapeDtypeStructs
     opt_shapes: Any
+    abstract_state: step_lib.TrainState  # ShapeDtypeStructs with shardings: the restore target
+    param_paths: list[str]
     init_params: Callable[[jax.Array], Any]
-    init_opt_state: Callable[[Any], Any]
-    train_step: Callable[[Any, Any, dict], tuple[Any, Any, jax.Array]]
+    init_state: Callable[[Any], step_lib.TrainState]  # params -> the state at step 0
+    train_step: Callable[[step_lib.TrainState, dict], tuple[step_lib.TrainState, dict]]
     score: Callable[[Any, dict], jax.Array]
-    # The jitted step itself (device batches), e.g. to lower and compile ahead of time.
+    # The jitted step itself, e.g. to lower and compile ahead of time.
     jit_train_step: Any
+
+    def put(self, rows: dict) -> dict:
+        """A global batch (the same host rows on every process) on the devices; each process
+        passes only the rows its devices hold."""
+        return loop_lib.global_batch(rows, self.batch_sharding)
 
     def lower_train_step(self, batch_size: int, seq_len: int) -> Any:
         """The train step lowered for abstract, sharded inputs (``.compile()`` it)."""
@@ -359,10 +367,8 @@ class FineTuner:
             k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=self.batch_sharding)
             for k, dtype in BATCH_DTYPES.items()
         }
-        params = _with_shardings(self.param_shapes, self.param_sharding)
-        opt_state = _with_shardings(self.opt_shapes, self.opt_sharding)
         with mesh_context(self.mesh):
-            return self.jit_train_step.lower(params, opt_state, batch)
+            return self.jit_train_step.lower(self.abstract_state, batch)
 
 
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -407,6 +413,7 @@ def build_finetuner(
     Params and optimizer state (bases and low-rank moments included) get ``NamedSharding``s
     from the model's logical axis names (``train.sharding``), as in the pre-training trainer;
     the batch is split over ``data x fsdp``. ``tx`` replaces the optimizer built from ``opt``.
+    The step is :func:`train.step.train_step` on the answer-token loss.
     """
     mesh = mesh if mesh is not None else single_device_mesh()
     model = model_lib.LlamaForCausalLM(model_config)
@@ -419,15 +426,11 @@ def build_finetuner(
     )
     batch_sharding = sharding_lib.batch_sharding(mesh)
     replicated = sharding_lib.replicated(mesh)
+    state_sharding = step_lib.TrainState(replicated, param_sharding, opt_sharding, replicated)
 
     def loss_fn(params, batch):
         logits = model.apply({"params": params}, batch["inputs"])
-        return answer_loss(logits, batch["targets"], batch["weights"])
-
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return step_lib.answer_loss(logits, batch["targets"], batch["weights"])
 
     def score(params, batch):
         logits = model.apply({"params": params}, batch["inputs"])
@@ -436,35 +439,44 @@ def build_finetuner(
     jit_init = jax.jit(
         lambda key: nn.unbox(model.init(key, dummy)["params"]), out_shardings=param_sharding
     )
-    jit_opt_init = jax.jit(tx.init, in_shardings=(param_sharding,), out_shardings=opt_sharding)
+    jit_state = jax.jit(
+        lambda params: step_lib.init_state(params, tx.init(params)),
+        in_shardings=(param_sharding,),
+        out_shardings=state_sharding,
+    )
     jit_train = jax.jit(
-        train_step,
-        in_shardings=(param_sharding, opt_sharding, batch_sharding),
-        out_shardings=(param_sharding, opt_sharding, replicated),
-        donate_argnums=(0, 1),  # no second copy of params and state
+        functools.partial(step_lib.train_step, loss_fn=loss_fn, tx=tx),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,  # no second copy of params and state
     )
     jit_score = jax.jit(
         score, in_shardings=(param_sharding, batch_sharding), out_shardings=replicated
     )
+    step_shape = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract_state = _with_shardings(
+        step_lib.TrainState(step_shape, param_shapes, opt_shapes, step_shape), state_sharding
+    )
+    param_paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_shapes)
+    ]
     # They trace on first call: under the mesh, where the logical constraints resolve.
-    train, scorer = _in_mesh(mesh, jit_train), _in_mesh(mesh, jit_score)
-
-    def put(batch: dict) -> dict:
-        return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, batch_sharding)
-
     return FineTuner(
         model=model,
         tx=tx,
         mesh=mesh,
         param_sharding=param_sharding,
         opt_sharding=opt_sharding,
+        state_sharding=state_sharding,
         batch_sharding=batch_sharding,
         param_shapes=param_shapes,
         opt_shapes=opt_shapes,
+        abstract_state=abstract_state,
+        param_paths=param_paths,
         init_params=_in_mesh(mesh, jit_init),
-        init_opt_state=_in_mesh(mesh, jit_opt_init),
-        train_step=lambda params, opt_state, batch: train(params, opt_state, put(batch)),
-        score=lambda params, batch: scorer(params, put(batch)),
+        init_state=_in_mesh(mesh, jit_state),
+        train_step=_in_mesh(mesh, jit_train),
+        score=_in_mesh(mesh, jit_score),
         jit_train_step=jit_train,
     )
 
@@ -508,7 +520,9 @@ def candidate_scores(
     encoded: dict[str, np.ndarray],
     batch_size: int,
 ) -> np.ndarray:
-    """Each candidate row's summed continuation log-likelihood, ``[rows]`` (float64)."""
+    """Each candidate row's summed continuation log-likelihood, ``[rows]`` (float64).
+
+    ``score`` gets host batches of ``batch_size`` rows (see :meth:`FineTuner.put`)."""
     n = len(encoded["inputs"])
     scores = np.empty(n, np.float64)
     for start in range(0, n, batch_size):
@@ -559,16 +573,9 @@ def evaluate(
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks what can be checked before any file is read (one-line ConfigErrors)."""
-    for name in (
-        "seq_len",
-        "batch_size",
-        "eval_batch_size",
-        "num_steps",
-        "log_every",
-        "eval_every",
-    ):
-        if name in config and int(config[name]) <= 0:
-            raise ConfigError(f"config.{name}={config[name]!r}: must be > 0")
+    loop_lib.validate(config)
+    for name in ("seq_len", "batch_size", "eval_batch_size"):
+        loop_lib.require(int(config[name]) > 0, name, config[name], "> 0")
     if config.data.task not in TASKS:
         raise ConfigError(f"config.data.task must be one of {TASKS}, got {config.data.task!r}")
     if config.export.dtype not in EXPORT_DTYPES:
@@ -606,22 +613,64 @@ def export_finetuned(
     return path
 
 
+class EpochSampler:
+    """The row indices of each train batch: epochs in a fresh seeded random order each time.
+
+    Its position (``get_state`` / ``set_state``, JSON) is saved with each checkpoint, so a
+    resumed run sees the batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, rows: int, batch_size: int, seed: int) -> None:
+        self._rows, self._batch_size, self._seed = rows, batch_size, seed
+        self.set_state({"epochs": 1, "cursor": 0})
+
+    def get_state(self) -> dict[str, int]:
+        return {"epochs": self._epochs, "cursor": self._cursor}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self._rng = np.random.default_rng(self._seed)
+        for _ in range(state["epochs"]):
+            self._order = self._rng.permutation(self._rows)
+        self._epochs, self._cursor = state["epochs"], state["cursor"]
+
+    def __next__(self) -> np.ndarray:
+        idx: list[int] = []
+        while len(idx) < self._batch_size:
+            if self._cursor == self._rows:
+                self._order, self._cursor = self._rng.permutation(self._rows), 0
+                self._epochs += 1
+            take = min(self._batch_size - len(idx), self._rows - self._cursor)
+            idx.extend(self._order[self._cursor : self._cursor + take])
+            self._cursor += take
+        return np.asarray(idx)
+
+
 def finetune(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
     *,
     devices: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tunes and evaluates on ``config.mesh`` over ``devices`` (default: all).
+    """Fine-tunes (or resumes) and evaluates on ``config.mesh`` over ``devices`` (default: all).
 
-    Writes ``metrics.jsonl`` to ``workdir`` and, with ``config.export.enabled``, the weights in
+    Runs the shared loop (``train/loop.py``: checkpoints and resume, the non-finite policy,
+    ``metrics.jsonl``, TensorBoard, ``loss.png``, stop requests, ``run_steps``) and, once
+    ``config.num_steps`` are done and with ``config.export.enabled``, writes the weights in
     Hugging Face format (:func:`export_finetuned`). Returns ``step``, ``train_loss``,
     ``first_eval_accuracy``, ``eval_accuracy``, ``first_eval_answer_loss``,
-    ``eval_answer_loss``, ``export_dir`` (or None), ``model_config`` and the final ``params``.
+    ``eval_answer_loss``, ``export_dir`` (or None), ``model_config``, the final ``params`` and
+    ``stopped_by_signal``.
     """
     validate_config(config)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    loop_lib.start(config, workdir)
+    with checkpoint_lib.WorkdirLock(workdir):
+        return _finetune(config, workdir, devices)
+
+
+def _finetune(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, devices: Sequence[Any] | None
+) -> dict[str, Any]:
     mesh = finetune_mesh(config, devices)
     data = config.data
     train_examples = load_examples(
@@ -640,73 +689,60 @@ def finetune(
     train_data = encode_examples(tokenizer, train_examples, config.seq_len, correct_only=True)
     eval_data = encode_examples(tokenizer, eval_examples, config.seq_len, correct_only=False)
     eval_labels = np.asarray([ex.label for ex in eval_examples])
-
     ft = build_finetuner(model_config, config.optimizer, config.num_steps, mesh)
-    params = initial_params(source, ft, config.seed)
-    opt_state = ft.init_opt_state(params)
-
-    # Process 0 alone writes the metrics (every process computes the same records).
-    metrics_file = (workdir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
-
-    def log(record: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-        logging.info("%s", record)
-
-    def run_eval(step: int) -> tuple[float, float]:
-        scores = candidate_scores(ft.score, params, eval_data, config.eval_batch_size)
-        accuracy, _ = accuracy_of(scores, eval_data, eval_labels)
-        loss = answer_loss_of(scores, eval_data, eval_labels)
-        log(
-            {
-                "step": step,
-                "eval_accuracy": accuracy,
-                "eval_answer_loss": loss,
-                "eval_examples": len(eval_labels),
-            }
-        )
-        return accuracy, loss
-
-    first_accuracy, first_eval_loss = run_eval(0)
-    accuracy, eval_loss = first_accuracy, first_eval_loss
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(train_data["inputs"]))
-    cursor = 0
-    losses: list[float] = []
-    loss = float("nan")
+    sampler = EpochSampler(len(train_data["inputs"]), config.batch_size, config.seed)
     start = time.time()
-    for step in range(1, config.num_steps + 1):
-        idx = []
-        while len(idx) < config.batch_size:  # Epochs in a fresh random order each time.
-            if cursor == len(order):
-                order, cursor = rng.permutation(len(order)), 0
-            take = min(config.batch_size - len(idx), len(order) - cursor)
-            idx.extend(order[cursor : cursor + take])
-            cursor += take
-        batch = {k: train_data[k][np.asarray(idx)] for k in ("inputs", "targets", "weights")}
-        params, opt_state, step_loss = ft.train_step(params, opt_state, batch)
-        losses.append(float(step_loss))
-        if step % config.log_every == 0 or step == config.num_steps:
-            loss = float(np.mean(losses))
-            log({"step": step, "train_loss": loss, "elapsed_s": round(time.time() - start, 2)})
-            losses = []
-        if step % config.eval_every == 0 or step == config.num_steps:
-            accuracy, eval_loss = run_eval(step)
-    if metrics_file is not None:
-        metrics_file.close()
-    del opt_state  # Free the optimizer state before the host copy of the export.
-    export_dir = export_finetuned(config, source, params, workdir)
+
+    def next_batch() -> dict:
+        idx = next(sampler)
+        return ft.put({k: train_data[k][idx] for k in ("inputs", "targets", "weights")})
+
+    def evaluate_state(state) -> dict[str, Any]:
+        score = lambda params, rows: ft.score(params, ft.put(rows))  # noqa: E731
+        scores = candidate_scores(score, state.params, eval_data, config.eval_batch_size)
+        accuracy, _ = accuracy_of(scores, eval_data, eval_labels)
+        return {
+            "eval_accuracy": accuracy,
+            "eval_answer_loss": answer_loss_of(scores, eval_data, eval_labels),
+            "eval_examples": len(eval_labels),
+        }
+
+    def train_record(step, window, seconds) -> dict[str, Any]:
+        del step, seconds
+        return {
+            "train_loss": float(np.mean([float(m["loss"]) for m in window])),
+            "elapsed_s": round(time.time() - start, 2),
+        }
+
+    program = loop_lib.Program(
+        init=lambda: ft.init_state(initial_params(source, ft, config.seed)),
+        abstract_state=ft.abstract_state,
+        train_step=ft.train_step,
+        next_batch=next_batch,
+        data_position=sampler.get_state,
+        set_data_position=sampler.set_state,
+        evaluate=evaluate_state,
+        train_record=train_record,
+        param_paths=ft.param_paths,
+        plot=("train_loss", "eval_answer_loss"),
+    )
+    run = loop_lib.run(config, workdir, program)
+    params = run.state.params
+    del run.state  # Free the optimizer state before the host copy of the export.
+    done = run.step == config.num_steps
+    export_dir = export_finetuned(config, source, params, workdir) if done else None
+    first, last = run.evals[0], run.evals[-1]
     return {
-        "step": config.num_steps,
-        "train_loss": loss,
-        "first_eval_accuracy": first_accuracy,
-        "eval_accuracy": accuracy,
-        "first_eval_answer_loss": first_eval_loss,
-        "eval_answer_loss": eval_loss,
+        "step": run.step,
+        "train_loss": run.history[-1]["train_loss"] if run.history else float("nan"),
+        "first_eval_accuracy": first["eval_accuracy"],
+        "eval_accuracy": last["eval_accuracy"],
+        "first_eval_answer_loss": first["eval_answer_loss"],
+        "eval_answer_loss": last["eval_answer_loss"],
         "export_dir": export_dir,
         "model_config": model_config,
         "params": params,
+        "stopped_by_signal": run.stopped_by_signal,
     }
 
 

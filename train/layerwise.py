@@ -24,6 +24,7 @@ recomputed once in the backward pass, as ``remat`` does in the plain step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,6 +36,7 @@ from jax import lax
 
 from golore_jax import layerwise as layerwise_lib
 from train import model as model_lib
+from train import step as step_lib
 
 # Where model.LlamaForCausalLM keeps its stacked decoder layers (scan_layers=True).
 STACK_PATH = ("model", "layers")
@@ -118,8 +120,13 @@ def make_train_step(
     def update_group(grads, opt_state, params, ok, step, layer=None):
         def apply(operands):
             params, opt_state = operands
-            updates, opt_state = layerwise_lib.update_layer(tx, grads, opt_state, params)
-            return apply_updates(params, updates, step, layer), opt_state
+            return step_lib.apply_gradients(
+                functools.partial(layerwise_lib.update_layer, tx),
+                grads,
+                opt_state,
+                params,
+                lambda p, u: apply_updates(p, u, step, layer),
+            )
 
         return lax.cond(ok, apply, lambda operands: operands, (params, opt_state))
 

@@ -361,3 +361,8 @@ def update_applier(opt: Any, seed: int) -> Callable[..., Any]:
         return gl.apply_updates_stochastic(params, updates, key)
 
     return apply
+
+
+def relora_settings(opt: Any) -> tuple[int, str, int]:
+    """``(rank, side, update_every)`` of the ReLoRA-like path's adapter layer."""
+    return opt.rank, opt.get("side", "gradient"), opt.update_every

@@ -24,6 +24,7 @@ full one) and no weight decay (it acts on the full ``W``, which this path never 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import golore_jax as gl
 from golore_jax.layout import LEFT, MatrixLayout
+from train import optimizer as optimizer_lib
+from train import step as step_lib
 from train.model import ADAPTER
 
 Layouts = list[MatrixLayout | None]  # aligned with the params' leaves
@@ -120,8 +123,37 @@ def adapter_variables(paths: list[tuple], layouts: Layouts, bases: list, coefs: 
     return traverse_util.unflatten_dict(flat)
 
 
-Apply = Callable[[tuple[Any, Any, Any]], tuple[Any, Any, Any]]
-Finish = Callable[[Any, jax.Array, Any, Apply], tuple[Any, dict]]
+@dataclasses.dataclass(frozen=True)
+class AdapterLayer:
+    """The ``A`` of every projected leaf of a model: its shapes, shardings, merge and step."""
+
+    layouts: Layouts  # aligned with the params' leaves
+    update_every: int  # the optimizer's refresh period (tau)
+
+    @classmethod
+    def for_optimizer(cls, params: Any, opt: Any) -> AdapterLayer:
+        """The layer the optimizer block ``opt`` projects ``params`` (shapes suffice) with."""
+        rank, side, update_every = optimizer_lib.relora_settings(opt)
+        return cls(layouts_of(params, rank, side), update_every)
+
+    def init(self, params: Any) -> Any:
+        return init_adapters(params, self.layouts)
+
+    def shardings(self, param_shardings: Any) -> Any:
+        return adapter_shardings(param_shardings, self.layouts)
+
+    def weights(self, state: step_lib.TrainState) -> Any:
+        """The model's weights ``W0 + P A`` of a state."""
+        bases = subspace_state(state.opt_state).bases
+        return merge(state.params, state.adapters, bases, self.layouts)
+
+    def train_step(
+        self,
+        apply_model: Callable[[dict, jax.Array], jax.Array],
+        loss_of_logits: Callable[[jax.Array, jax.Array], jax.Array],
+        tx: optax.GradientTransformationExtraArgs,
+    ) -> Callable[[Any, dict], tuple[Any, dict]]:
+        return make_train_step(apply_model, loss_of_logits, tx, self.layouts, self.update_every)
 
 
 def make_train_step(
@@ -130,9 +162,8 @@ def make_train_step(
     tx: optax.GradientTransformationExtraArgs,
     layouts: Layouts,
     update_every: int,
-    finish: Finish,
 ) -> Callable[[Any, dict], tuple[Any, dict]]:
-    """The ReLoRA-like train step ``(state, batch) -> (state, metrics)``.
+    """The ReLoRA-like train step ``(TrainState, batch) -> (TrainState, metrics)``.
 
     Args:
       apply_model: ``(variables, tokens) -> logits`` (the Flax model's ``apply``).
@@ -140,12 +171,11 @@ def make_train_step(
       tx: the optimizer (contains one ``scale_by_subspace``).
       layouts: :func:`layouts_of` the params.
       update_every: the optimizer's ``tau``.
-      finish: ``(state, loss, grads, apply) -> (state, metrics)``: applies
-        ``apply((params, opt_state, adapters))`` when loss and gradients are finite (the
-        trainer's non-finite policy) and builds the metrics. ``grads`` are the low-rank ones
-        for projected leaves between refreshes.
+
+    Non-finite steps are skipped as in the plain step (:func:`train.step.guarded`); between
+    refreshes the metrics' ``grad_norm`` is that of the low-rank gradients.
     """
-    full_step, low_rank_step = make_steps(apply_model, loss_of_logits, tx, layouts, finish)
+    full_step, low_rank_step = make_steps(apply_model, loss_of_logits, tx, layouts)
 
     def train_step(state, batch):
         refresh = subspace_state(state.opt_state).count % update_every == 0
@@ -159,7 +189,6 @@ def make_steps(
     loss_of_logits: Callable[[jax.Array, jax.Array], jax.Array],
     tx: optax.GradientTransformationExtraArgs,
     layouts: Layouts,
-    finish: Finish,
 ) -> tuple[Callable, Callable]:
     """The two branches of :func:`make_train_step`: the refresh step (merge, full gradient,
     plain transform) and the low-rank step (gradient of ``A`` only)."""
@@ -177,11 +206,10 @@ def make_steps(
 
         def apply(operands):
             _, opt_state, adapters = operands
-            updates, opt_state = tx.update(grads, opt_state, weights)
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, adapters)
-            return optax.apply_updates(weights, updates), opt_state, zeros
+            params, opt_state = step_lib.apply_gradients(tx.update, grads, opt_state, weights)
+            return params, opt_state, jax.tree_util.tree_map(jnp.zeros_like, adapters)
 
-        return finish(state, loss, grads, apply)
+        return step_lib.guarded(state, loss, grads, apply)
 
     def low_rank_step(state, batch):
         treedef = jax.tree_util.tree_structure(state.params)
@@ -211,19 +239,29 @@ def make_steps(
 
         def apply(operands):
             params, opt_state, adapters = operands
-            updates, opt_state = tx.update(grads, opt_state, params, in_subspace=True)
-            updates = treedef.flatten_up_to(updates)
-            # Non-projected leaves move as usual; projected ones keep W0 and move A instead.
-            new_params = [
-                w if lay is not None else (w + u).astype(w.dtype)
-                for w, u, lay in zip(treedef.flatten_up_to(params), updates, layouts, strict=True)
-            ]
-            new_adapters = [
-                None if lay is None else a + u.astype(a.dtype)
-                for a, u, lay in zip(treedef.flatten_up_to(adapters), updates, layouts, strict=True)
-            ]
-            return treedef.unflatten(new_params), opt_state, treedef.unflatten(new_adapters)
 
-        return finish(state, loss, grads, apply)
+            def apply_low_rank(params, updates):
+                # Non-projected leaves move as usual; projected ones keep W0 and move A instead.
+                updates = treedef.flatten_up_to(updates)
+                new_params = [
+                    w if lay is not None else (w + u).astype(w.dtype)
+                    for w, u, lay in zip(
+                        treedef.flatten_up_to(params), updates, layouts, strict=True
+                    )
+                ]
+                new_adapters = [
+                    None if lay is None else a + u.astype(a.dtype)
+                    for a, u, lay in zip(
+                        treedef.flatten_up_to(adapters), updates, layouts, strict=True
+                    )
+                ]
+                return treedef.unflatten(new_params), treedef.unflatten(new_adapters)
+
+            (params, adapters), opt_state = step_lib.apply_gradients(
+                tx.update, grads, opt_state, params, apply_low_rank, in_subspace=True
+            )
+            return params, opt_state, adapters
+
+        return step_lib.guarded(state, loss, grads, apply)
 
     return full_step, low_rank_step

@@ -12,11 +12,11 @@ Both kinds expose ``vocab_size``, ``eos_id``, ``encode_batch`` and ``decode``.
 from __future__ import annotations
 
 import hashlib
-import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
+
+from train import atomic
 
 EOS_TOKEN = "<|endoftext|>"
 # Tokens tried, in order, as the document separator of a user-supplied tokenizer.json.
@@ -91,7 +91,7 @@ class HFTokenizer:
 
     def save(self, path: str | pathlib.Path) -> None:
         """Writes tokenizer.json atomically (safe with several processes sharing a cache)."""
-        _atomic_write_text(pathlib.Path(path), self._tok.to_str())
+        atomic.write_text(pathlib.Path(path), self._tok.to_str())
 
 
 class SentencePieceTokenizer:
@@ -130,14 +130,6 @@ class SentencePieceTokenizer:
 
 def _file_sha(path: pathlib.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_tokenizer(path: str | pathlib.Path, *, eos_token: str | None = None) -> Tokenizer:
