@@ -1,9 +1,9 @@
 """Config of the counter-example experiment (Figure 1 of He et al. 2024, arXiv 2410.11289).
 
-    python -m train.quadratic --config configs/quadratic.py --workdir /tmp/quadratic
-    python -m train.quadratic --config configs/quadratic.py --workdir /tmp/minimal \
+    python -m experiments.quadratic --config configs/quadratic.py --workdir /tmp/quadratic
+    python -m experiments.quadratic --config configs/quadratic.py --workdir /tmp/minimal \
         --config.problem=minimal
-    python -m train.quadratic --config configs/quadratic.py --workdir /tmp/family \
+    python -m experiments.quadratic --config configs/quadratic.py --workdir /tmp/family \
         --config.family=True   # + GaSare, GoSare, OSD, importance-sampled SVD
 
 ``problem="paper"`` is problem (1): ``f(X) = 1/2 ||A X||_F^2 + <B, X>_F`` with noise

@@ -81,6 +81,9 @@ def reference(tmp: pathlib.Path) -> None:
 
 if __name__ == "__main__":
     jax.make_array_from_process_local_data = _recording
+    # The pair's resumed run loads the compiled steps of its first run.
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(sys.argv[2]) / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if sys.argv[1] == "reference":
         reference(pathlib.Path(sys.argv[2]))
     else:

@@ -20,6 +20,7 @@ import pytest
 from configs.finetune_boolq import get_config
 from tests.child_env import eight_devices_env
 from tests.hf_fixtures import tiny_hf_llama
+from train import choice_tasks as tasks_lib
 from train import finetune as ft_lib
 from train import model as model_lib
 from train import tokenizer as tokenizer_lib
@@ -103,13 +104,13 @@ def _tokenizer() -> tokenizer_lib.HFTokenizer:
 def test_answer_only_loss_mask() -> None:
     """Prompt and padding positions get zero weight; the answer tokens decode to ' yes'."""
     tok = _tokenizer()
-    ex = ft_lib.boolq_example(
+    ex = tasks_lib.boolq_example(
         {"question": "is it on", "passage": "the light is on", "answer": True}
     )
     assert ex.label == 0 and ex.continuations == (" yes", " no")
     assert ex.contexts[0] == "the light is on\nQuestion: is it on?\nAnswer:"
-    bos = ft_lib.bos_id(tok)
-    x, y, w = ft_lib.encode_choice(tok, ex.contexts[0], " yes", 32, bos=bos, pad=tok.eos_id)
+    bos = tasks_lib.bos_id(tok)
+    x, y, w = tasks_lib.encode_choice(tok, ex.contexts[0], " yes", 32, bos=bos, pad=tok.eos_id)
     answer = np.flatnonzero(w)
     assert tok.decode(y[answer].tolist()) == " yes"
     n_prompt = len(tok.encode_batch([ex.contexts[0]])[0])
@@ -128,7 +129,7 @@ def test_answer_only_loss_mask() -> None:
 
     # Left truncation drops the start of the passage, keeps BOS and the whole answer.
     long_ctx = "the light is " + " ".join(FILLER * 4) + "\nAnswer:"
-    x, y, w = ft_lib.encode_choice(tok, long_ctx, " yes", 16, bos=bos, pad=tok.eos_id)
+    x, y, w = tasks_lib.encode_choice(tok, long_ctx, " yes", 16, bos=bos, pad=tok.eos_id)
     assert x[0] == bos and w[-1] == 1.0 and tok.decode(y[w > 0].tolist()) == " yes"
     text = tok.decode([*x[1:].tolist(), int(y[-1])])
     assert text.endswith("\nAnswer: yes") and not text.startswith("the light")
@@ -152,7 +153,7 @@ def test_winogrande_scoring(tmp_path: pathlib.Path) -> None:
         },
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    examples = ft_lib.load_examples(str(path), "winogrande", "config.data.eval_file")
+    examples = tasks_lib.load_examples(str(path), "winogrande", "config.data.eval_file")
     assert [ex.label for ex in examples] == [0, 1]
     assert examples[0].contexts == (
         "The trophy did not fit in the suitcase because the trophy",
@@ -162,7 +163,7 @@ def test_winogrande_scoring(tmp_path: pathlib.Path) -> None:
 
     tok = tokenizer_lib.train_bpe([r["sentence"] for r in records] * 10, 300)
     seq_len = 32
-    encoded = ft_lib.encode_examples(tok, examples, seq_len, correct_only=False)
+    encoded = tasks_lib.encode_examples(tok, examples, seq_len, correct_only=False)
     assert encoded["inputs"].shape == (4, seq_len)
     assert encoded["example"].tolist() == [0, 0, 1, 1]
     assert encoded["choice"].tolist() == [0, 1, 0, 1]
@@ -187,10 +188,10 @@ def test_winogrande_scoring(tmp_path: pathlib.Path) -> None:
 
     def score(p, batch):
         logits = logits_fn(p, batch["inputs"])
-        return ft_lib.continuation_logprob(logits, batch["targets"], batch["weights"])
+        return tasks_lib.continuation_logprob(logits, batch["targets"], batch["weights"])
 
     labels = np.asarray([ex.label for ex in examples])
-    accuracy, predictions = ft_lib.evaluate(score, params, encoded, labels, batch_size=4)
+    accuracy, predictions = tasks_lib.evaluate(score, params, encoded, labels, batch_size=4)
     # Reference: log p(continuation | context) by hand from the full-sequence log-softmax.
     logp = np.asarray(jax.nn.log_softmax(logits_fn(params, encoded["inputs"])))
     ref = np.zeros(4)
@@ -247,8 +248,8 @@ def write_hf_checkpoint(path: pathlib.Path, train_file: str) -> pathlib.Path:
     ``tokenizer.json`` trained on the task text beside it: nothing is downloaded."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    examples = ft_lib.load_examples(train_file, "boolq", "train_file")
-    tokenizer = tokenizer_lib.train_bpe(ft_lib.task_texts(examples), 300)
+    examples = tasks_lib.load_examples(train_file, "boolq", "train_file")
+    tokenizer = tokenizer_lib.train_bpe(tasks_lib.task_texts(examples), 300)
     model = tiny_hf_llama(
         transformers, torch, perturb=0.0, vocab_size=HF_VOCAB, intermediate_size=64
     )
@@ -300,8 +301,8 @@ def test_finetune_from_hf_checkpoint_and_export(tmp_path: pathlib.Path) -> None:
     result = ft_lib.finetune(config, tmp_path / "work")
 
     tokenizer = tokenizer_lib.load_tokenizer(ckpt / "tokenizer.json")
-    examples = ft_lib.load_examples(config.data.eval_file, "boolq", "eval_file")
-    correct = ft_lib.encode_examples(tokenizer, examples, config.seq_len, correct_only=True)
+    examples = tasks_lib.load_examples(config.data.eval_file, "boolq", "eval_file")
+    correct = tasks_lib.encode_examples(tokenizer, examples, config.seq_len, correct_only=True)
     start = reference_answer_loss(torch_logits(ckpt, correct["inputs"]), correct)
     assert result["first_eval_answer_loss"] == pytest.approx(start, abs=1e-4)
     assert result["model_config"].num_kv_heads == 2

@@ -11,7 +11,25 @@ import numpy as np
 import pytest
 
 from tests.test_finetune import tiny_config
+from train import choice_tasks as tasks_lib
 from train import finetune as ft_lib
+
+_BUILD_FINETUNER = ft_lib.build_finetuner
+_FINETUNERS: dict = {}
+
+
+def _cached_build_finetuner(model_config, opt, num_steps, mesh=None, **kwargs):
+    """build_finetuner, reusing the compiled steps of an earlier run of the same model,
+    optimizer, step count and mesh (the steps are pure: a run never changes them)."""
+    key = (repr(model_config), opt.to_json_best_effort(), num_steps, repr(mesh), repr(kwargs))
+    if key not in _FINETUNERS:
+        _FINETUNERS[key] = _BUILD_FINETUNER(model_config, opt, num_steps, mesh, **kwargs)
+    return _FINETUNERS[key]
+
+
+@pytest.fixture(autouse=True)
+def _compile_once(monkeypatch):
+    monkeypatch.setattr(ft_lib, "build_finetuner", _cached_build_finetuner)
 
 
 def _config(tmp_path: pathlib.Path, **overrides):
@@ -57,7 +75,7 @@ def test_resumed_fine_tune_equals_the_straight_run(tmp_path):
 def _nan_in_first_batch(monkeypatch, config):
     """A NaN answer weight in one row of the first train batch: its loss and gradients are NaN."""
     rows = 200  # tiny_config's train items, one row each
-    victim = int(next(ft_lib.EpochSampler(rows, config.batch_size, config.seed))[0])
+    victim = int(next(tasks_lib.EpochSampler(rows, config.batch_size, config.seed))[0])
     encode = ft_lib.encode_examples
 
     def poisoned(tokenizer, examples, seq_len, *, correct_only):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import quadratic as quadratic_config
-from train import quadratic
+from experiments import quadratic
 
 CONFIG_PATH = str(pathlib.Path(quadratic_config.__file__))
 REDUCTION = 1e-3  # the converging methods must end below REDUCTION * ||grad f(X0)||^2

@@ -173,7 +173,7 @@ def test_counter_example_gasare_stalls_gosare_converges():
     mask holds only noise entries, so GaSare's ||grad f||^2 stays at L^2 lambda^2 exactly, while
     GoSare's random masks reach the (1, 1) entry and reduce it by >= 10^3 (MSGD, 3 seeds)."""
     from configs import quadratic as quadratic_config
-    from train import quadratic
+    from experiments import quadratic
 
     config = quadratic_config.get_config()
     config.update(problem="minimal", num_steps=3000, sparse_k=config.n - 1)

@@ -39,6 +39,7 @@ NONFINITE_POLICIES = ("skip", "stop")
 
 
 TrainState = step_lib.TrainState
+# Pre-training's loss (looked up at build time: tests swap it for a poisoned one).
 cross_entropy = step_lib.cross_entropy
 
 
@@ -175,14 +176,14 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
 
     def loss_fn(params, batch):
         logits = model.apply({"params": params}, batch["inputs"])
-        return step_lib.cross_entropy(logits, batch["targets"])
+        return cross_entropy(logits, batch["targets"])
 
     if layerwise:
         train_step = layerwise_lib.make_train_step(
-            model_config, layer_tx, step_lib.cross_entropy, apply_updates
+            model_config, layer_tx, cross_entropy, apply_updates
         )
     elif adapters:
-        train_step = adapters.train_step(model.apply, step_lib.cross_entropy, tx)
+        train_step = adapters.train_step(model.apply, cross_entropy, tx)
     else:
         train_step = functools.partial(
             step_lib.train_step, loss_fn=loss_fn, tx=tx, apply_updates=apply_updates

@@ -26,7 +26,7 @@ for problem (1) (``f* = -1/2 ||D||^2`` at ``X11 = -D, X12 = 0``), and ``L/2 ||X[
 Every method runs through golore_jax's public API; all steps of one (optimizer, method) pair are
 a jitted ``lax.scan``, vmapped over seeds.
 
-    python -m train.quadratic --config configs/quadratic.py --workdir /tmp/quadratic
+    python -m experiments.quadratic --config configs/quadratic.py --workdir /tmp/quadratic
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from jax import lax
 from ml_collections import config_flags
 
 import golore_jax as gl
+from train import step as step_lib
 
 METHODS = ("full", "galore", "golore", "golore@50%", "large_batch_galore")
 # The family of issue 10, run with --config.family=True: sparse masks (Appendix C, Algorithm 5),
@@ -313,8 +314,7 @@ def trajectory(
             # refresh steps use it); the step itself uses the one-sample gradient.
             extra["subspace_grads"] = {"x": true_grad + xi_mean * noise}
         grads = {"x": true_grad + xi * noise}
-        updates, opt_state = tx.update(grads, opt_state, params, **extra)
-        params = optax.apply_updates(params, updates)
+        params, opt_state = step_lib.apply_gradients(tx.update, grads, opt_state, params, **extra)
         return (params, opt_state), metrics(params["x"])
 
     xs = (inputs["xi"], inputs["xi_mean"])
