@@ -17,6 +17,7 @@ import sys
 
 import jax
 
+from tests.multiprocess_helpers import distributed_keys
 from tests.test_finetune import tiny_config
 from train import finetune as ft_lib
 
@@ -35,12 +36,14 @@ def _recording(sharding, local, global_shape=None):
 
 
 def config(data: pathlib.Path, **overrides):
-    """GoLore, rank 8, refresh every 2 steps, AdamW inside; batch 8 on a (2, 4, 1) mesh; the
-    task files are written under ``data`` (one directory per process: no process reads a file
-    another one is writing)."""
+    """GoLore, rank 8, refresh every 2 steps, AdamW inside, 1 layer, seq 32; batch 8 on a
+    (2, 4, 1) mesh; the task files are written under ``data`` (one directory per process: no
+    process reads a file another one is writing)."""
     data.mkdir(parents=True, exist_ok=True)
     config = tiny_config(data, "golore")
     config.optimizer.rank, config.optimizer.update_every = 8, 2
+    # One layer, shorter rows: less to compile (three processes compile at once).
+    config.model.num_layers, config.model.max_seq_len, config.seq_len = 1, 32, 32
     config.num_steps, config.log_every, config.eval_every = 4, 1, 2
     config.data.max_eval_examples, config.eval_batch_size = 8, 16
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 4, 1
@@ -61,14 +64,7 @@ def _result(phase: str, result: dict) -> None:
 
 
 def pair(tmp: pathlib.Path, port: int, process_id: int) -> None:
-    dist = {
-        "distributed": True,
-        "coordinator_address": f"127.0.0.1:{port}",
-        "num_processes": 2,
-        "process_id": process_id,
-        "heartbeat_timeout_s": 5,
-        "initialization_timeout_s": 60,
-    }
+    dist = distributed_keys(port, process_id)
     data = tmp / f"data_{process_id}"
     _result("first", ft_lib.finetune(config(data, run_steps=2, **dist), tmp / "run"))
     _result("resumed", ft_lib.finetune(config(data, **dist), tmp / "run"))

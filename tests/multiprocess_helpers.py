@@ -16,6 +16,19 @@ from tests.child_env import child_env
 from tests.conftest import ROOT
 
 FAST = "--xla_backend_optimization_level=0"
+HEARTBEAT_S = 5  # a dead peer ends the others within about this many seconds
+
+
+def distributed_keys(port: int, process_id: int) -> dict:
+    """The config keys of process ``process_id`` of a pair joined on 127.0.0.1:``port``."""
+    return {
+        "distributed": True,
+        "coordinator_address": f"127.0.0.1:{port}",
+        "num_processes": 2,
+        "process_id": process_id,
+        "heartbeat_timeout_s": HEARTBEAT_S,
+        "initialization_timeout_s": 60,
+    }
 
 
 def free_port() -> int:

@@ -26,6 +26,7 @@ import time
 
 import jax
 
+from tests.multiprocess_helpers import distributed_keys
 from tests.train_fixtures import tiny_config
 from train import main as main_lib
 
@@ -74,14 +75,7 @@ def _losses(workdir: pathlib.Path) -> list[list]:
 
 
 def run_pair(phases: list[str], tmp: pathlib.Path, port: int, process_id: int) -> None:
-    dist = {
-        "distributed": True,
-        "coordinator_address": f"127.0.0.1:{port}",
-        "num_processes": 2,
-        "process_id": process_id,
-        "heartbeat_timeout_s": 5,
-        "initialization_timeout_s": 60,
-    }
+    dist = distributed_keys(port, process_id)
     for phase in phases:
         main_lib.build_trainer = _BUILD_TRAINER
         if phase == "sigterm":

@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 
+from tests.multiprocess_helpers import HEARTBEAT_S
 from tests.multiprocess_helpers import Process as _Process
 from tests.multiprocess_helpers import free_port as _free_port
 
-HEARTBEAT_S = 5  # heartbeat_timeout_s of tests/multiprocess_run.py
 LOSS_RTOL = 1e-5  # 2 processes vs 1: the same math, collectives may sum in another order
 
 

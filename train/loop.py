@@ -354,7 +354,6 @@ def _write(metrics_file, writer, record: dict) -> None:
         return
     metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
-    logging.info("%s", record)
     if writer is not None:
         for key, value in record.items():
             if key != "step" and _is_number(value):
