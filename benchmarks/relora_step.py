@@ -94,7 +94,8 @@ def run_one(
             opt_state = state.opt_state
             adapters = None
             if config.optimizer.relora:
-                adapters = relora_lib.init_adapters(weights, relora_lib.layouts_of(weights, rank))
+                adapters = relora_lib.AdapterLayer.for_optimizer(weights, config.optimizer)
+                adapters = adapters.init(weights)
             state = main_lib.TrainState(state.step, weights, opt_state, state.skipped, adapters)
             state = jax.device_put(state, trainer.state_sharding)
         device_batch = main_lib.to_global(host_batch, trainer.batch_sharding)
