@@ -6,7 +6,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -68,3 +69,37 @@ def one_line_errors() -> Iterator[None]:
         message = " ".join(str(e).split())
         print(f"error: {type(e).__name__}: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def run_program(
+    program: Callable[[Any, str], dict[str, Any]],
+    summary: Callable[[dict[str, Any]], str],
+    *,
+    config_help: str,
+    workdir_help: str,
+) -> None:
+    """The command line of a program: ``--config FILE --workdir DIR [--config.x.y=value ...]``.
+
+    Runs ``program(config, workdir)`` with INFO logging and the XLA defaults, prints
+    ``summary(result)``; user errors print one line (exit status 2).
+    """
+    from absl import app
+    from absl import logging as absl_logging
+
+    from train import xla_flags
+
+    register_list_parser()
+    config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        absl_logging.set_verbosity(absl_logging.INFO)
+        xla_flags.apply_defaults()  # before the first device is touched
+        with one_line_errors():
+            result = program(loaded_config(flags.FLAGS), flags.FLAGS.workdir)
+        print(summary(result))
+
+    app.run(main)

@@ -51,7 +51,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from train import checkpoint as checkpoint_lib
-from train import cli, hf_checkpoint, xla_flags
+from train import cli, hf_checkpoint
 from train import loop as loop_lib
 from train import model as model_lib
 from train import optimizer as optimizer_lib
@@ -499,33 +499,22 @@ def _finetune(
     }
 
 
-def main(argv: Sequence[str]) -> None:
-    """absl entry point (flags: --config, --workdir)."""
-    from absl import app
-    from absl import logging as absl_logging
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.INFO)
-    xla_flags.apply_defaults()  # before the first device is touched
-    with cli.one_line_errors():
-        result = finetune(cli.loaded_config(_FLAGS), _FLAGS.workdir)
-    print(
+def summary(result: dict[str, Any]) -> str:
+    """The command line's last words: losses, accuracies and where the weights went."""
+    text = (
         f"step {result['step']}: train loss {result['train_loss']:.4f}, eval accuracy "
         f"{result['first_eval_accuracy']:.4f} -> {result['eval_accuracy']:.4f}, eval answer "
         f"loss {result['first_eval_answer_loss']:.4f} -> {result['eval_answer_loss']:.4f}"
     )
     if result["export_dir"] is not None:
-        print(f"fine-tuned weights (Hugging Face format): {result['export_dir']}")
+        text += f"\nfine-tuned weights (Hugging Face format): {result['export_dir']}"
+    return text
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    cli.register_list_parser()
-    _FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Fine-tuning config file.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl, tokenizer, hf_export.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run_program(
+        finetune,
+        summary,
+        config_help="Fine-tuning config file.",
+        workdir_help="Directory for checkpoints, metrics.jsonl, tokenizer, hf_export.",
+    )
