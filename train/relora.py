@@ -123,7 +123,7 @@ def adapter_variables(paths: list[tuple], layouts: Layouts, bases: list, coefs: 
     return traverse_util.unflatten_dict(flat)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (jit keys)
 class AdapterLayer:
     """The ``A`` of every projected leaf of a model: its shapes, shardings, merge and step."""
 
