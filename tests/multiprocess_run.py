@@ -9,7 +9,12 @@ each, on the workdir ``TMP/run``, printing ``RESULT <phase> <json>`` after each:
   (``PAUSED 5``) until ``TMP/go`` exists; the test sends SIGTERM to process 1 alone before
   creating it;
 * ``fallback``: resumes (the test has corrupted the newest checkpoint); process 1 pauses after
-  step 13 (``PAUSED 13``) for the test's ``kill -9``.
+  step 9 (``PAUSED 9``) until ``TMP/go_both`` exists; the test sends SIGTERM to process 0, then
+  creates it and sends SIGTERM to process 1 too;
+* ``resume``: resumes where ``fallback`` stopped; process 1 pauses after step 13
+  (``PAUSED 13``) for the test's ``kill -9``.
+
+Each process prints ``STARTED AT <step>`` before its first step (the step it resumed from).
 
 Every phase has ``num_steps=20`` (the learning-rate schedule depends on it).
 ``python -m tests.multiprocess_run reference TMP`` (8 fake devices) runs steps 1-13 in one
@@ -51,8 +56,12 @@ def _pause_after(step: int, go: pathlib.Path | None) -> None:
 
     def build_trainer(c, mesh):
         trainer = _BUILD_TRAINER(c, mesh)
+        started = []
 
         def train_step(state, batch):
+            if not started:
+                started.append(int(state.step))
+                print(f"STARTED AT {started[0]}", flush=True)
             state, metrics = trainer.train_step(state, batch)
             if jax.process_index() == 1 and int(state.step) == step:
                 print(f"PAUSED {step}", flush=True)
@@ -81,6 +90,8 @@ def run_pair(phases: list[str], tmp: pathlib.Path, port: int, process_id: int) -
         if phase == "sigterm":
             _pause_after(5, tmp / "go")
         if phase == "fallback":
+            _pause_after(9, tmp / "go_both")
+        if phase == "resume":
             _pause_after(13, None)
         result = main_lib.train_and_evaluate(config(tmp, **dist), tmp / "run")
         result["process_index"] = jax.process_index()
