@@ -165,28 +165,24 @@ class LlamaConfig:
 
 
 # Variable collection of the ReLoRA-like reparameterisation (see train/relora.py): a dense
-# layer that finds ``basis`` and ``coef`` there computes ``x W0 + low-rank(x)``.
+# layer that finds ``down`` and ``up`` there computes ``x W0 + (x down) up``.
 ADAPTER = "adapter"
 
 
 class Dense(nn.Dense):
-    """``nn.Dense`` plus, when the ``adapter`` collection holds one for this layer, the low-rank
-    term of ``W = W0 + P A`` (left, ``P`` is ``in x r``) or ``W0 + A Q^T`` (right, ``Q`` is
-    ``out x r``), computed as ``(x P) A`` / ``(x A) Q^T``: the backward pass then forms only
-    ``A``'s low-rank gradient, never the ``in x out`` one (GoLore paper, Section 6)."""
+    """``nn.Dense`` plus, when the ``adapter`` collection holds one for this layer, a low-rank
+    term ``(x down) up`` (``down`` is ``in x r``, ``up`` is ``r x out``). train/relora.py puts
+    ``W = W0 + P A`` there as ``down = P, up = A`` and ``W0 + A Q^T`` as ``down = A,
+    up = Q^T``: the backward pass then forms only ``A``'s low-rank gradient, never the
+    ``in x out`` one (GoLore paper, Section 6)."""
 
     def __call__(self, inputs: Array) -> Array:
         y = super().__call__(inputs)
-        if not self.has_variable(ADAPTER, "basis"):
+        if not self.has_variable(ADAPTER, "down"):
             return y
-        basis = jnp.asarray(self.get_variable(ADAPTER, "basis"), self.dtype)
-        coef = jnp.asarray(self.get_variable(ADAPTER, "coef"), self.dtype)
-        x = jnp.asarray(inputs, self.dtype)
-        # The adapter's shapes say the side the optimizer chose: P (in, r) and A (r, out) on the
-        # left; A (in, r) and Q (out, r) on the right (r < min(in, out) keeps them apart).
-        if basis.shape[0] == inputs.shape[-1] and coef.shape[0] == basis.shape[1]:
-            return y + (x @ basis) @ coef
-        return y + (x @ coef) @ basis.T
+        down = jnp.asarray(self.get_variable(ADAPTER, "down"), self.dtype)
+        up = jnp.asarray(self.get_variable(ADAPTER, "up"), self.dtype)
+        return y + (jnp.asarray(inputs, self.dtype) @ down) @ up
 
 
 def _dense(features: int, axes: tuple[str, str], config: LlamaConfig, name: str) -> nn.Dense:

@@ -114,12 +114,15 @@ def _module_path(path: tuple[Any, ...]) -> tuple[str, ...]:
 
 
 def adapter_variables(paths: list[tuple], layouts: Layouts, bases: list, coefs: list) -> dict:
-    """The model's ``adapter`` collection: ``{module path: {'basis': P, 'coef': A}}``."""
+    """The model's ``adapter`` collection: ``{module path: {'down': ..., 'up': ...}}``, the
+    low-rank factors of ``W - W0`` in the order the layer multiplies them: ``P, A`` on the
+    left, ``A, Q^T`` on the right (so the model needs no side rule)."""
     flat = {}
     for path, lay, p, a in zip(paths, layouts, bases, coefs, strict=True):
         if lay is not None:
-            flat[(*_module_path(path), "basis")] = p
-            flat[(*_module_path(path), "coef")] = a
+            down, up = (p, a) if lay.side == LEFT else (a, p.T)
+            flat[(*_module_path(path), "down")] = down
+            flat[(*_module_path(path), "up")] = up
     return traverse_util.unflatten_dict(flat)
 
 
