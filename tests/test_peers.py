@@ -321,9 +321,13 @@ def test_usable_gradient_is_finite_and_nonzero(values):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_relora_dense_reads_the_side_from_the_adapter(side):
-    """A square kernel's adapter is W0 + P A (left) or W0 + A Q^T (right) as its shapes say, so
-    the model follows whichever side rule the optimizer used."""
+    """A square kernel's adapter is W0 + P A (left) or W0 + A Q^T (right) as its layout says
+    (train/relora.py hands the model the factors in multiplication order), so the model
+    follows whichever side rule the optimizer used."""
+    from jax.tree_util import DictKey
+
     from train import model as model_lib
+    from train import relora as relora_lib
 
     rng = np.random.default_rng(0)
     x, w0 = rng.standard_normal((3, 6)), rng.standard_normal((6, 6))
@@ -332,14 +336,16 @@ def test_relora_dense_reads_the_side_from_the_adapter(side):
         rng.standard_normal((2, 6) if side == "left" else (6, 2)),
     )
     merged = w0 + (basis @ coef if side == "left" else coef @ basis.T)
+    layout = gl.layout.make_layout((6, 6), 2, side=side)
+    assert layout.side == side
     dense = model_lib.Dense(6, use_bias=False, dtype=jnp.float32)
-    variables = {
-        "params": {"kernel": jnp.asarray(w0, jnp.float32)},
-        model_lib.ADAPTER: {
-            "basis": jnp.asarray(basis, jnp.float32),
-            "coef": jnp.asarray(coef, jnp.float32),
-        },
-    }
+    adapter = relora_lib.adapter_variables(
+        [(DictKey("kernel"),)],
+        [layout],
+        [jnp.asarray(basis, jnp.float32)],
+        [jnp.asarray(coef, jnp.float32)],
+    )
+    variables = {"params": {"kernel": jnp.asarray(w0, jnp.float32)}, model_lib.ADAPTER: adapter}
     y = dense.apply(variables, jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(y, x @ merged, rtol=1e-5, atol=1e-5)
 
