@@ -8,7 +8,7 @@ the paired difference with a two-sided 95% Student-t interval).
     python experiments/memory_options.py run ROOT --seeds 0 1 2 [--work /tmp/w] [--options ...]
     python experiments/memory_options.py summary ROOT
 
-``run`` takes the (seed, option) pairs in order and skips the ones another runner has claimed
+``run`` takes the (option, seed) pairs in order and skips the ones another runner has claimed
 (``ROOT/<option>_s<seed>.claim``), so several runners (one per GPU) can share one list; each
 finished run leaves ``ROOT/<option>_s<seed>/metrics.jsonl``.
 """
@@ -52,18 +52,18 @@ BF16_BASES = ["--config.optimizer.basis_dtype=bfloat16"]
 ADAM_8BIT = ["--config.optimizer.inner=adamw8bit"]
 OPTIONS = {
     "fp32": [],
+    "all": LAYERWISE + BF16_PARAMS + BF16_BASES + ADAM_8BIT,
     "layerwise": LAYERWISE,
     "bf16_params_sr": BF16_PARAMS,
-    "bf16_bases": BF16_BASES,
     "adam8bit": ADAM_8BIT,
-    "all": LAYERWISE + BF16_PARAMS + BF16_BASES + ADAM_8BIT,
+    "bf16_bases": BF16_BASES,
 }
 
 
 def run(root: pathlib.Path, work: pathlib.Path, seeds: list[int], options: list[str]) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        for name in options:
+    for name in options:  # option-major: a cut-short session still has whole comparisons
+        for seed in seeds:
             run_name = f"{name}_s{seed}"
             try:
                 (root / f"{run_name}.claim").mkdir()
