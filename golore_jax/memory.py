@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from golore_jax.subspace import MaskArg, RankRule, subspace_layouts
+from golore_jax.planning import MaskArg, RankRule, subspace_layouts
 
 
 def optimizer_state_floats(state: Any) -> int:

@@ -333,3 +333,26 @@ def hybrid(
 def identity() -> IdentityProjector:
     """The fixed coordinate subspace ``I[:, :r]`` (a reference for equivalence tests)."""
     return IdentityProjector()
+
+
+def golore_projector(
+    golore_fraction: float, total_steps: int | None, before: Projector | None = None
+) -> Projector:
+    """GoLore@x%: random for the last ``golore_fraction`` of ``total_steps``, ``before``
+    (default: the exact SVD) until then.
+
+    >>> golore_projector(0.2, 1000).switch_step
+    800
+    >>> type(golore_projector(1.0, None)).__name__
+    'RandomProjector'
+    """
+    if not 0.0 < golore_fraction <= 1.0:
+        raise ValueError(f"golore_fraction must be in (0, 1], got {golore_fraction}")
+    if golore_fraction == 1.0:
+        return random()
+    if total_steps is None or total_steps <= 0:
+        raise ValueError(
+            f"golore_fraction={golore_fraction} needs total_steps > 0 to place the switch, "
+            f"got total_steps={total_steps}"
+        )
+    return hybrid(switch_step=round((1.0 - golore_fraction) * total_steps), before=before)

@@ -12,7 +12,7 @@ of ``6bmn`` backward+forward FLOPs for a batch of ``b`` tokens).
 A refresh needs the full gradient once: at steps where the optimizer refreshes
 (``count % update_every == 0``) we merge ``W0 <- W0 + P A``, reset ``A = 0``, take the full
 gradient and run the plain transform (which chooses the new basis). Every other step runs the
-cheap path and calls the same transform with ``in_subspace=True``. Both paths are branches of
+cheap path and calls the same transform through ``gl.low_rank_update``. Both paths are branches of
 one ``lax.cond``, so the loop, checkpoints and shardings stay those of the plain trainer; the
 state carries ``A`` beside the params (``W0`` for projected leaves). Bases live in the optimizer
 state, where the plain transform keeps them.
@@ -211,7 +211,7 @@ def make_steps(
 
         def apply(operands):
             params, opt_state, adapters = operands
-            updates, opt_state = tx.update(grads, opt_state, params, in_subspace=True)
+            updates, opt_state = gl.low_rank_update(tx, grads, opt_state, params)
             updates = treedef.flatten_up_to(updates)
             # Non-projected leaves move as usual; projected ones keep W0 and move A instead.
             new_params = [
