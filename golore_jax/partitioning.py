@@ -26,8 +26,9 @@ params' specs.
 >>> import jax.numpy as jnp, optax
 >>> params = {"w": jnp.zeros((8, 4))}
 >>> state = optax.adam(1e-3).init(params)
->>> state_partition_specs(state, params, {"w": PartitionSpec("fsdp", None)})[0].mu
-{'w': PartitionSpec('fsdp', None)}
+>>> specs = state_partition_specs(state, params, {"w": PartitionSpec("fsdp", None)})
+>>> specs[0].mu == {"w": PartitionSpec("fsdp", None)}, specs[0].count == PartitionSpec()
+(True, True)
 """
 
 from __future__ import annotations
