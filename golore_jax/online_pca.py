@@ -43,9 +43,11 @@ from golore_jax.layout import MatrixLayout
 from golore_jax.planning import (
     RankRule,
     count_moments,
+    low_rank_like,
     plan_layouts,
     require_finite,
     require_positive_int,
+    zero_bases,
 )
 from golore_jax.tail import update_in_subspace
 
@@ -95,6 +97,37 @@ def orthonormalize(basis: jax.Array) -> jax.Array:
     """The Q factor of ``basis = Q R`` with ``diag(R) >= 0`` (closest to ``basis`` in spirit)."""
     q, r = jnp.linalg.qr(basis)
     return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)[None, :]
+
+
+def _rows_of(g: jax.Array, lay: MatrixLayout) -> jax.Array:
+    """The fp32 ``d x k`` rows of ``g`` along its projected dim."""
+    return layout_lib.projected_rows(layout_lib.as_matrix(g.astype(jnp.float32), lay), lay)
+
+
+def _pca_step(
+    projector_optimizer: optax.GradientTransformation,
+    treedef: Any,
+    layouts: list[MatrixLayout | None],
+    chooser: list[jax.Array],
+    bases_tree: Any,
+    projector_state: Any,
+) -> tuple[Any, Any]:
+    """One ``projector_optimizer`` step of the bases on the summed :func:`pca_loss`."""
+
+    def loss(tree):
+        leaves = treedef.flatten_up_to(tree)
+        return sum(
+            (
+                pca_loss(b, _rows_of(chooser[i], lay))
+                for i, (b, lay) in enumerate(zip(leaves, layouts, strict=True))
+                if lay is not None
+            ),
+            jnp.zeros([], jnp.float32),  # a float even when no leaf is projected
+        )
+
+    pca_grads = jax.grad(loss)(bases_tree)
+    steps, projector_state = projector_optimizer.update(pca_grads, projector_state, bases_tree)
+    return optax.apply_updates(bases_tree, steps), projector_state
 
 
 def scale_by_online_subspace(
@@ -153,27 +186,16 @@ def scale_by_online_subspace(
             )
         return plan_layouts(tree, mask, rank, matrix_split, False, side, moments)
 
-    def rows_of(g: jax.Array, lay: MatrixLayout) -> jax.Array:
-        return layout_lib.projected_rows(layout_lib.as_matrix(g.astype(jnp.float32), lay), lay)
-
     def init_fn(params):
         layouts, treedef = plan(params)
-        leaves = treedef.flatten_up_to(params)
-        bases = treedef.unflatten(
-            [
-                optax.MaskedNode() if lay is None else jnp.zeros(lay.basis_shape, jnp.float32)
-                for lay in layouts
-            ]
-        )
-        low_rank = [
-            leaf if lay is None else jnp.zeros(lay.low_rank_shape, jnp.float32)
-            for leaf, lay in zip(leaves, layouts, strict=True)
-        ]
+        bases = treedef.unflatten(zero_bases(layouts))
         return ScaleByOnlineSubspaceState(
             count=jnp.zeros([], jnp.int32),
             bases=bases,
             projector_state=projector_optimizer.init(bases),
-            inner_state=inner.init(treedef.unflatten(low_rank)),
+            inner_state=inner.init(
+                treedef.unflatten(low_rank_like(treedef.flatten_up_to(params), layouts))
+            ),
         )
 
     def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
@@ -187,7 +209,7 @@ def scale_by_online_subspace(
                 b
                 if lay is None
                 else refresh_lib.guarded_choice(
-                    initial_svd, jax.random.key(0), rows_of(chooser[i], lay), b, state.count
+                    initial_svd, jax.random.key(0), _rows_of(chooser[i], lay), b, state.count
                 )
                 for i, (b, lay) in enumerate(zip(bases, layouts, strict=True))
             ]
@@ -201,24 +223,7 @@ def scale_by_online_subspace(
         )
 
         def pca_step(operands):
-            bases_tree, projector_state = operands
-
-            def loss(tree):
-                leaves = treedef.flatten_up_to(tree)
-                return sum(
-                    (
-                        pca_loss(b, rows_of(chooser[i], lay))
-                        for i, (b, lay) in enumerate(zip(leaves, layouts, strict=True))
-                        if lay is not None
-                    ),
-                    jnp.zeros([], jnp.float32),  # a float even when no leaf is projected
-                )
-
-            pca_grads = jax.grad(loss)(bases_tree)
-            steps, projector_state = projector_optimizer.update(
-                pca_grads, projector_state, bases_tree
-            )
-            return optax.apply_updates(bases_tree, steps), projector_state
+            return _pca_step(projector_optimizer, treedef, layouts, chooser, *operands)
 
         bases_tree = treedef.unflatten(
             [

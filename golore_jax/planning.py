@@ -252,3 +252,20 @@ def require_finite(owner: str, name: str, value: Any) -> None:
     value, e.g. under ``optax.inject_hyperparams``, is not checked)."""
     if isinstance(value, int | float) and not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+
+
+def zero_bases(layouts: list[MatrixLayout | None], dtype: Any = jnp.float32) -> list[Any]:
+    """A zero ``(d, r)`` basis per projected leaf, ``optax.MaskedNode()`` for the others: the
+    bases before the first refresh."""
+    return [
+        optax.MaskedNode() if lay is None else jnp.zeros(lay.basis_shape, dtype) for lay in layouts
+    ]
+
+
+def low_rank_like(leaves: list[Any], layouts: list[MatrixLayout | None]) -> list[Any]:
+    """What the inner transform is initialised on: an fp32 zero of the low-rank shape per
+    projected leaf, the leaf itself for the others."""
+    return [
+        leaf if lay is None else jnp.zeros(lay.low_rank_shape, jnp.float32)
+        for leaf, lay in zip(leaves, layouts, strict=True)
+    ]

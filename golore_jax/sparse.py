@@ -130,6 +130,47 @@ def remap_values(values: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array
     return jnp.where(found, values[pos], jnp.zeros_like(values))
 
 
+def refresh_indices(
+    selector: str,
+    counts: list[int | None],
+    indices: list[Any],
+    chooser: list[jax.Array],
+    key: jax.Array,
+) -> list[Any]:
+    """The new positions of each sparsified leaf ``i`` (``counts[i]`` of them), chosen from
+    ``chooser[i]`` with ``key`` folded with ``i``. Top-k never chooses from a non-finite or
+    all-zero gradient: that leaf keeps its old positions."""
+    new = list(indices)
+    for i, c in enumerate(counts):
+        if c is None:
+            continue
+        g = chooser[i]
+        candidate = select_indices(selector, jax.random.fold_in(key, i), g.astype(jnp.float32), c)
+        if selector == "topk":
+            ok = jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
+            candidate = jnp.where(ok, candidate, indices[i])
+        new[i] = candidate
+    return new
+
+
+def remap_state(
+    inner_state: Any, treedef: Any, counts: list[int | None], old: list[Any], new: list[Any]
+) -> Any:
+    """Every moment the inner state declares (:mod:`golore_jax.rotation`, both kinds), moved
+    from positions ``old`` to ``new`` by :func:`remap_values`."""
+
+    def remap(tree):
+        leaves = treedef.flatten_up_to(tree)
+        return treedef.unflatten(
+            [
+                x if c is None else remap_values(x, old[i], new[i])
+                for i, (x, c) in enumerate(zip(leaves, counts, strict=True))
+            ]
+        )
+
+    return rotation.map_moments(inner_state, treedef, lambda kind: remap)
+
+
 def gather(g: jax.Array, idx: jax.Array) -> jax.Array:
     """``S * G`` in compressed form: the fp32 values of ``g`` at ``idx``."""
     return g.reshape(-1)[idx].astype(jnp.float32)
@@ -220,32 +261,9 @@ def scale_by_sparse_subspace(
 
         def refresh(operands):
             indices, inner_state = operands
-            new = list(indices)
-            for i, c in enumerate(counts):
-                if c is None:
-                    continue
-                g = chooser[i]
-                candidate = select_indices(
-                    selector, jax.random.fold_in(refresh_key, i), g.astype(jnp.float32), c
-                )
-                if selector == "topk":
-                    # Never choose from a non-finite or all-zero gradient: keep the old mask.
-                    ok = jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
-                    candidate = jnp.where(ok, candidate, indices[i])
-                new[i] = candidate
+            new = refresh_indices(selector, counts, indices, chooser, refresh_key)
             if remap_moments:
-
-                def remap(tree):
-                    leaves = treedef.flatten_up_to(tree)
-                    return treedef.unflatten(
-                        [
-                            x if c is None else remap_values(x, indices[i], new[i])
-                            for i, (x, c) in enumerate(zip(leaves, counts, strict=True))
-                        ]
-                    )
-
-                # Both kinds of moment move with their entries.
-                inner_state = rotation.map_moments(inner_state, treedef, lambda kind: remap)
+                inner_state = remap_state(inner_state, treedef, counts, indices, new)
             return new, inner_state
 
         is_refresh = state.count % update_every == 0

@@ -46,10 +46,12 @@ from golore_jax.planning import (
     default_mask,
     is_positive_int,
     is_projection_dtype,
+    low_rank_like,
     plan_layouts,
     require_finite,
     require_positive_int,
     subspace_layouts,
+    zero_bases,
 )
 from golore_jax.quantized import scale_by_adam_8bit
 from golore_jax.rotation import SECOND_MOMENT_POLICIES
@@ -126,6 +128,44 @@ def _check_arguments(
             )
     require_positive_int(owner, "refresh_batch_size", refresh_batch_size, optional=True)
     layout_lib.check_side_rule(side, owner)
+
+
+def _low_rank_step(
+    inner: optax.GradientTransformationExtraArgs,
+    layouts: list[MatrixLayout | None],
+    treedef: Any,
+    scale: float,
+    updates: Any,
+    state: ScaleBySubspaceState,
+    params: Any,
+    extra_args: dict[str, Any],
+) -> tuple[Any, ScaleBySubspaceState]:
+    """``N = inner(R)`` on given low-rank gradients ``R``; ``scale * N`` for them (the update
+    of ``A``, not back-projected). No refresh: the bases are kept."""
+    grads = treedef.flatten_up_to(updates)
+    for i, (g, lay) in enumerate(zip(grads, layouts, strict=True)):
+        if lay is not None and tuple(g.shape) != lay.low_rank_shape:
+            path = jax.tree_util.keystr(jax.tree_util.tree_leaves_with_path(params)[i][0])
+            raise ValueError(
+                f"scale_by_subspace: the low-rank gradient of leaf {path} must "
+                f"have the low-rank shape {lay.low_rank_shape}, got {tuple(g.shape)}"
+            )
+    out, inner_state = update_through(
+        inner,
+        treedef,
+        grads,
+        [None if lay is None else (lambda g: g.astype(jnp.float32)) for lay in layouts],
+        [None if lay is None else (lambda n: n) for lay in layouts],
+        state.inner_state,
+        params,
+        scale,
+        extra_args,
+    )
+    next_key, _ = jax.random.split(state.key)
+    new_state = state._replace(
+        count=optax.safe_increment(state.count), key=next_key, inner_state=inner_state
+    )
+    return treedef.unflatten(out), new_state
 
 
 def scale_by_subspace(
@@ -240,25 +280,25 @@ def scale_by_subspace(
 
     def init_fn(params):
         layouts, treedef = plan(params)
-        leaves = treedef.flatten_up_to(params)
-        bases = [
-            optax.MaskedNode() if lay is None else jnp.zeros(lay.basis_shape, stored_basis_dtype)
-            for lay in layouts
-        ]
-        low_rank = [
-            leaf if lay is None else jnp.zeros(lay.low_rank_shape, jnp.float32)
-            for leaf, lay in zip(leaves, layouts, strict=True)
-        ]
         return ScaleBySubspaceState(
             count=jnp.zeros([], jnp.int32),
             key=as_key(seed),
-            bases=treedef.unflatten(bases),
-            inner_state=inner.init(treedef.unflatten(low_rank)),
+            bases=treedef.unflatten(zero_bases(layouts, stored_basis_dtype)),
+            inner_state=inner.init(
+                treedef.unflatten(low_rank_like(treedef.flatten_up_to(params), layouts))
+            ),
         )
 
     def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
         if extra_args.pop(LOW_RANK_ARG, False):
-            return low_rank_step(updates, state, params, extra_args)
+            if params is None:
+                raise ValueError(
+                    "scale_by_subspace: a low-rank update needs params (the full shapes)"
+                )
+            layouts, treedef = plan(params)
+            return _low_rank_step(
+                inner, layouts, treedef, scale, updates, state, params, extra_args
+            )
         layouts, treedef = plan(updates)
         grads = treedef.flatten_up_to(updates)
         chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)
@@ -318,37 +358,6 @@ def scale_by_subspace(
                 ]
             ),
             inner_state=inner_state,
-        )
-        return treedef.unflatten(out), new_state
-
-    def low_rank_step(updates, state, params, extra_args):
-        """``N = inner(R)`` on given low-rank gradients; returns ``scale * N`` for them."""
-        if params is None:
-            raise ValueError("scale_by_subspace: a low-rank update needs params (the full shapes)")
-        layouts, treedef = plan(params)
-        grads = treedef.flatten_up_to(updates)
-        for i, (g, lay) in enumerate(zip(grads, layouts, strict=True)):
-            if lay is not None and tuple(g.shape) != lay.low_rank_shape:
-                path = jax.tree_util.keystr(jax.tree_util.tree_leaves_with_path(params)[i][0])
-                raise ValueError(
-                    f"scale_by_subspace: the low-rank gradient of leaf {path} must "
-                    f"have the low-rank shape {lay.low_rank_shape}, got {tuple(g.shape)}"
-                )
-        # R is given: no projection; N is the update of A (low-rank shape), not back-projected.
-        out, inner_state = update_through(
-            inner,
-            treedef,
-            grads,
-            [None if lay is None else (lambda g: g.astype(jnp.float32)) for lay in layouts],
-            [None if lay is None else (lambda n: n) for lay in layouts],
-            state.inner_state,
-            params,
-            scale,
-            extra_args,
-        )
-        next_key, _ = jax.random.split(state.key)
-        new_state = state._replace(
-            count=optax.safe_increment(state.count), key=next_key, inner_state=inner_state
         )
         return treedef.unflatten(out), new_state
 
