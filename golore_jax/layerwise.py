@@ -171,6 +171,14 @@ def layerwise(
     ``update`` takes the full gradient and updates the layers one after another
     (``lax.map``); a fused backward pass gets the same result calling :func:`update_layer`
     with :func:`per_layer_transform` ``(tx, clip_norm)`` on each layer's slices.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"layers": {"w": jnp.ones((3, 4, 6))}, "head": jnp.ones(6)}
+    >>> tx = layerwise(optax.sgd(0.1), ("layers",))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates["layers"]["w"].shape, updates["head"][0].item()
+    ((3, 4, 6), -0.10000000149011612)
     """
     stack_path = tuple(stack_path)
     inner = per_layer_transform(tx, clip_norm)

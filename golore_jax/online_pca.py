@@ -164,6 +164,12 @@ def scale_by_online_subspace(
     Extra args:
       ``subspace_grads``: a gradient tree used only for the initial SVD and the PCA loss (a
       larger-batch estimate). Other extra args are passed to ``inner``.
+
+    >>> params = {"w": jnp.ones((4, 6))}
+    >>> tx = scale_by_online_subspace(optax.identity(), rank=2)
+    >>> updates, state = tx.update(params, tx.init(params), params)  # t = 0: one SVD
+    >>> state.bases["w"].shape, bool(jnp.allclose(updates["w"], 1.0, atol=1e-5))
+    ((4, 2), True)
     """
     require_positive_int("scale_by_online_subspace", "update_every", update_every)
     require_positive_int(

@@ -38,6 +38,10 @@ def default_mask(params: Any, exclude: str = DEFAULT_EXCLUDE) -> Any:
 
     This mirrors GaLore's "galore params" group: attention and MLP matrices are projected;
     embeddings, the output head, norms and biases are not.
+
+
+    >>> default_mask({"embed": jnp.zeros((10, 4)), "mlp": jnp.zeros((4, 8)), "norm": jnp.ones(4)})
+    {'embed': False, 'mlp': True, 'norm': False}
     """
     pattern = re.compile(exclude, re.IGNORECASE)
 
@@ -148,7 +152,11 @@ def count_moments(inner: optax.GradientTransformation, params: Any) -> int:
     """How many params-shaped trees ``inner``'s state holds (2 for ``optax.scale_by_adam``,
     1 for ``optax.trace``, 0 for ``optax.identity``): the ``moments`` of the ``"state"`` side
     rule. Counted on ``jax.eval_shape`` of ``inner.init``, nothing is allocated. Quantised
-    moments (a tuple per leaf, not a float array of its shape) are not counted."""
+    moments (a tuple per leaf, not a float array of its shape) are not counted.
+
+    >>> count_moments(optax.adam(1e-3), {"w": jnp.zeros((4, 6))})
+    2
+    """
     structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32), params)
     treedef = jax.tree_util.tree_structure(structs)
     shapes = [x.shape for x in jax.tree_util.tree_leaves(structs)]
@@ -185,6 +193,10 @@ def subspace_layouts(
     ``moments`` (the inner optimizer's :func:`count_moments`) and ``basis_moments`` (those of an
     optimizer of the bases) are read by ``side="state"``.
     Raises the same errors as ``scale_by_subspace(...).init(params)``.
+
+    >>> lays = subspace_layouts({"w": jnp.zeros((8, 4)), "b": jnp.zeros(4)}, rank=2)
+    >>> lays["['b']"], lays["['w']"].side, lays["['w']"].basis_shape, lays["['w']"].low_rank_shape
+    (None, 'right', (4, 2), (8, 2))
     """
     layout_lib.check_side_rule(side, "subspace_layouts")
     layouts, _ = plan_layouts(

@@ -290,7 +290,12 @@ def haar_stiefel(key: jax.Array, shape: tuple[int, int], method: str = "qr") -> 
 def svd(canonical_signs: bool = True) -> SVDProjector:
     """GaLore's projector: top-r singular vectors of the minibatch (or large-batch) gradient.
 
-    ``canonical_signs``: each column's largest-magnitude entry positive (False: LAPACK's)."""
+    ``canonical_signs``: each column's largest-magnitude entry positive (False: LAPACK's).
+
+    >>> g = jnp.diag(jnp.array([3.0, 2.0, 1.0]))  # rows: the projected dim
+    >>> svd()(jax.random.key(0), g, jnp.zeros((3, 2)), 0).tolist()
+    [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    """
     return SVDProjector(canonical_signs)
 
 
@@ -315,7 +320,12 @@ def subspace_iteration(
 
 
 def random(method: str = "qr") -> RandomProjector:
-    """GoLore's projector: uniform on the Stiefel manifold, independent of the gradient."""
+    """GoLore's projector: uniform on the Stiefel manifold, independent of the gradient.
+
+    >>> p = random()(jax.random.key(0), jnp.zeros((5, 0)), jnp.zeros((5, 2)), 0)
+    >>> p.shape, bool(jnp.allclose(p.T @ p, jnp.eye(2), atol=1e-5))
+    ((5, 2), True)
+    """
     return RandomProjector(method)
 
 

@@ -193,6 +193,11 @@ def scale_by_adam_8bit(
 
     State bytes of a quantised leaf of ``n`` elements: ``2 * B * block_size + 8 * B`` with
     ``B = ceil(n / block_size)``, against ``8 * n`` for fp32 moments (about 1/4).
+
+    >>> params = {"w": jnp.zeros((64, 64))}
+    >>> state = scale_by_adam_8bit(min_size=1024).init(params)
+    >>> state.mu_q["w"].codes.dtype.name, state.mu_q["w"].codes.shape, state_nbytes(state)
+    ('int8', (16, 256), 8324)
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(

@@ -214,6 +214,12 @@ def scale_by_sparse_subspace(
     Extra args:
       ``subspace_grads``: a gradient tree like ``updates`` used only to choose the mask
       (Algorithm 5's large-batch variant). Other extra args are passed to ``inner``.
+
+    >>> params = {"w": jnp.arange(24.0).reshape(4, 6)}
+    >>> tx = scale_by_sparse_subspace(optax.identity(), k=3, update_every=10)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> state.indices["w"].tolist(), jnp.flatnonzero(updates["w"]).tolist()
+    ([21, 22, 23], [21, 22, 23])
     """
     require_positive_int("scale_by_sparse_subspace", "update_every", update_every)
     if (k is None) == (density is None):
