@@ -125,8 +125,9 @@ def rotate_moments(
 
 
 def _register_optax_states() -> None:
-    """optax's states whose ``mu``/``trace``/``ema``/``momentum`` fields are first moments and
-    whose ``nu`` fields are second moments."""
+    """optax's states holding moments: their ``mu``/``trace``/``ema`` fields are first
+    moments, their ``nu`` fields second moments (the fields the rotation used to find by
+    name)."""
     states = [
         (optax.TraceState, {"trace": FIRST}),
         (optax.EmaState, {"ema": FIRST}),
@@ -140,15 +141,17 @@ def _register_optax_states() -> None:
         (optax.ScaleBySM3State, {"mu": FIRST, "nu": SECOND}),
         (optax.contrib.MuonState, {"mu": FIRST}),
         (optax.contrib.ScaleByAdemamixState, {"nu": SECOND}),
+        (optax.contrib.SophiaState, {"mu": FIRST, "nu": SECOND}),
     ]
-    for name in ("ScaleByRmsWithCountState", "ScaleByRStdDevWithCountState"):
-        state_type = getattr(optax._src.transform, name, None)
-        if state_type is not None:
-            fields = {"nu": SECOND} if "Rms" in name else {"mu": FIRST, "nu": SECOND}
-            states.append((state_type, fields))
-    sophia = getattr(optax.contrib, "SophiaState", None)
-    if sophia is not None:
-        states.append((sophia, {"mu": FIRST, "nu": SECOND}))
+    # The bias-corrected RMS / stddev states are not exported by optax: take their types from
+    # the public constructors.
+    states.append((type(optax.scale_by_rms(bias_correction=True).init({})), {"nu": SECOND}))
+    states.append(
+        (
+            type(optax.scale_by_stddev(bias_correction=True).init({})),
+            {"mu": FIRST, "nu": SECOND},
+        )
+    )
     for state_type, fields in states:
         register_moments(state_type, fields)
 

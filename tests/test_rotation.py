@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax.contrib
 import pytest
 
 import golore_jax as gl
@@ -97,3 +98,29 @@ def test_register_moments_errors_name_the_field_and_kind():
         rotation.register_moments(DeclaredState, {"x": rotation.FIRST})
     with pytest.raises(ValueError, match="kinds must be one of"):
         rotation.register_moments(DeclaredState, {"m": "third"})
+
+
+def test_every_optax_state_with_moment_fields_is_declared():
+    """Every optax state the former field-name rule rotated (``mu``/``trace``/``ema`` first,
+    ``nu`` second) declares exactly those fields, so optax inner optimizers rotate as before."""
+    first, second = {"mu", "trace", "ema", "momentum"}, {"nu"}
+    types = {
+        obj
+        for module in (optax, optax.contrib)
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")
+    }
+    types |= {
+        type(optax.scale_by_rms(bias_correction=True).init({})),
+        type(optax.scale_by_stddev(bias_correction=True).init({})),
+    }
+    checked = 0
+    for state_type in types:
+        by_name = {f: rotation.FIRST for f in state_type._fields if f in first}
+        by_name |= {f: rotation.SECOND for f in state_type._fields if f in second}
+        if not by_name:
+            continue
+        state = state_type(*[None] * len(state_type._fields))
+        assert rotation.declared_moments(state) == by_name, state_type.__name__
+        checked += 1
+    assert checked >= 15
