@@ -4,7 +4,21 @@ He et al., "Subspace Optimization for Large Language Models with Convergence Gua
 (arXiv 2410.11289); Zhao et al., "GaLore" (arXiv 2403.03507).
 """
 
-from golore_jax import layerwise, layout, online_pca, precision, projectors, sparse
+from golore_jax import (
+    aliases,
+    finish,
+    layerwise,
+    layout,
+    online_pca,
+    planning,
+    precision,
+    projectors,
+    refresh,
+    rotation,
+    sparse,
+    subspace,
+    tail,
+)
 from golore_jax.aliases import (
     galore_adamw,
     galore_sgd,
@@ -21,24 +35,21 @@ from golore_jax.aliases import (
 )
 from golore_jax.memory import optimizer_state_floats, subspace_state_floats
 from golore_jax.online_pca import ScaleByOnlineSubspaceState, scale_by_online_subspace
+from golore_jax.planning import count_moments, default_mask, subspace_layouts
 from golore_jax.precision import apply_updates_stochastic, stochastic_round_to_bf16
 from golore_jax.quantized import scale_by_adam_8bit
 from golore_jax.sparse import ScaleBySparseSubspaceState, scale_by_sparse_subspace
-from golore_jax.subspace import (
-    ScaleBySubspaceState,
-    count_moments,
-    default_mask,
-    scale_by_subspace,
-    subspace_layouts,
-)
+from golore_jax.subspace import ScaleBySubspaceState, low_rank_update, scale_by_subspace
 
 __all__ = [
     "ScaleByOnlineSubspaceState",
     "ScaleBySparseSubspaceState",
     "ScaleBySubspaceState",
+    "aliases",
     "apply_updates_stochastic",
     "count_moments",
     "default_mask",
+    "finish",
     "galore_adamw",
     "galore_sgd",
     "gasare_adamw",
@@ -50,21 +61,27 @@ __all__ = [
     "gosare_sgd",
     "layerwise",
     "layout",
+    "low_rank_update",
     "online_pca",
     "optimizer_state_floats",
     "osd_adamw",
     "osd_sgd",
     "paper_msgd_hyperparams",
+    "planning",
     "precision",
     "projectors",
+    "refresh",
+    "rotation",
     "scale_by_adam_8bit",
     "scale_by_online_subspace",
     "scale_by_sparse_subspace",
     "scale_by_subspace",
     "sparse",
     "stochastic_round_to_bf16",
+    "subspace",
     "subspace_layouts",
     "subspace_state_floats",
+    "tail",
 ]
 
 __version__ = "0.1.0"

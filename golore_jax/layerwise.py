@@ -34,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec
+
+from golore_jax import partitioning
 
 StackPath = Sequence[Any]  # dict keys from the root to the stacked-layers subtree
 
@@ -168,6 +171,14 @@ def layerwise(
     ``update`` takes the full gradient and updates the layers one after another
     (``lax.map``); a fused backward pass gets the same result calling :func:`update_layer`
     with :func:`per_layer_transform` ``(tx, clip_norm)`` on each layer's slices.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"layers": {"w": jnp.ones((3, 4, 6))}, "head": jnp.ones(6)}
+    >>> tx = layerwise(optax.sgd(0.1), ("layers",))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> updates["layers"]["w"].shape, updates["head"][0].item()
+    ((3, 4, 6), -0.10000000149011612)
     """
     stack_path = tuple(stack_path)
     inner = per_layer_transform(tx, clip_norm)
@@ -194,3 +205,40 @@ def layerwise(
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _partition_specs(state: LayerwiseState, context: partitioning.SpecContext) -> LayerwiseState:
+    """The specs of one layer's state (from one layer's params and specs), behind the layer
+    axis's entry; the other params' state from theirs."""
+    if context.stack_path is None:
+        raise ValueError("state_partition_specs: a LayerwiseState needs stack_path")
+    stack, rest = split_stack(context.params, context.stack_path)
+    stack_specs, rest_specs = split_stack(context.param_specs, context.stack_path)
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    is_entries = lambda x: isinstance(x, tuple) and not is_spec(x)  # noqa: E731
+    stack_entries = jax.tree_util.tree_map(
+        lambda x, s: partitioning.entries(s, len(x.shape)), stack, stack_specs, is_leaf=is_spec
+    )
+    firsts = {e[0] for e in jax.tree_util.tree_leaves(stack_entries, is_leaf=is_entries)}
+    layer_axis = firsts.pop() if len(firsts) == 1 else None
+
+    def strip(x):
+        return jax.ShapeDtypeStruct(tuple(x.shape)[1:], x.dtype)
+
+    one_layer_specs = partitioning.state_partition_specs(
+        jax.tree_util.tree_map(strip, state.layers),
+        jax.tree_util.tree_map(strip, stack),
+        jax.tree_util.tree_map(lambda e: PartitionSpec(*e[1:]), stack_entries, is_leaf=is_entries),
+        context.mesh_axis_sizes,
+    )
+    return LayerwiseState(
+        layers=jax.tree_util.tree_map(
+            lambda s: PartitionSpec(layer_axis, *s), one_layer_specs, is_leaf=is_spec
+        ),
+        rest=partitioning.state_partition_specs(
+            state.rest, rest, rest_specs, context.mesh_axis_sizes
+        ),
+    )
+
+
+partitioning.register_partition_rule(LayerwiseState, _partition_specs)

@@ -138,6 +138,10 @@ def make_layout(
       split: rows are ``shape[:split]``; ``None`` picks :func:`most_square_split`.
       side: the side rule, one of :data:`SIDE_RULES` (see :func:`choose_side`).
       moments, basis_moments: read by ``"state"``, see :func:`state_floats`.
+
+    >>> lay = make_layout((8, 2, 3), rank=2)  # seen as 8 x 6; the smaller side is projected
+    >>> lay.rows, lay.cols, lay.side, lay.basis_shape, lay.low_rank_shape
+    (8, 6, 'right', (6, 2), (8, 2))
     """
     shape = tuple(int(d) for d in shape)
     k = most_square_split(shape) if split is None else split

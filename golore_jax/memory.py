@@ -8,11 +8,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from golore_jax.subspace import MaskArg, RankRule, subspace_layouts
+from golore_jax.planning import MaskArg, RankRule, subspace_layouts
 
 
 def optimizer_state_floats(state: Any) -> int:
-    """Number of floating-point elements held in an optimizer state (ints and keys excluded)."""
+    """Number of floating-point elements held in an optimizer state (ints and keys excluded).
+
+    >>> import optax
+    >>> optimizer_state_floats(optax.adam(1e-3).init({"w": jnp.zeros((4, 6))}))  # mu and nu
+    48
+    """
     return sum(
         math.prod(jnp.shape(x))
         for x in jax.tree_util.tree_leaves(state)
@@ -34,6 +39,9 @@ def subspace_state_floats(
     (``m*r`` on the left, ``n*r`` on the right) plus ``moments`` low-rank moments of ``r*n``
     (left) or ``m*r`` (right) floats (:func:`golore_jax.layout.state_floats`); per other leaf,
     ``moments`` full-size moments. For Adam ``moments=2``, for momentum SGD 1.
+
+    >>> subspace_state_floats({"w": jax.ShapeDtypeStruct((4, 6), jnp.float32)}, rank=2)
+    32
     """
     layouts = subspace_layouts(params, rank=rank, mask=mask, side=side, moments=moments)
     total = 0

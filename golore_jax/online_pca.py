@@ -25,7 +25,6 @@ decomposition (signs fixed so ``diag(R) > 0``: a continuous choice) every ``N`` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,11 +32,24 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from golore_jax import layout as layout_lib
+from golore_jax import partitioning
 from golore_jax import projectors as projectors_lib
-from golore_jax import subspace as subspace_lib
+from golore_jax import refresh as refresh_lib
+from golore_jax.finish import decay_and_learning_rate
 from golore_jax.layout import MatrixLayout
+from golore_jax.planning import (
+    RankRule,
+    count_moments,
+    low_rank_like,
+    plan_layouts,
+    require_finite,
+    require_positive_int,
+    zero_bases,
+)
+from golore_jax.tail import update_in_subspace
 
 # OSD's code steps P with lr = 1 / update_proj_gap; 200 is GaLore's C4 gap (ALGORITHMS.md).
 DEFAULT_PROJECTOR_LEARNING_RATE = 1.0 / 200
@@ -87,10 +99,41 @@ def orthonormalize(basis: jax.Array) -> jax.Array:
     return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)[None, :]
 
 
+def _rows_of(g: jax.Array, lay: MatrixLayout) -> jax.Array:
+    """The fp32 ``d x k`` rows of ``g`` along its projected dim."""
+    return layout_lib.projected_rows(layout_lib.as_matrix(g.astype(jnp.float32), lay), lay)
+
+
+def _pca_step(
+    projector_optimizer: optax.GradientTransformation,
+    treedef: Any,
+    layouts: list[MatrixLayout | None],
+    chooser: list[jax.Array],
+    bases_tree: Any,
+    projector_state: Any,
+) -> tuple[Any, Any]:
+    """One ``projector_optimizer`` step of the bases on the summed :func:`pca_loss`."""
+
+    def loss(tree):
+        leaves = treedef.flatten_up_to(tree)
+        return sum(
+            (
+                pca_loss(b, _rows_of(chooser[i], lay))
+                for i, (b, lay) in enumerate(zip(leaves, layouts, strict=True))
+                if lay is not None
+            ),
+            jnp.zeros([], jnp.float32),  # a float even when no leaf is projected
+        )
+
+    pca_grads = jax.grad(loss)(bases_tree)
+    steps, projector_state = projector_optimizer.update(pca_grads, projector_state, bases_tree)
+    return optax.apply_updates(bases_tree, steps), projector_state
+
+
 def scale_by_online_subspace(
     inner: optax.GradientTransformation,
     *,
-    rank: subspace_lib.RankRule,
+    rank: RankRule,
     update_every: int = 1,
     projector_optimizer: optax.GradientTransformation | None = None,
     scale: float = 1.0,
@@ -121,13 +164,18 @@ def scale_by_online_subspace(
     Extra args:
       ``subspace_grads``: a gradient tree used only for the initial SVD and the PCA loss (a
       larger-batch estimate). Other extra args are passed to ``inner``.
+
+    >>> params = {"w": jnp.ones((4, 6))}
+    >>> tx = scale_by_online_subspace(optax.identity(), rank=2)
+    >>> updates, state = tx.update(params, tx.init(params), params)  # t = 0: one SVD
+    >>> state.bases["w"].shape, bool(jnp.allclose(updates["w"], 1.0, atol=1e-5))
+    ((4, 2), True)
     """
-    subspace_lib._require_positive_int("scale_by_online_subspace", "update_every", update_every)
-    subspace_lib._require_positive_int(
+    require_positive_int("scale_by_online_subspace", "update_every", update_every)
+    require_positive_int(
         "scale_by_online_subspace", "orthonormalize_every", orthonormalize_every, optional=True
     )
-    if isinstance(scale, int | float) and not math.isfinite(scale):
-        raise ValueError(f"scale_by_online_subspace: scale must be finite, got {scale!r}")
+    require_finite("scale_by_online_subspace", "scale", scale)
     projector_optimizer = (
         projector_optimizer if projector_optimizer is not None else default_projector_optimizer()
     )
@@ -139,32 +187,21 @@ def scale_by_online_subspace(
         moments = (0, 0)
         if side == "state":
             moments = (
-                subspace_lib.count_moments(inner, tree),
-                subspace_lib.count_moments(projector_optimizer, tree),
+                count_moments(inner, tree),
+                count_moments(projector_optimizer, tree),
             )
-        return subspace_lib._plan(tree, mask, rank, matrix_split, False, side, moments)
-
-    def rows_of(g: jax.Array, lay: MatrixLayout) -> jax.Array:
-        return layout_lib.projected_rows(layout_lib.as_matrix(g.astype(jnp.float32), lay), lay)
+        return plan_layouts(tree, mask, rank, matrix_split, False, side, moments)
 
     def init_fn(params):
         layouts, treedef = plan(params)
-        leaves = treedef.flatten_up_to(params)
-        bases = treedef.unflatten(
-            [
-                optax.MaskedNode() if lay is None else jnp.zeros(lay.basis_shape, jnp.float32)
-                for lay in layouts
-            ]
-        )
-        low_rank = [
-            leaf if lay is None else jnp.zeros(lay.low_rank_shape, jnp.float32)
-            for leaf, lay in zip(leaves, layouts, strict=True)
-        ]
+        bases = treedef.unflatten(zero_bases(layouts))
         return ScaleByOnlineSubspaceState(
             count=jnp.zeros([], jnp.int32),
             bases=bases,
             projector_state=projector_optimizer.init(bases),
-            inner_state=inner.init(treedef.unflatten(low_rank)),
+            inner_state=inner.init(
+                treedef.unflatten(low_rank_like(treedef.flatten_up_to(params), layouts))
+            ),
         )
 
     def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
@@ -177,8 +214,8 @@ def scale_by_online_subspace(
             return [
                 b
                 if lay is None
-                else subspace_lib._guarded_choice(
-                    initial_svd, jax.random.key(0), rows_of(chooser[i], lay), b, state.count
+                else refresh_lib.guarded_choice(
+                    initial_svd, jax.random.key(0), _rows_of(chooser[i], lay), b, state.count
                 )
                 for i, (b, lay) in enumerate(zip(bases, layouts, strict=True))
             ]
@@ -187,29 +224,12 @@ def scale_by_online_subspace(
             state.count == 0, first_bases, lambda b: list(b), treedef.flatten_up_to(state.bases)
         )
 
-        out, inner_state = subspace_lib.update_in_subspace(
+        out, inner_state = update_in_subspace(
             inner, treedef, grads, layouts, bases, state.inner_state, params, scale, extra_args
         )
 
         def pca_step(operands):
-            bases_tree, projector_state = operands
-
-            def loss(tree):
-                leaves = treedef.flatten_up_to(tree)
-                return sum(
-                    (
-                        pca_loss(b, rows_of(chooser[i], lay))
-                        for i, (b, lay) in enumerate(zip(leaves, layouts, strict=True))
-                        if lay is not None
-                    ),
-                    jnp.zeros([], jnp.float32),  # a float even when no leaf is projected
-                )
-
-            pca_grads = jax.grad(loss)(bases_tree)
-            steps, projector_state = projector_optimizer.update(
-                pca_grads, projector_state, bases_tree
-            )
-            return optax.apply_updates(bases_tree, steps), projector_state
+            return _pca_step(projector_optimizer, treedef, layouts, chooser, *operands)
 
         bases_tree = treedef.unflatten(
             [
@@ -237,3 +257,102 @@ def scale_by_online_subspace(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def osd_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: RankRule = 128,
+    update_every: int = 1,
+    projector_optimizer: optax.GradientTransformation | None = None,
+    orthonormalize_every: int | None = None,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    weight_decay_mask: Any = None,
+    mask: Any = None,
+    side: str = "gradient",
+) -> optax.GradientTransformationExtraArgs:
+    """Online Subspace Descent with AdamW (arXiv 2408.12857): P tracked by online PCA.
+
+    ``projector_optimizer`` defaults to AdamW with lr ``1/200`` (the authors' code, see
+    :func:`default_projector_optimizer`). Other defaults as :func:`golore_jax.galore_adamw`.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.ones((4, 6))}
+    >>> tx = osd_adamw(1e-3, rank=2)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> updates["w"].shape, state[0].bases["w"].shape
+    ((4, 6), (4, 2))
+    """
+    core = scale_by_online_subspace(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        rank=rank,
+        update_every=update_every,
+        projector_optimizer=projector_optimizer,
+        orthonormalize_every=orthonormalize_every,
+        scale=scale,
+        mask=mask,
+        side=side,
+    )
+    return optax.chain(
+        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
+    )
+
+
+def osd_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: RankRule = 128,
+    update_every: int = 1,
+    projector_optimizer: optax.GradientTransformation | None = None,
+    orthonormalize_every: int | None = None,
+    scale: float = 0.25,
+    momentum: float | None = 0.9,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    mask: Any = None,
+    side: str = "gradient",
+) -> optax.GradientTransformationExtraArgs:
+    """Online Subspace Descent with (momentum) SGD inside (optax's momentum convention).
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.ones((4, 6))}
+    >>> tx = osd_sgd(1.0, rank=2, momentum=None, scale=1.0)
+    >>> updates, _ = tx.update(params, tx.init(params), params)  # rank-1 G: P P^T G = G
+    >>> bool(jnp.allclose(updates["w"], -1.0, atol=1e-5))
+    True
+    """
+    core = scale_by_online_subspace(
+        optax.identity() if momentum is None else optax.trace(decay=momentum),
+        rank=rank,
+        update_every=update_every,
+        projector_optimizer=projector_optimizer,
+        orthonormalize_every=orthonormalize_every,
+        scale=scale,
+        mask=mask,
+        side=side,
+    )
+    return optax.chain(
+        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
+    )
+
+
+def _partition_specs(
+    state: ScaleByOnlineSubspaceState, context: partitioning.SpecContext
+) -> ScaleByOnlineSubspaceState:
+    """As ``scale_by_subspace``'s state; the projector optimizer's moments follow the bases."""
+    bases, low_rank = partitioning.basis_specs(state.bases, state.inner_state, context)
+    treedef = jax.tree_util.tree_structure(context.params)
+    bases_treedef = jax.tree_util.tree_structure(state.bases)
+    return ScaleByOnlineSubspaceState(
+        count=PartitionSpec(),
+        bases=bases,
+        projector_state=partitioning.walk(state.projector_state, bases_treedef, bases),
+        inner_state=partitioning.walk(state.inner_state, treedef, low_rank),
+    )
+
+
+partitioning.register_partition_rule(ScaleByOnlineSubspaceState, _partition_specs)

@@ -17,31 +17,60 @@ belong to:
 
 For a leaf with more than two dims flattened to a matrix, a merged axis takes the spec of its
 first sharded component (row-major reshapes keep that sharding contiguous).
+
+Each transform's module registers the rule of its state type
+(:func:`register_partition_rule`), so a new transform never edits this module; states without a
+rule are walked into (chain tuples, optax wrappers), their params-shaped subtrees taking the
+params' specs.
+
+>>> import jax.numpy as jnp, optax
+>>> params = {"w": jnp.zeros((8, 4))}
+>>> state = optax.adam(1e-3).init(params)
+>>> specs = state_partition_specs(state, params, {"w": PartitionSpec("fsdp", None)})
+>>> specs[0].mu == {"w": PartitionSpec("fsdp", None)}, specs[0].count == PartitionSpec()
+(True, True)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import optax
 from jax.sharding import PartitionSpec
 
 from golore_jax import layout as layout_lib
-from golore_jax.layerwise import LayerwiseState, split_stack
-from golore_jax.online_pca import ScaleByOnlineSubspaceState
-from golore_jax.sparse import ScaleBySparseSubspaceState
-from golore_jax.subspace import ScaleBySubspaceState
 
 
-def _merged(spec_entries: tuple[Any, ...]) -> Any:
+class SpecContext(NamedTuple):
+    """What a partition rule may read besides the state (see :func:`state_partition_specs`)."""
+
+    params: Any
+    param_specs: Any
+    mesh_axis_sizes: Mapping[str, int] | None
+    stack_path: Any
+
+
+PartitionRule = Callable[[Any, SpecContext], Any]
+_RULES: dict[type, PartitionRule] = {}
+
+
+def register_partition_rule(state_type: type, rule: PartitionRule) -> None:
+    """``rule(state, context) -> specs`` gives the specs of every ``state_type`` state (a tree
+    like the state with a ``PartitionSpec`` per leaf). Registered by the module that defines
+    the state type, next to its transform."""
+    _RULES[state_type] = rule
+
+
+def merged(spec_entries: tuple[Any, ...]) -> Any:
     """The spec of a merged (flattened) axis: its first sharded component's, else None."""
     return next((e for e in spec_entries if e is not None), None)
 
 
-def _entries(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
+def entries(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
+    """The spec's entries padded with None to ``ndim``."""
     return tuple(spec) + (None,) * (ndim - len(spec))
 
 
@@ -53,45 +82,42 @@ def _divides(entry: Any, size: int, mesh_axis_sizes: Mapping[str, int] | None) -
     return size % math.prod(mesh_axis_sizes[a] for a in axes) == 0
 
 
-def _subspace_specs(
-    state: ScaleBySubspaceState,
-    params: Any,
-    param_specs: Any,
-    mesh_axis_sizes: Mapping[str, int] | None = None,
-) -> Any:
+def basis_specs(bases: Any, inner_state: Any, context: SpecContext) -> tuple[Any, Any]:
+    """``(specs of the bases, specs of a low-rank params-like tree)`` for a state holding a
+    ``(d, r)`` basis per projected leaf (``optax.MaskedNode()`` elsewhere) and an inner state on
+    the low-rank shapes: ``scale_by_subspace``'s and ``scale_by_online_subspace``'s."""
+    params, param_specs, mesh_axis_sizes = (
+        context.params,
+        context.param_specs,
+        context.mesh_axis_sizes,
+    )
     treedef = jax.tree_util.tree_structure(params)
     param_leaves = treedef.flatten_up_to(params)
     spec_leaves = treedef.flatten_up_to(param_specs)
-    basis_leaves = treedef.flatten_up_to(state.bases)
-    moments = _low_rank_shapes(state.inner_state, treedef, len(param_leaves))
-    basis_specs, low_rank_specs = [], []
+    basis_leaves = treedef.flatten_up_to(bases)
+    moments = _low_rank_shapes(inner_state, treedef, len(param_leaves))
+    basis_out, low_rank_out = [], []
     for leaf, spec, basis, moment in zip(
         param_leaves, spec_leaves, basis_leaves, moments, strict=True
     ):
         if isinstance(basis, optax.MaskedNode):
-            basis_specs.append(basis)
-            low_rank_specs.append(spec)
+            basis_out.append(basis)
+            low_rank_out.append(spec)
             continue
         shape = tuple(leaf.shape)
         k, lay = _layout_of(shape, tuple(basis.shape), moment)
-        entries = _entries(spec, len(shape))
-        rows, cols = _merged(entries[:k]), _merged(entries[k:])
+        spec_entries = entries(spec, len(shape))
+        rows, cols = merged(spec_entries[:k]), merged(spec_entries[k:])
         rank = basis.shape[1]
         if lay.side == layout_lib.LEFT:
-            basis_specs.append(PartitionSpec(rows, None))
+            basis_out.append(PartitionSpec(rows, None))
             rank_entry = rows if _divides(rows, rank, mesh_axis_sizes) else None
-            low_rank_specs.append(PartitionSpec(rank_entry, cols))
+            low_rank_out.append(PartitionSpec(rank_entry, cols))
         else:
-            basis_specs.append(PartitionSpec(cols, None))
+            basis_out.append(PartitionSpec(cols, None))
             rank_entry = cols if _divides(cols, rank, mesh_axis_sizes) else None
-            low_rank_specs.append(PartitionSpec(rows, rank_entry))
-    low_rank_tree = treedef.unflatten(low_rank_specs)
-    return ScaleBySubspaceState(
-        count=PartitionSpec(),
-        key=PartitionSpec(),
-        bases=treedef.unflatten(basis_specs),
-        inner_state=_walk(state.inner_state, treedef, low_rank_tree, None),
-    )
+            low_rank_out.append(PartitionSpec(rows, rank_entry))
+    return treedef.unflatten(basis_out), treedef.unflatten(low_rank_out)
 
 
 def _low_rank_shapes(inner_state: Any, treedef: Any, n: int) -> list[tuple[int, ...] | None]:
@@ -128,109 +154,20 @@ def _layout_of(
     )
 
 
-def _sparse_specs(
-    state: ScaleBySparseSubspaceState, params: Any, param_specs: Any, mesh_axis_sizes: Any = None
-) -> ScaleBySparseSubspaceState:
-    """The k values and indices of a sparsified leaf are replicated (its k positions are
-    scattered over the whole matrix); moments of other leaves take their param's spec."""
-    treedef = jax.tree_util.tree_structure(params)
-    indices = treedef.flatten_up_to(state.indices)
-    kept = [isinstance(i, optax.MaskedNode) for i in indices]
-    values = [
-        spec if k else PartitionSpec()
-        for k, spec in zip(kept, treedef.flatten_up_to(param_specs), strict=True)
-    ]
-    return ScaleBySparseSubspaceState(
-        count=PartitionSpec(),
-        key=PartitionSpec(),
-        indices=treedef.unflatten(
-            [i if k else PartitionSpec() for k, i in zip(kept, indices, strict=True)]
-        ),
-        inner_state=_walk(state.inner_state, treedef, treedef.unflatten(values), None),
-    )
-
-
-def _online_specs(
-    state: ScaleByOnlineSubspaceState, params: Any, param_specs: Any, mesh_axis_sizes: Any = None
-) -> ScaleByOnlineSubspaceState:
-    """Like scale_by_subspace's state; the projector optimizer's moments follow the bases."""
-    specs = _subspace_specs(
-        ScaleBySubspaceState(state.count, None, state.bases, state.inner_state),
-        params,
-        param_specs,
-        mesh_axis_sizes,
-    )
-    bases_treedef = jax.tree_util.tree_structure(state.bases)
-    return ScaleByOnlineSubspaceState(
-        count=PartitionSpec(),
-        bases=specs.bases,
-        projector_state=_walk(state.projector_state, bases_treedef, specs.bases, None),
-        inner_state=specs.inner_state,
-    )
-
-
-def _layerwise_specs(
-    state: LayerwiseState,
-    params: Any,
-    param_specs: Any,
-    stack_path: Any,
-    mesh_axis_sizes: Mapping[str, int] | None,
-) -> LayerwiseState:
-    """The specs of one layer's state (from one layer's params and specs), behind the layer
-    axis's entry; the other params' state from theirs."""
-    if stack_path is None:
-        raise ValueError("state_partition_specs: a LayerwiseState needs stack_path")
-    stack, rest = split_stack(params, stack_path)
-    stack_specs, rest_specs = split_stack(param_specs, stack_path)
-    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    stack_entries = jax.tree_util.tree_map(
-        lambda x, s: _entries(s, len(x.shape)), stack, stack_specs, is_leaf=is_spec
-    )
-    firsts = {e[0] for e in jax.tree_util.tree_leaves(stack_entries, is_leaf=_is_entries)}
-    layer_axis = firsts.pop() if len(firsts) == 1 else None
-
-    def strip(x):
-        return jax.ShapeDtypeStruct(tuple(x.shape)[1:], x.dtype)
-
-    one_layer_specs = state_partition_specs(
-        jax.tree_util.tree_map(strip, state.layers),
-        jax.tree_util.tree_map(strip, stack),
-        jax.tree_util.tree_map(lambda e: PartitionSpec(*e[1:]), stack_entries, is_leaf=_is_entries),
-        mesh_axis_sizes,
-    )
-    return LayerwiseState(
-        layers=jax.tree_util.tree_map(
-            lambda s: PartitionSpec(layer_axis, *s), one_layer_specs, is_leaf=is_spec
-        ),
-        rest=state_partition_specs(state.rest, rest, rest_specs, mesh_axis_sizes),
-    )
-
-
-def _is_entries(x: Any) -> bool:
-    return isinstance(x, tuple) and not isinstance(x, PartitionSpec)
-
-
-def _walk(state: Any, treedef: Any, specs_tree: Any, params_and_specs: Any) -> Any:
-    """Specs for ``state``: params-shaped subtrees get ``specs_tree``; the rest replicated."""
-    if params_and_specs is not None:
-        if isinstance(state, LayerwiseState):
-            return _layerwise_specs(state, *params_and_specs)
-        for state_type, specs_fn in (
-            (ScaleBySubspaceState, _subspace_specs),
-            (ScaleBySparseSubspaceState, _sparse_specs),
-            (ScaleByOnlineSubspaceState, _online_specs),
-        ):
-            if isinstance(state, state_type):
-                params, param_specs, _, mesh_axis_sizes = params_and_specs
-                return specs_fn(state, params, param_specs, mesh_axis_sizes)
+def walk(state: Any, treedef: Any, specs_tree: Any, context: SpecContext | None = None) -> Any:
+    """Specs for ``state``: params-shaped subtrees (params of structure ``treedef``) get
+    ``specs_tree``, the rest is replicated. With a ``context``, a state whose type has a
+    registered rule gets that rule's specs."""
+    if context is not None and type(state) in _RULES:
+        return _RULES[type(state)](state, context)
     if jax.tree_util.tree_structure(state) == treedef and jax.tree_util.tree_leaves(state):
         return specs_tree
     if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return type(state)(*(_walk(v, treedef, specs_tree, params_and_specs) for v in state))
+        return type(state)(*(walk(v, treedef, specs_tree, context) for v in state))
     if isinstance(state, tuple | list):
-        return type(state)(_walk(v, treedef, specs_tree, params_and_specs) for v in state)
+        return type(state)(walk(v, treedef, specs_tree, context) for v in state)
     if isinstance(state, dict):
-        return {k: _walk(v, treedef, specs_tree, params_and_specs) for k, v in state.items()}
+        return {k: walk(v, treedef, specs_tree, context) for k, v in state.items()}
     if isinstance(state, optax.MaskedNode) or state is None:
         return state
     return PartitionSpec()
@@ -256,5 +193,5 @@ def state_partition_specs(
         layers in ``params``: each layer's state is sharded like that layer's params.
     """
     treedef = jax.tree_util.tree_structure(params)
-    context = (params, param_specs, stack_path, mesh_axis_sizes)
-    return _walk(opt_state, treedef, param_specs, context)
+    context = SpecContext(params, param_specs, mesh_axis_sizes, stack_path)
+    return walk(opt_state, treedef, param_specs, context)

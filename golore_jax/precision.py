@@ -33,6 +33,12 @@ def stochastic_round_to_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
     the exponent where it should (the next bf16 is one larger). Exact bf16 values, zeros and
     infinities are unchanged; NaN stays NaN. Values within one bf16 ulp below the largest
     finite fp32 may round to infinity, with the unbiased probability.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.full(20_000, 1.0 + 2.0**-9)  # a quarter of the way from 1 to the next bf16
+    >>> r = stochastic_round_to_bf16(x, jax.random.key(0)).astype(jnp.float32)
+    >>> sorted(set(r.tolist())), round(float(r.mean()) - 1.0, 3)  # E[r] = x
+    ([1.0, 1.0078125], 0.002)
     """
     x = jnp.asarray(x, jnp.float32)
     bits = lax.bitcast_convert_type(x, jnp.uint32)
@@ -56,6 +62,13 @@ def apply_updates_stochastic(params: Any, updates: Any, key: jax.Array) -> Any:
       params: a tree of parameters (bf16 and/or fp32 leaves).
       updates: a tree like ``params`` (any float dtype; e.g. the optimizer's output).
       key: a typed PRNG key; use a fresh one every step, e.g. ``fold_in(key(seed), step)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = {"w": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(3)}
+    >>> updates = {"w": jnp.ones(3), "b": jnp.ones(3)}
+    >>> new = apply_updates_stochastic(params, updates, jax.random.key(0))
+    >>> new["w"].dtype.name, new["w"].tolist(), new["b"].tolist()
+    ('bfloat16', [2.0, 2.0, 2.0], [2.0, 2.0, 2.0])
     """
     param_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     update_leaves = treedef.flatten_up_to(updates)

@@ -290,7 +290,12 @@ def haar_stiefel(key: jax.Array, shape: tuple[int, int], method: str = "qr") -> 
 def svd(canonical_signs: bool = True) -> SVDProjector:
     """GaLore's projector: top-r singular vectors of the minibatch (or large-batch) gradient.
 
-    ``canonical_signs``: each column's largest-magnitude entry positive (False: LAPACK's)."""
+    ``canonical_signs``: each column's largest-magnitude entry positive (False: LAPACK's).
+
+    >>> g = jnp.diag(jnp.array([3.0, 2.0, 1.0]))  # rows: the projected dim
+    >>> svd()(jax.random.key(0), g, jnp.zeros((3, 2)), 0).tolist()
+    [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    """
     return SVDProjector(canonical_signs)
 
 
@@ -315,7 +320,12 @@ def subspace_iteration(
 
 
 def random(method: str = "qr") -> RandomProjector:
-    """GoLore's projector: uniform on the Stiefel manifold, independent of the gradient."""
+    """GoLore's projector: uniform on the Stiefel manifold, independent of the gradient.
+
+    >>> p = random()(jax.random.key(0), jnp.zeros((5, 0)), jnp.zeros((5, 2)), 0)
+    >>> p.shape, bool(jnp.allclose(p.T @ p, jnp.eye(2), atol=1e-5))
+    ((5, 2), True)
+    """
     return RandomProjector(method)
 
 
@@ -333,3 +343,26 @@ def hybrid(
 def identity() -> IdentityProjector:
     """The fixed coordinate subspace ``I[:, :r]`` (a reference for equivalence tests)."""
     return IdentityProjector()
+
+
+def golore_projector(
+    golore_fraction: float, total_steps: int | None, before: Projector | None = None
+) -> Projector:
+    """GoLore@x%: random for the last ``golore_fraction`` of ``total_steps``, ``before``
+    (default: the exact SVD) until then.
+
+    >>> golore_projector(0.2, 1000).switch_step
+    800
+    >>> type(golore_projector(1.0, None)).__name__
+    'RandomProjector'
+    """
+    if not 0.0 < golore_fraction <= 1.0:
+        raise ValueError(f"golore_fraction must be in (0, 1], got {golore_fraction}")
+    if golore_fraction == 1.0:
+        return random()
+    if total_steps is None or total_steps <= 0:
+        raise ValueError(
+            f"golore_fraction={golore_fraction} needs total_steps > 0 to place the switch, "
+            f"got total_steps={total_steps}"
+        )
+    return hybrid(switch_step=round((1.0 - golore_fraction) * total_steps), before=before)

@@ -31,11 +31,11 @@ Leaves with fewer than ``min_size`` elements keep fp32 moments (bitsandbytes kee
 4096 elements in 32 bits); larger ones, including 1-D ones, are quantised with zero padding.
 
 Inside :func:`golore_jax.scale_by_subspace` the inner state lives on the low-rank shapes, so the
-quantised moments are those of the projected gradients. The state fields are named
-``mu_q``/``nu_q`` on purpose: ``scale_by_subspace`` rotates only fields named
-``mu``/``trace``/``ema``/``momentum``/``nu``, so ``momentum_projection=True`` and
-``second_moment="project"``/``"reset"`` do not apply to 8-bit moments (they are kept as they are,
-GaLore's default behaviour); rotating codes would be meaningless.
+quantised moments are those of the projected gradients. Their state declares no moment to
+:mod:`golore_jax.rotation` (``register_moments(ScaleByAdam8bitState, {})``), so
+``momentum_projection=True`` and ``second_moment="project"``/``"reset"`` do not apply to 8-bit
+moments (they are kept as they are, GaLore's default behaviour): rotating codes would be
+meaningless.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from golore_jax import rotation
 
 # Levels of the signed first-moment map, ascending; code c in [-127, 127] is index c + 127.
 _K_SIGNED = np.arange(-127, 128, dtype=np.float64)
@@ -191,6 +193,11 @@ def scale_by_adam_8bit(
 
     State bytes of a quantised leaf of ``n`` elements: ``2 * B * block_size + 8 * B`` with
     ``B = ceil(n / block_size)``, against ``8 * n`` for fp32 moments (about 1/4).
+
+    >>> params = {"w": jnp.zeros((64, 64))}
+    >>> state = scale_by_adam_8bit(min_size=1024).init(params)
+    >>> state.mu_q["w"].codes.dtype.name, state.mu_q["w"].codes.shape, state_nbytes(state)
+    ('int8', (16, 256), 8324)
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(
@@ -238,3 +245,7 @@ def scale_by_adam_8bit(
         )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+# The codes are not moments a change of basis may rotate (see the module docstring).
+rotation.register_moments(ScaleByAdam8bitState, {})

@@ -16,13 +16,15 @@ change: entries at positions that stay selected carry over, entries at newly sel
 start at 0, entries that leave the mask are dropped. Here the mask is stored as ``k`` sorted flat
 indices per leaf and the inner optax transform runs on the ``k`` selected values (a ``(k,)``
 vector), so the state holds ``k`` int32 indices plus the inner state on ``k`` values, never a
-dense ``m x n`` array. At a refresh every moment field of the inner state (``mu``, ``nu``,
-``trace``, ``ema``, ``momentum``) is remapped by that rule: with optax's ``ema`` of decay
-``1 - b1`` (undebiased) as ``inner`` the back-projected update is exactly Algorithm 5's ``M``.
+dense ``m x n`` array. At a refresh every moment the inner state declares
+(:mod:`golore_jax.rotation`: ``mu``, ``nu``, ``trace``, ``ema`` of optax's states) is remapped
+by that rule: with optax's ``ema`` of decay ``1 - b1`` (undebiased) as ``inner`` the
+back-projected update is exactly Algorithm 5's ``M``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -31,11 +33,14 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec
 
-from golore_jax import subspace as subspace_lib
+from golore_jax import partitioning, rotation
+from golore_jax.finish import decay_and_learning_rate
+from golore_jax.planning import as_key, require_finite, require_positive_int, resolve_mask
+from golore_jax.tail import update_through
 
 SELECTORS = ("topk", "random")
-MOMENT_FIELDS = subspace_lib.FIRST_MOMENT_FIELDS | subspace_lib.SECOND_MOMENT_FIELDS
 
 CountRule = int | Callable[[str, tuple[int, ...]], int | None]
 
@@ -91,7 +96,7 @@ def _leaf_count(
 
 def _plan(tree: Any, mask: Any, k: CountRule | None, density: float | None):
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    selected = subspace_lib._resolve_mask(mask, tree)
+    selected = resolve_mask(mask, tree)
     counts = [
         _leaf_count(jax.tree_util.keystr(path), leaf, sel, k, density)
         for (path, leaf), sel in zip(leaves_with_paths, selected, strict=True)
@@ -123,6 +128,47 @@ def remap_values(values: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array
     pos = jnp.clip(jnp.searchsorted(old, new), 0, old.shape[0] - 1)
     found = old[pos] == new
     return jnp.where(found, values[pos], jnp.zeros_like(values))
+
+
+def refresh_indices(
+    selector: str,
+    counts: list[int | None],
+    indices: list[Any],
+    chooser: list[jax.Array],
+    key: jax.Array,
+) -> list[Any]:
+    """The new positions of each sparsified leaf ``i`` (``counts[i]`` of them), chosen from
+    ``chooser[i]`` with ``key`` folded with ``i``. Top-k never chooses from a non-finite or
+    all-zero gradient: that leaf keeps its old positions."""
+    new = list(indices)
+    for i, c in enumerate(counts):
+        if c is None:
+            continue
+        g = chooser[i]
+        candidate = select_indices(selector, jax.random.fold_in(key, i), g.astype(jnp.float32), c)
+        if selector == "topk":
+            ok = jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
+            candidate = jnp.where(ok, candidate, indices[i])
+        new[i] = candidate
+    return new
+
+
+def remap_state(
+    inner_state: Any, treedef: Any, counts: list[int | None], old: list[Any], new: list[Any]
+) -> Any:
+    """Every moment the inner state declares (:mod:`golore_jax.rotation`, both kinds), moved
+    from positions ``old`` to ``new`` by :func:`remap_values`."""
+
+    def remap(tree):
+        leaves = treedef.flatten_up_to(tree)
+        return treedef.unflatten(
+            [
+                x if c is None else remap_values(x, old[i], new[i])
+                for i, (x, c) in enumerate(zip(leaves, counts, strict=True))
+            ]
+        )
+
+    return rotation.map_moments(inner_state, treedef, lambda kind: remap)
 
 
 def gather(g: jax.Array, idx: jax.Array) -> jax.Array:
@@ -168,8 +214,14 @@ def scale_by_sparse_subspace(
     Extra args:
       ``subspace_grads``: a gradient tree like ``updates`` used only to choose the mask
       (Algorithm 5's large-batch variant). Other extra args are passed to ``inner``.
+
+    >>> params = {"w": jnp.arange(24.0).reshape(4, 6)}
+    >>> tx = scale_by_sparse_subspace(optax.identity(), k=3, update_every=10)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> state.indices["w"].tolist(), jnp.flatnonzero(updates["w"]).tolist()
+    ([21, 22, 23], [21, 22, 23])
     """
-    subspace_lib._require_positive_int("scale_by_sparse_subspace", "update_every", update_every)
+    require_positive_int("scale_by_sparse_subspace", "update_every", update_every)
     if (k is None) == (density is None):
         raise ValueError(
             f"scale_by_sparse_subspace: give exactly one of k and density, got k={k!r}, "
@@ -181,8 +233,7 @@ def scale_by_sparse_subspace(
         raise ValueError(
             f"scale_by_sparse_subspace: selector must be one of {SELECTORS}, got {selector!r}"
         )
-    if isinstance(scale, int | float) and not math.isfinite(scale):
-        raise ValueError(f"scale_by_sparse_subspace: scale must be finite, got {scale!r}")
+    require_finite("scale_by_sparse_subspace", "scale", scale)
     inner = optax.with_extra_args_support(inner)
 
     def plan(tree):
@@ -202,7 +253,7 @@ def scale_by_sparse_subspace(
         ]
         return ScaleBySparseSubspaceState(
             count=jnp.zeros([], jnp.int32),
-            key=subspace_lib._as_key(seed),
+            key=as_key(seed),
             indices=treedef.unflatten(indices),
             inner_state=inner.init(treedef.unflatten(values)),
         )
@@ -216,33 +267,9 @@ def scale_by_sparse_subspace(
 
         def refresh(operands):
             indices, inner_state = operands
-            new = list(indices)
-            for i, c in enumerate(counts):
-                if c is None:
-                    continue
-                g = chooser[i]
-                candidate = select_indices(
-                    selector, jax.random.fold_in(refresh_key, i), g.astype(jnp.float32), c
-                )
-                if selector == "topk":
-                    # Never choose from a non-finite or all-zero gradient: keep the old mask.
-                    ok = jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
-                    candidate = jnp.where(ok, candidate, indices[i])
-                new[i] = candidate
+            new = refresh_indices(selector, counts, indices, chooser, refresh_key)
             if remap_moments:
-
-                def remap(tree):
-                    leaves = treedef.flatten_up_to(tree)
-                    return treedef.unflatten(
-                        [
-                            x if c is None else remap_values(x, indices[i], new[i])
-                            for i, (x, c) in enumerate(zip(leaves, counts, strict=True))
-                        ]
-                    )
-
-                inner_state = subspace_lib._map_moments(
-                    inner_state, treedef, lambda name: remap if name in MOMENT_FIELDS else None
-                )
+                inner_state = remap_state(inner_state, treedef, counts, indices, new)
             return new, inner_state
 
         is_refresh = state.count % update_every == 0
@@ -257,7 +284,7 @@ def scale_by_sparse_subspace(
             return lambda n: scatter(n, idx, shape)
 
         selected = [(c, idx, g.shape) for c, idx, g in zip(counts, new_indices, grads, strict=True)]
-        out, inner_state = subspace_lib.update_through(
+        out, inner_state = update_through(
             inner,
             treedef,
             grads,
@@ -282,3 +309,116 @@ def scale_by_sparse_subspace(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def gasare_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    density: float | None = 0.25,
+    k: CountRule | None = None,
+    update_every: int = 200,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    weight_decay_mask: Any = None,
+    mask: Any = None,
+    seed: int = 0,
+    selector: str = "topk",
+) -> optax.GradientTransformationExtraArgs:
+    """GaSare-AdamW (Appendix C, Algorithm 5): Adam on the Top-k entries of ``|G|``.
+
+    ``density=0.25`` keeps as many values as GaLore's rank 128 on 512-wide matrices
+    (LLaMA-60M); ``k`` (an int or a rule) overrides it. Other defaults as
+    :func:`golore_jax.galore_adamw`; :func:`gosare_adamw` is ``selector="random"``.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.ones((4, 6))}
+    >>> tx = gasare_adamw(1e-3, k=3, update_every=10, weight_decay=0.0)
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> updates["w"].shape, state[0].indices["w"].shape, int((updates["w"] != 0).sum())
+    ((4, 6), (3,), 3)
+    """
+    core = scale_by_sparse_subspace(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        k=k,
+        density=None if k is not None else density,  # an explicit k replaces the density
+        update_every=update_every,
+        selector=selector,
+        scale=scale,
+        mask=mask,
+        seed=seed,
+    )
+    return optax.chain(
+        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
+    )
+
+
+def gasare_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    density: float | None = 0.25,
+    k: CountRule | None = None,
+    update_every: int = 200,
+    scale: float = 0.25,
+    momentum: float | None = 0.9,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    mask: Any = None,
+    seed: int = 0,
+    selector: str = "topk",
+) -> optax.GradientTransformationExtraArgs:
+    """GaSare with (momentum) SGD: Algorithm 5's MSGD (optax's momentum convention, see
+    :mod:`golore_jax.aliases`); :func:`gosare_sgd` is ``selector="random"``.
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.arange(24.0).reshape(4, 6)}
+    >>> tx = gasare_sgd(1.0, k=2, update_every=10, momentum=None, scale=1.0)
+    >>> updates, _ = tx.update(params, tx.init(params), params)  # the 2 largest entries
+    >>> jnp.flatnonzero(updates["w"]).tolist(), updates["w"].min().item()
+    ([22, 23], -23.0)
+    """
+    core = scale_by_sparse_subspace(
+        optax.identity() if momentum is None else optax.trace(decay=momentum),
+        k=k,
+        density=None if k is not None else density,  # an explicit k replaces the density
+        update_every=update_every,
+        selector=selector,
+        scale=scale,
+        mask=mask,
+        seed=seed,
+    )
+    return optax.chain(
+        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
+    )
+
+
+# GoSare: the k entries are drawn uniformly at random at every refresh.
+gosare_adamw = functools.partial(gasare_adamw, selector="random")
+gosare_sgd = functools.partial(gasare_sgd, selector="random")
+
+
+def _partition_specs(
+    state: ScaleBySparseSubspaceState, context: partitioning.SpecContext
+) -> ScaleBySparseSubspaceState:
+    """The k values and indices of a sparsified leaf are replicated (its k positions are
+    scattered over the whole matrix); moments of other leaves take their param's spec."""
+    treedef = jax.tree_util.tree_structure(context.params)
+    indices = treedef.flatten_up_to(state.indices)
+    kept = [isinstance(i, optax.MaskedNode) for i in indices]
+    values = [
+        spec if k else PartitionSpec()
+        for k, spec in zip(kept, treedef.flatten_up_to(context.param_specs), strict=True)
+    ]
+    return ScaleBySparseSubspaceState(
+        count=PartitionSpec(),
+        key=PartitionSpec(),
+        indices=treedef.unflatten(
+            [i if k else PartitionSpec() for k, i in zip(kept, indices, strict=True)]
+        ),
+        inner_state=partitioning.walk(state.inner_state, treedef, treedef.unflatten(values)),
+    )
+
+
+partitioning.register_partition_rule(ScaleBySparseSubspaceState, _partition_specs)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
 import golore_jax as gl
+from golore_jax import partitioning
 from golore_jax.partitioning import state_partition_specs
 
 RANK = 2
@@ -109,3 +112,28 @@ def test_low_rank_moments_shard_their_rank_dim_given_the_mesh():
     assert uneven["tall"] == P("x", "y")
     bases = state_partition_specs(state, PARAMS, SPECS, {"x": 2, "y": 2})[0].bases
     assert {k: bases[k] for k in EXPECTED} == {k: v[0] for k, v in EXPECTED.items()}
+
+
+class _ToyState(NamedTuple):
+    """A new transform's state: a params-shaped table its own rule keeps replicated."""
+
+    count: jax.Array
+    table: Any
+
+
+def test_a_registered_rule_gives_the_specs_of_its_state_type():
+    """Without a rule a params-shaped field takes the params' specs; a rule registered for the
+    state type (as a new transform's module does) decides instead, also inside a chain."""
+    params = {"w": jax.ShapeDtypeStruct((4, 8), jnp.float32)}
+    specs = {"w": P("x", "y")}
+    state = (optax.EmptyState(), _ToyState(jnp.zeros([], jnp.int32), params))
+    assert state_partition_specs(state, params, specs)[1].table == specs
+
+    def rule(toy, context):
+        assert context.params is params and context.param_specs is specs
+        return _ToyState(count=P(), table=jax.tree.map(lambda _: P(), toy.table))
+
+    partitioning.register_partition_rule(_ToyState, rule)
+    got = state_partition_specs(state, params, specs)
+    assert got[1] == _ToyState(count=P(), table={"w": P()})
+    assert got[0] == optax.EmptyState()

@@ -310,7 +310,7 @@ def test_compile_time_benchmark_rows(tmp_path):
 def test_usable_gradient_is_finite_and_nonzero(values):
     """The one-reduction check (max |g|, cheaper to compile) says what all(isfinite(g)) &
     any(g != 0) says, eagerly, under jit and under vmap (the batched refresh)."""
-    from golore_jax.subspace import _usable_gradient
+    from golore_jax.refresh import usable_gradient as _usable_gradient
 
     g = jnp.asarray(values, jnp.float32).reshape(1, 2)
     expected = bool(np.all(np.isfinite(values)) and np.any(np.asarray(values) != 0))

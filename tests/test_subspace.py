@@ -514,14 +514,14 @@ def test_state_is_a_namedtuple_with_masked_nodes_for_unprojected_leaves():
 
 
 # --------------------------------------------------------------------------------------------
-# in_subspace: updates given as low-rank gradients (the ReLoRA-like path of train/relora.py)
+# low_rank_update: gradients given in the subspace (the ReLoRA-like path of train/relora.py)
 # --------------------------------------------------------------------------------------------
 
 
 class InSubspaceTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_low_rank_gradients_give_the_projected_update_and_state(self):
-        """Between refreshes, feeding R = P^T G (left) / G Q (right) with in_subspace=True gives
+        """Between refreshes, feeding R = P^T G (left) / G Q (right) to low_rank_update gives
         scale * N with P (scale * N) == the plain update, and the same next state."""
         grads = _grad_sequence(steps=3)
         params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:]), grads)
@@ -541,7 +541,7 @@ class InSubspaceTest(chex.TestCase):
                 k: g if lays[k] is None else layout.project(g, state.bases[k], lays[k])
                 for k, g in g1.items()
             }
-            got, got_state = tx.update(low, state, params, in_subspace=True)
+            got, got_state = gl.low_rank_update(tx, low, state, params)
             return plain, plain_state, got, got_state, state.bases
 
         plain, plain_state, got, got_state, bases = self.variant(run)(grads)
@@ -567,6 +567,6 @@ class InSubspaceTest(chex.TestCase):
         tx = gl.scale_by_subspace(optax.identity(), rank=2, update_every=3)
         state = tx.init(params)
         with pytest.raises(ValueError, match="needs params"):
-            tx.update(params, state, None, in_subspace=True)
+            gl.low_rank_update(tx, params, state, None)
         with pytest.raises(ValueError, match=r"leaf \['a'\] must have the low-rank shape \(2, 6\)"):
-            tx.update(params, state, params, in_subspace=True)
+            gl.low_rank_update(tx, params, state, params)

@@ -12,7 +12,7 @@ of ``6bmn`` backward+forward FLOPs for a batch of ``b`` tokens).
 A refresh needs the full gradient once: at steps where the optimizer refreshes
 (``count % update_every == 0``) we merge ``W0 <- W0 + P A``, reset ``A = 0``, take the full
 gradient and run the plain transform (which chooses the new basis). Every other step runs the
-cheap path and calls the same transform with ``in_subspace=True``. Both paths are branches of
+cheap path and calls the same transform through ``gl.low_rank_update``. Both paths are branches of
 one ``lax.cond``, so the loop, checkpoints and shardings stay those of the plain trainer; the
 state carries ``A`` beside the params (``W0`` for projected leaves). Bases live in the optimizer
 state, where the plain transform keeps them.
@@ -25,6 +25,7 @@ full one) and no weight decay (it acts on the full ``W``, which this path never 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -261,7 +262,7 @@ def make_steps(
                 return treedef.unflatten(new_params), treedef.unflatten(new_adapters)
 
             (params, adapters), opt_state = step_lib.apply_gradients(
-                tx.update, grads, opt_state, params, apply_low_rank, in_subspace=True
+                functools.partial(gl.low_rank_update, tx), grads, opt_state, params, apply_low_rank
             )
             return params, opt_state, adapters
 

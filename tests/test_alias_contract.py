@@ -1,0 +1,210 @@
+"""One optax-contract table over every alias of golore_jax (as optax's contrib/_common_test.py).
+
+Every public ``golore_jax`` name shaped like an optax alias (``name(learning_rate, *, ...)``)
+must have a row in ``ALIASES``: a new alias without one fails ``test_every_alias_is_in_the_
+table``. Each row runs through the same checks: jit and no jit agree, updates have the params'
+shapes and dtypes (float32 and bfloat16 params), the alias works inside optax wrappers
+(``chain``, ``masked``, ``MultiSteps``, ``inject_hyperparams``), and a state round-tripped
+through a serialisation (flattened to host arrays, PRNG keys as key data) gives the same next
+update.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+
+import golore_jax as gl
+
+# Small enough to be cheap, big enough that every alias projects "a" (rank 2 of a 6x4) and
+# leaves "b" (a vector) at full shape. "a" is the first leaf, so that its update (random
+# subspaces included: a leaf's key is folded with its index) is the same with "b" masked out.
+# update_every=2: steps 0 and 2 refresh.
+ALIASES = {
+    "galore_adamw": dict(rank=2, update_every=2),
+    "galore_sgd": dict(rank=2, update_every=2),
+    "golore_adamw": dict(rank=2, update_every=2),
+    "golore_sgd": dict(rank=2, update_every=2),
+    "gasare_adamw": dict(k=5, update_every=2),
+    "gasare_sgd": dict(k=5, update_every=2),
+    "gosare_adamw": dict(k=5, update_every=2),
+    "gosare_sgd": dict(k=5, update_every=2),
+    "osd_adamw": dict(rank=2, update_every=1),
+    "osd_sgd": dict(rank=2, update_every=1),
+}
+LEARNING_RATE = 0.1
+SHAPES = {"a": (6, 4), "b": (4,)}
+STEPS = 3
+
+
+def public_aliases() -> set[str]:
+    """Public names of ``golore_jax`` called like an optax alias: ``(learning_rate, *, ...)``."""
+    found = set()
+    for name in gl.__all__:
+        obj = getattr(gl, name)
+        if not callable(obj) or inspect.isclass(obj):
+            continue
+        params = list(inspect.signature(obj).parameters.values())
+        if (
+            params
+            and params[0].name == "learning_rate"
+            and all(p.kind == p.KEYWORD_ONLY for p in params[1:])
+        ):
+            found.add(name)
+    return found
+
+
+def _tree(seed: int, dtype=jnp.float32) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(rng.standard_normal(s), dtype) for k, s in SHAPES.items()}
+
+
+@functools.cache
+def _make(name: str) -> optax.GradientTransformation:
+    """One transform per alias for the whole module, so that its jitted update compiles once
+    per input signature (compiling is most of this table's time)."""
+    return getattr(gl, name)(LEARNING_RATE, **ALIASES[name])
+
+
+@functools.cache
+def _jitted(name: str):
+    return jax.jit(_make(name).update)
+
+
+def _run(tx, params, steps=STEPS, update=None):
+    """Updates of ``steps`` steps on fixed gradients, and the final state."""
+    update = update or tx.update
+    state = tx.init(params)
+    outs = []
+    for t in range(steps):
+        u, state = update(_tree(10 + t, jax.tree.leaves(params)[0].dtype), state, params)
+        outs.append(u)
+    return outs, state
+
+
+def test_every_alias_is_in_the_table():
+    """The table covers exactly the package's optimizer aliases (10 today; golore_projector and
+    paper_msgd_hyperparams are helpers, not optimizers): none can be forgotten."""
+    assert public_aliases() == set(ALIASES)
+
+
+def _serialize(state):
+    """Host copies of the leaves (typed PRNG keys as their key data) and the structure."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    out = []
+    for x in leaves:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            out.append(("key", np.asarray(jax.random.key_data(x))))
+        else:
+            out.append(("array", np.asarray(x)))
+    return out, treedef
+
+
+def _deserialize(saved):
+    leaves, treedef = saved
+    restored = [
+        jax.random.wrap_key_data(jnp.asarray(x)) if kind == "key" else jnp.asarray(x)
+        for kind, x in leaves
+    ]
+    return jax.tree_util.tree_unflatten(treedef, restored)
+
+
+class AliasContractTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*ALIASES)
+    def test_updates_match_params_and_jit_equals_eager(self, name):
+        """Every update has its param's shape and dtype, is finite and moves the params; the
+        jitted and eager steps agree."""
+        tx = _make(name)
+        params = _tree(0)
+        outs, _ = _run(tx, params, steps=2, update=self.variant(tx.update))
+        for u in outs:
+            chex.assert_trees_all_equal_shapes_and_dtypes(u, params)
+            chex.assert_tree_all_finite(u)
+        assert float(jnp.abs(outs[-1]["a"]).max()) > 0
+        reference, _ = _run(tx, params, steps=2, update=_jitted(name))
+        chex.assert_trees_all_close(outs, reference, rtol=1e-5, atol=1e-6)
+
+    @parameterized.parameters(*ALIASES)
+    def test_bfloat16_params_get_bfloat16_updates(self, name):
+        """With bfloat16 params the updates are bfloat16, finite, and the state's float
+        leaves stay fp32 or bf16 (no float64, nothing lost to int)."""
+        tx = _make(name)
+        params = _tree(0, jnp.bfloat16)
+        outs, state = _run(tx, params, update=_jitted(name))
+        for u in outs:
+            chex.assert_trees_all_equal_shapes_and_dtypes(u, params)
+            chex.assert_tree_all_finite(u)
+        floats = [x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+        assert set(floats) <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}, floats
+
+    @parameterized.parameters(*ALIASES)
+    def test_inside_optax_wrappers(self, name):
+        """MultiSteps(2, chain(inactive clip, masked(inject_hyperparams(alias)))): the first
+        mini-step applies nothing; the second applies the alias's step on the mean gradient to
+        the selected leaf and passes the masked-out one through; doubling the injected learning
+        rate doubles the step. (One program for the four wrappers: compiling is most of this
+        table's time.)"""
+        params, g1, g2 = _tree(0), _tree(1), _tree(2)
+        alias = getattr(gl, name)
+        static = [p for p in inspect.signature(alias).parameters if p != "learning_rate"]
+        injected = optax.inject_hyperparams(alias, static_args=static)(
+            learning_rate=LEARNING_RATE, **ALIASES[name]
+        )
+        masked = optax.masked(injected, {"a": True, "b": False})
+        multi = optax.MultiSteps(
+            optax.chain(optax.clip_by_global_norm(1e6), masked), every_k_schedule=2
+        )
+        update = jax.jit(multi.update)
+        first, state = update(g1, multi.init(params), params)
+        chex.assert_trees_all_equal(first, jax.tree.map(jnp.zeros_like, first))
+        second, _ = update(g2, state, params)
+
+        tx = _make(name)
+        mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+        on_mean, _ = _jitted(name)(mean, tx.init(params), params)
+        chex.assert_trees_all_close(second["a"], on_mean["a"], rtol=1e-5, atol=1e-7)
+        chex.assert_trees_all_close(second["b"], mean["b"], rtol=1e-6)
+        assert float(jnp.abs(second["a"]).max()) > 0
+
+        hyperparams = state.inner_opt_state[1].inner_state.hyperparams
+        hyperparams["learning_rate"] = jnp.asarray(2 * LEARNING_RATE)
+        doubled, _ = update(g2, state, params)
+        chex.assert_trees_all_close(doubled["a"], 2 * second["a"], rtol=1e-5, atol=1e-7)
+
+    @parameterized.parameters(*ALIASES)
+    def test_resume_from_a_serialized_state(self, name):
+        """A state saved after two steps and restored gives the same next update and state
+        (the third step refreshes: random subspaces are drawn from the restored key)."""
+        tx = _make(name)
+        params = _tree(0)
+        update = _jitted(name)
+        _, state = _run(tx, params, steps=2, update=update)
+        restored = _deserialize(_serialize(state))
+        want = update(_tree(12), state, params)
+        got = update(_tree(12), restored, params)
+        chex.assert_trees_all_equal(jax.tree.map(_plain, got), jax.tree.map(_plain, want))
+
+
+def _plain(x):
+    """Key data for typed keys (which equality cannot compare), the array otherwise."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(x)
+    return x
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "gasare_adamw", "osd_adamw"])
+def test_alias_is_one_chain_of_core_and_tail(name):
+    """An alias is its core transform, then decayed weights and the learning rate: its state
+    is a chain state of three parts (weight decay on by default for the AdamW aliases)."""
+    state = _make(name).init(_tree(0))
+    assert isinstance(state, tuple) and len(state) == 3
+    assert isinstance(state[1], optax.AddDecayedWeightsState)
