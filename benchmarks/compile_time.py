@@ -152,7 +152,7 @@ def measure_train_step(model: str, name: str, repeats: int) -> dict[str, Any]:
         raise ValueError(f"--optimizers: unknown {name!r}; one of {TRAIN_STEP_OPTIMIZERS}")
     config = importlib.import_module(f"configs.{model}").get_config()
     config.optimizer.name = "galore" if name == "galore_gram" else name
-    config.optimizer.projector = "gram_eigh" if name == "galore_gram" else "svd"
+    config.optimizer.subspace.projector = "gram_eigh" if name == "galore_gram" else "svd"
     mesh = sharding_lib.make_mesh(config.mesh)
     times = []
     for _ in range(repeats):

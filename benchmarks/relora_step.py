@@ -41,10 +41,10 @@ def _config(model_name: str, path: str, update_every: int, seq: int, batch: int,
     config.model.max_seq_len = seq
     config.seq_len, config.batch_size = seq, batch
     config.num_steps = 10**6
-    opt = config.optimizer
-    opt.name, opt.projector, opt.rank, opt.update_every = "galore", "gram_eigh", rank, update_every
-    opt.grad_clip, opt.weight_decay, opt.scale = 0.0, 0.0, 0.25
-    opt.relora = path == "relora"
+    opt, sub = config.optimizer, config.optimizer.subspace
+    opt.name, opt.grad_clip, opt.weight_decay = "galore", 0.0, 0.0
+    sub.projector, sub.rank, sub.update_every, sub.scale = "gram_eigh", rank, update_every, 0.25
+    config.step.relora = path == "relora"
     return config
 
 
@@ -93,7 +93,7 @@ def run_one(
             weights = previous.weights(state)
             opt_state = state.opt_state
             adapters = None
-            if config.optimizer.relora:
+            if config.step.relora:
                 adapters = relora_lib.init_adapters(weights, relora_lib.layouts_of(weights, rank))
             state = main_lib.TrainState(state.step, weights, opt_state, state.skipped, adapters)
             state = jax.device_put(state, trainer.state_sharding)

@@ -24,7 +24,7 @@ MESHES = {"1": (1, 1, 1), "2x2x2": (2, 2, 2)}
 def run(tmp: pathlib.Path, steps: int = 3) -> dict:
     config = tiny_config(
         tmp,
-        **{"optimizer.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True},
+        **{"step.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True},
     )
     datasets = data_lib.build_datasets(
         config.data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=0

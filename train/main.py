@@ -45,7 +45,7 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     skipped: jax.Array  # int32, steps skipped for non-finite loss or gradients
-    # ReLoRA-like runs (config.optimizer.relora): A per projected leaf, whose params hold W0.
+    # ReLoRA-like runs (config.step.relora): A per projected leaf, whose params hold W0.
     adapters: Any = None
 
 
@@ -93,25 +93,25 @@ def validate_config(config: Any) -> None:
         raise ConfigError(
             f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}"
         )
-    optimizer_lib.validate(config.optimizer, num_steps=config.num_steps)
-    if config.optimizer.get("stochastic_rounding") and config.model.param_dtype != "bfloat16":
+    optimizer_lib.validate(config.optimizer, num_steps=config.num_steps, step=config.step)
+    if config.step.stochastic_rounding and config.model.param_dtype != "bfloat16":
         raise ConfigError(
-            "config.optimizer.stochastic_rounding=True needs config.model.param_dtype="
+            "config.step.stochastic_rounding=True needs config.model.param_dtype="
             f"'bfloat16', got {config.model.param_dtype!r}"
         )
-    if config.optimizer.get("stochastic_rounding") and config.optimizer.relora:
+    if config.step.stochastic_rounding and config.step.relora:
         raise ConfigError(
-            "config.optimizer.stochastic_rounding=True is not supported with "
-            "config.optimizer.relora=True (the ReLoRA-like step applies its own updates)"
+            "config.step.stochastic_rounding=True is not supported with "
+            "config.step.relora=True (the ReLoRA-like step applies its own updates)"
         )
-    if config.optimizer.relora and config.model.scan_layers:
+    if config.step.relora and config.model.scan_layers:
         raise ConfigError(
-            "config.optimizer.relora=True needs config.model.scan_layers=False (the ReLoRA-like "
+            "config.step.relora=True needs config.model.scan_layers=False (the ReLoRA-like "
             "path reparameterises each layer's 2-D kernels)"
         )
-    if config.optimizer.get("layerwise") and not config.model.scan_layers:
+    if config.step.layerwise and not config.model.scan_layers:
         raise ConfigError(
-            "config.optimizer.layerwise=True needs config.model.scan_layers=True (it scans "
+            "config.step.layerwise=True needs config.model.scan_layers=True (it scans "
             "over the stacked layers)"
         )
     distributed_lib.validate(config)
@@ -149,12 +149,12 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     model_config = model_lib.LlamaConfig.from_dict(config.model)
     model = model_lib.LlamaForCausalLM(model_config)
     tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps, num_devices=mesh.size)
-    apply_updates = optimizer_lib.update_applier(config.optimizer, config.seed)
+    apply_updates = optimizer_lib.update_applier(config.step, config.seed)
     dummy = jnp.zeros((1, config.seq_len), jnp.int32)
-    layerwise = bool(config.optimizer.get("layerwise"))
+    layerwise = bool(config.step.layerwise)
     per_layer = layerwise or _stacked_subspace(config)
     if layerwise:  # one copy of tx per decoder layer, updated inside the backward pass
-        clip = config.optimizer.layer_grad_clip or None
+        clip = config.step.layer_grad_clip or None
         layer_tx = gl.layerwise.per_layer_transform(tx, clip)
         tx = gl.layerwise.layerwise(tx, layerwise_lib.STACK_PATH, clip_norm=clip)
     elif per_layer:
@@ -180,10 +180,10 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
             f"axes ({batch_size_per_shard})"
         )
     replicated = sharding_lib.replicated(mesh)
-    relora = bool(config.optimizer.relora)
+    relora = bool(config.step.relora)
     layouts = (
         relora_lib.layouts_of(
-            param_shapes, config.optimizer.rank, config.optimizer.get("side", "gradient")
+            param_shapes, config.optimizer.subspace.rank, config.optimizer.subspace.side
         )
         if relora
         else None
@@ -247,7 +247,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         )
     if relora:
         train_step = relora_lib.make_train_step(
-            model.apply, cross_entropy, tx, layouts, config.optimizer.update_every, finish
+            model.apply, cross_entropy, tx, layouts, config.optimizer.subspace.update_every, finish
         )
 
     def merged_weights(state):  # ReLoRA-like runs: W0 + P A
@@ -401,7 +401,7 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     if config.distributed:
         distributed_lib.initialize(config)
     check_directories(config, workdir)
-    if config.get("compilation_cache_dir"):  # before the first compile, the lock's included
+    if config.compilation_cache_dir:  # before the first compile, the lock's included
         use_compilation_cache(config.compilation_cache_dir)
     _warn_small_cpu_thread_pool()
     with checkpoint_lib.WorkdirLock(workdir):
@@ -417,9 +417,9 @@ def check_directories(config: Any, workdir: pathlib.Path) -> None:
     metrics = workdir / "metrics.jsonl"
     if metrics.exists() and not os.access(metrics, os.W_OK):
         raise WorkdirError(f"{metrics} is not writable")
-    if config.data.get("cache_dir"):
+    if config.data.cache_dir:
         checkpoint_lib.check_writable(pathlib.Path(config.data.cache_dir), "config.data.cache_dir")
-    if config.get("compilation_cache_dir"):
+    if config.compilation_cache_dir:
         checkpoint_lib.check_writable(
             pathlib.Path(config.compilation_cache_dir), "config.compilation_cache_dir"
         )
