@@ -47,7 +47,7 @@ from benchmarks import report
 from benchmarks.train_step import PEAK_BF16_FLOPS, model_config
 from train import xla_flags
 
-MODELS = ("llama_tiny", "llama_1b", "llama_7b")  # shapes: benchmarks.train_step.MODELS
+MODELS = ("llama_tiny", "llama_1b", "llama_7b")  # shapes: configs/models.py
 REFRESH_MODES = ("batched", "per_leaf", "batchedN")  # batchedN: at most N matrices per call
 GIB = 2**30
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"

@@ -379,6 +379,17 @@ def table(tmp: pathlib.Path) -> None:
         ("optimizer.min_lr_ratio=2", {"optimizer.min_lr_ratio": 2.0}),
         ("optimizer.subspace.update_every=0", {"optimizer.subspace.update_every": 0}),
         ("optimizer.subspace.golore_fraction=1.5", {"optimizer.subspace.golore_fraction": 1.5}),
+        ("optimizer.subspace.projector='qr'", {"optimizer.subspace.projector": "qr"}),
+        (
+            "optimizer.sparse.density=1.5, name='gasare'",
+            {"optimizer.name": "gasare", "optimizer.sparse.density": 1.5},
+        ),
+        (
+            "optimizer.online.projector_learning_rate=0, name='osd'",
+            {"optimizer.name": "osd", "optimizer.online.projector_learning_rate": 0.0},
+        ),
+        ("step.layer_grad_clip=1 without step.layerwise", {"step.layer_grad_clip": 1.0}),
+        ("step.relora=True with optimizer.grad_clip=1", {"step.relora": True}),
         ("eval_batches=0", {"eval_batches": 0}),
         ("run_steps=0", {"run_steps": 0}),
         ("checkpoint_every=0", {"checkpoint_every": 0}),
