@@ -1,0 +1,121 @@
+"""Does each memory option change the held-out loss? (EXPERIMENTS.md, issue 19).
+
+LLaMA-60M, GaLore (gram_eigh), 2,000 steps of configs/llama_60m.py's recipe, the same seeds
+(init and data order) for every option; each option is compared with the fp32 default run of
+the same seed by experiments/projector_seeds.py's method (per-step mean ± std over seeds, and
+the paired difference with a two-sided 95% Student-t interval).
+
+    python experiments/memory_options.py run ROOT --seeds 0 1 2 [--work /tmp/w] [--options ...]
+    python experiments/memory_options.py summary ROOT
+
+``run`` takes the (seed, option) pairs in order and skips the ones another runner has claimed
+(``ROOT/<option>_s<seed>.claim``), so several runners (one per GPU) can share one list; each
+finished run leaves ``ROOT/<option>_s<seed>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import projector_seeds
+
+STEPS = 2000
+# Every run: the recipe of benchmarks/pretrain_compare.sh at 2,000 steps with GaLore.
+COMMON = [
+    "--config=configs/llama_60m.py",
+    "--config.optimizer.name=galore",
+    f"--config.num_steps={STEPS}",
+    f"--config.optimizer.warmup_steps={STEPS // 10}",
+    f"--config.eval_every={STEPS // 4}",
+    f"--config.checkpoint_every={STEPS}",
+    "--config.log_every=50",
+    "--config.data.eval_fraction=0.05",
+]
+# The layer-wise step cannot clip the global gradient norm (it never holds all gradients):
+# each layer's gradient (and the embeddings/norm/head as one group) is clipped to the same 1.0.
+LAYERWISE = [
+    "--config.model.scan_layers=True",
+    "--config.optimizer.layerwise=True",
+    "--config.optimizer.grad_clip=0",
+    "--config.optimizer.layer_grad_clip=1.0",
+]
+BF16_PARAMS = ["--config.model.param_dtype=bfloat16", "--config.optimizer.stochastic_rounding=True"]
+BF16_BASES = ["--config.optimizer.basis_dtype=bfloat16"]
+ADAM_8BIT = ["--config.optimizer.inner=adamw8bit"]
+OPTIONS = {
+    "fp32": [],
+    "layerwise": LAYERWISE,
+    "bf16_params_sr": BF16_PARAMS,
+    "bf16_bases": BF16_BASES,
+    "adam8bit": ADAM_8BIT,
+    "all": LAYERWISE + BF16_PARAMS + BF16_BASES + ADAM_8BIT,
+}
+
+
+def run(root: pathlib.Path, work: pathlib.Path, seeds: list[int], options: list[str]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for name in options:
+            run_name = f"{name}_s{seed}"
+            try:
+                (root / f"{run_name}.claim").mkdir()
+            except FileExistsError:
+                continue
+            workdir = work / run_name
+            shutil.rmtree(workdir, ignore_errors=True)
+            command = [sys.executable, "-m", "train", f"--workdir={workdir}", *COMMON]
+            command += [f"--config.seed={seed}", *OPTIONS[name]]
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+            print(f"{run_name}: rc {done.returncode}, {seconds:.0f} s | " + " | ".join(tail))
+            sys.stdout.flush()
+            if done.returncode == 0:
+                (root / run_name).mkdir(exist_ok=True)
+                shutil.copy(workdir / "metrics.jsonl", root / run_name / "metrics.jsonl")
+                info = {"seconds": seconds, "command": command[1:], "device": os.uname().nodename}
+                (root / run_name / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+            else:
+                (root / f"{run_name}.claim").rmdir()  # let a later runner retry it
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def summary(root: pathlib.Path, options: list[str]) -> None:
+    results = {}
+    for name in options:
+        if name == "fp32":
+            continue
+        try:
+            results[name] = projector_seeds.summarize(root, "fp32", name)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"{name}: {err}")
+            continue
+        print(f"\n### {name} vs fp32\n\n{projector_seeds.markdown(results[name])}")
+    (root / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("run", "summary"))
+    parser.add_argument("root", type=pathlib.Path)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--options", nargs="*", default=list(OPTIONS), choices=OPTIONS)
+    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/memory_options"))
+    args = parser.parse_args()
+    if args.mode == "run":
+        run(args.root, args.work, args.seeds, args.options)
+    else:
+        summary(args.root, args.options)
+
+
+if __name__ == "__main__":
+    main()
