@@ -24,6 +24,9 @@ Nothing is downloaded: point the config at your own local copies of the weights 
   naming the field. For WinoGrande set ``--config.data.task=winogrande`` and give files of
   ``{"sentence" with "_", "option1", "option2", "answer": "1"|"2"}``.
 
+* ``optimizer``: the pre-training block of configs/base.py (name, shared keys, ``inner``,
+  ``subspace``, ``sparse``, ``online``); fine-tuning has no ``step`` block (the layer-wise,
+  ReLoRA-like and stochastic-rounding steps are pre-training's).
 * ``mesh``: ``data x fsdp x tensor`` device counts (-1: the rest); the default is tensor
   parallelism over all devices, as the batch of 1 cannot be split.
 * ``export``: where and in which dtype the fine-tuned weights are written (Hugging Face format).

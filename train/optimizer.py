@@ -1,4 +1,12 @@
-"""The optimizer a config asks for, built from golore_jax and optax as any user would."""
+"""The optimizer a config asks for, built from golore_jax and optax as any user would.
+
+``config.optimizer`` (configs/base.py) is a ``name``, the keys every name shares (schedule,
+weight decay, clip) and one sub-block per family: ``inner`` (every name), ``subspace`` (every
+name but adamw), ``sparse`` (gasare, gosare), ``online`` (osd). :data:`FAMILY_BLOCKS` says which
+sub-blocks a name reads; :func:`validate` checks those (``_check_<block>``, one-line
+ConfigErrors naming the full key) and :data:`BUILDERS` builds the name from them. Nothing here
+restates a default: every key is read as the config declares it.
+"""
 
 from __future__ import annotations
 
