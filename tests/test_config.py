@@ -294,7 +294,8 @@ CONFIG_GET = re.compile(r"\b(config|cfg|opt|sub|inner|init|data|step)(\.\w+)*\.g
 def test_no_config_read_with_a_fallback() -> None:
     offenders = [
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-        for path in sorted((ROOT / "train").glob("*.py"))
+        for folder in ("train", "benchmarks", "experiments")
+        for path in sorted((ROOT / folder).glob("*.py"))
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if CONFIG_GET.search(line)
     ]

@@ -325,10 +325,14 @@ def test_checkpoint_fingerprint_tells_layerwise_from_plain(tmp_path):
 
 
 def test_finetune_refuses_layerwise():
+    """The fine-tuning schema has no ``step`` block (the layer-wise step is pre-training's):
+    its config, locked as the command line loads it, refuses ``step.layerwise``."""
     config = finetune_boolq.get_config()
-    config.step.layerwise = True
-    with pytest.raises(ValueError, match="layerwise=True is for pre-training"):
-        finetune.validate_config(config)
+    config.lock()
+    assert "step" not in config
+    with pytest.raises(AttributeError, match="step"):
+        config.step.layerwise = True
+    finetune.validate_config(config)  # the recipe itself passes
 
 
 def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(tmp_path):

@@ -93,9 +93,9 @@ def test_updates_below_half_a_bf16_ulp_move_params_only_with_stochastic_rounding
 def test_update_applier_keys_by_seed_and_step(tmp_path):
     params = {"w": jnp.full((256,), 1.0, jnp.bfloat16), "b": jnp.ones((4,), jnp.float32)}
     updates = {"w": jnp.full((256,), 1e-3), "b": jnp.full((4,), 1e-3)}
-    plain = optimizer_lib.update_applier(tiny_config(tmp_path).optimizer, 0)
-    rounding = optimizer_lib.update_applier(tiny_config(tmp_path, **LOW_PRECISION).optimizer, 0)
-    other_seed = optimizer_lib.update_applier(tiny_config(tmp_path, **LOW_PRECISION).optimizer, 1)
+    plain = optimizer_lib.update_applier(tiny_config(tmp_path).step, 0)
+    rounding = optimizer_lib.update_applier(tiny_config(tmp_path, **LOW_PRECISION).step, 0)
+    other_seed = optimizer_lib.update_applier(tiny_config(tmp_path, **LOW_PRECISION).step, 1)
     np.testing.assert_array_equal(np.asarray(plain(params, updates, 3)["w"], np.float32), 1.0)
     step3 = np.asarray(rounding(params, updates, jnp.int32(3))["w"], np.float32)
     np.testing.assert_array_equal(
