@@ -80,7 +80,7 @@ def run_one(
     batch = batch or max(1, BATCH_AT_SEQ_256[model_name] * 256 // seq)
     rank = rank or SHAPES[model_name].rank
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 32000, (batch, seq + 1), dtype=np.int32)
+    tokens = rng.integers(0, SHAPES[model_name].vocab, (batch, seq + 1), dtype=np.int32)
     host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     tokens_per_step = batch * seq
     # Refreshes happen at steps 0, tau, 2 tau, ...; the others are steady steps.
