@@ -89,11 +89,13 @@ def _optimizer_reads(config: ml_collections.ConfigDict) -> set[str]:
 @pytest.mark.parametrize("module", PRETRAINING)
 def test_every_pretraining_config_validates_and_builds(module: str) -> None:
     """Each configs/llama_*.py as shipped, and with every (name, inner), passes the trainer's
-    checks and builds an optimizer that initialises; nothing reads an undeclared key."""
+    checks and builds an optimizer that initialises, and its data block names the default
+    corpus; nothing reads an undeclared key."""
     config = importlib.import_module(f"configs.{module}").get_config()
     config.lock()
     main_lib.validate_config(config)
     checkpoint_lib.fingerprint(config)
+    assert "GCIDE" in data_lib.corpus_spec(data_lib.resolve_config(config.data)).description
     for name in optimizer_lib.OPTIMIZERS:
         for inner in _valid_inners(name):
             variant = config.copy_and_resolve_references()
