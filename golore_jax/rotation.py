@@ -143,14 +143,16 @@ def _register_optax_states() -> None:
         (optax.contrib.ScaleByAdemamixState, {"nu": SECOND}),
         (optax.contrib.SophiaState, {"mu": FIRST, "nu": SECOND}),
     ]
+
     # The bias-corrected RMS / stddev states are not exported by optax: take their types from
-    # the public constructors.
-    states.append((type(optax.scale_by_rms(bias_correction=True).init({})), {"nu": SECOND}))
+    # the public constructors, traced abstractly (an eager init would start the XLA backend at
+    # import time, before a multi-process run may call jax.distributed.initialize).
+    def state_type(transform: optax.GradientTransformation) -> type:
+        return type(jax.eval_shape(transform.init, {}))
+
+    states.append((state_type(optax.scale_by_rms(bias_correction=True)), {"nu": SECOND}))
     states.append(
-        (
-            type(optax.scale_by_stddev(bias_correction=True).init({})),
-            {"mu": FIRST, "nu": SECOND},
-        )
+        (state_type(optax.scale_by_stddev(bias_correction=True)), {"mu": FIRST, "nu": SECOND})
     )
     for state_type, fields in states:
         register_moments(state_type, fields)
