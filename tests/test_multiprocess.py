@@ -118,6 +118,12 @@ def _run_scenarios(tmp: pathlib.Path) -> dict:
 
         pair = _pair("resume", tmp)
         pair[1].wait_for("PAUSED 13")
+        # Process 0 logs step 13 after its own step returns: on a loaded machine that can come
+        # after process 1's PAUSED line; kill once step 13 is on disk (bounded).
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while '"step": 13,' not in (workdir / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline, "step 13 never reached metrics.jsonl"
+            time.sleep(0.05)
         out["launch_c_s"] = time.monotonic() - start
         out["resume_output"] = [p.output for p in pair]
         killed = time.monotonic()
