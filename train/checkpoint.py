@@ -79,7 +79,12 @@ MUST_MATCH_WHEN_SET = ("step.layerwise",)  # the layer-wise optimizer state diff
 
 def fingerprint(config: Any) -> dict[str, Any]:
     """The fields of ``config`` a checkpoint must agree with, JSON-normalised."""
-    fields = {k: _lookup(config, k) for k in MUST_MATCH}
+    fields = {}
+    for key in MUST_MATCH:  # a program without a block (fine-tuning has no `step`) skips it
+        try:
+            fields[key] = _lookup(config, key)
+        except (KeyError, AttributeError):
+            continue
     fields.update({k: True for k in MUST_MATCH_WHEN_SET if _is_set(config, k)})
     found = json.loads(json.dumps(fields, default=str))
     return comparable(found)
