@@ -26,14 +26,10 @@ import time
 from typing import Any
 
 from benchmarks import report
+from configs.models import MODELS
 
-# hidden, intermediate, GaLore rank (benchmarks/train_step.py's MODELS)
-SHAPES = {
-    "llama_tiny": (128, 352, 32),
-    "llama_60m": (512, 1376, 128),
-    "llama_350m": (1024, 2736, 256),
-    "llama_1b": (2048, 5461, 512),
-}
+# The models of the update-only mode (shapes and GaLore ranks: configs/models.py).
+SHAPES = {name: MODELS[name] for name in ("llama_tiny", "llama_60m", "llama_350m", "llama_1b")}
 UPDATE_OPTIMIZERS = (
     "optax_adamw",
     "optax_galore",
@@ -51,7 +47,7 @@ def layer_params(model: str, layers: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    hidden, inter, _ = SHAPES[model]
+    hidden, inter = SHAPES[model].hidden, SHAPES[model].intermediate
     kernels = {
         "q_proj": (hidden, hidden),
         "k_proj": (hidden, hidden),
@@ -107,7 +103,7 @@ def measure_update(model: str, layers: int, name: str, repeats: int) -> dict[str
     from train import step as step_lib
 
     params = layer_params(model, layers)
-    tx = update_optimizer(name, SHAPES[model][2])
+    tx = update_optimizer(name, SHAPES[model].rank)
     state = jax.eval_shape(tx.init, params)
     times = []
     for _ in range(repeats):
@@ -143,7 +139,7 @@ def measure_train_step(model: str, name: str, repeats: int) -> dict[str, Any]:
         raise ValueError(f"--optimizers: unknown {name!r}; one of {TRAIN_STEP_OPTIMIZERS}")
     config = importlib.import_module(f"configs.{model}").get_config()
     config.optimizer.name = "galore" if name == "galore_gram" else name
-    config.optimizer.projector = "gram_eigh" if name == "galore_gram" else "svd"
+    config.optimizer.subspace.projector = "gram_eigh" if name == "galore_gram" else "svd"
     mesh = sharding_lib.make_mesh(config.mesh)
     times = []
     for _ in range(repeats):

@@ -47,15 +47,15 @@ from benchmarks import report
 from benchmarks.train_step import PEAK_BF16_FLOPS, model_config
 from train import xla_flags
 
-MODELS = ("llama_tiny", "llama_1b", "llama_7b")  # shapes: benchmarks.train_step.MODELS
+MODELS = ("llama_tiny", "llama_1b", "llama_7b")  # shapes: configs/models.py
 REFRESH_MODES = ("batched", "per_leaf", "batchedN")  # batchedN: at most N matrices per call
 GIB = 2**30
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 
 def refresh_setting(mode: str) -> tuple[bool, int] | None:
-    """``(optimizer.batch_refresh, optimizer.refresh_batch_size)`` of a ``--refresh`` mode, or
-    None if the mode is not one of :data:`REFRESH_MODES`."""
+    """``(batch_refresh, refresh_batch_size)`` of ``optimizer.subspace`` for a ``--refresh``
+    mode, or None if the mode is not one of :data:`REFRESH_MODES`."""
     if mode == "per_leaf":
         return False, 0
     if mode == "batched":
@@ -112,7 +112,7 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
 
     config = model_config(args.model, args.seq, remat=True, param_dtype=args.param_dtype)
     opt = get_config().optimizer
-    opt.batch_refresh, opt.refresh_batch_size = refresh_setting(refresh)
+    opt.subspace.batch_refresh, opt.subspace.refresh_batch_size = refresh_setting(refresh)
     num_steps = BOOLQ_TRAIN_EXAMPLES  # places the hybrid's switch as in the recipe
     ft = ft_lib.build_finetuner(config, opt, num_steps, ft_lib.single_device_mesh())
     row: dict[str, Any] = {
@@ -121,8 +121,8 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
         "param_dtype": args.param_dtype,
         "seq": args.seq,
         "batch": args.batch,
-        "rank_max": opt.rank,  # clipped to min(m, n) - 1 per matrix
-        "update_every": opt.update_every,
+        "rank_max": opt.subspace.rank,  # clipped to min(m, n) - 1 per matrix
+        "update_every": opt.subspace.update_every,
         "device": jax.devices()[0].device_kind,
         "params": model_lib.count_params(ft.param_shapes),
         "param_bytes": tree_bytes(ft.param_shapes),
@@ -162,7 +162,8 @@ def run_one(args: argparse.Namespace, refresh: str) -> dict[str, Any]:
     row["steady_step_s"] = statistics.median(steady)
     row["refresh_step_s"] = statistics.median(refreshes) if refreshes else first
     row["amortized_step_s"] = (
-        row["steady_step_s"] + (row["refresh_step_s"] - row["steady_step_s"]) / opt.update_every
+        row["steady_step_s"]
+        + (row["refresh_step_s"] - row["steady_step_s"]) / opt.subspace.update_every
     )
     tokens_per_step = args.batch * args.seq
     row["steady_tokens_per_s"] = tokens_per_step / row["steady_step_s"]

@@ -63,16 +63,13 @@ import types
 from typing import Any
 
 from benchmarks import report
+from benchmarks.train_step import BATCH_AT_SEQ_256
+from configs.models import MODELS as SHAPES
+from configs.models import SMOKE_MODELS
 
-# hidden, intermediate, heads, layers, GaLore rank, batch at seq 256 (benchmarks/train_step.py)
-MODELS = {
-    "llama_60m": (512, 1376, 8, 8, 128, 128),
-    "llama_130m": (768, 2048, 12, 12, 256, 64),
-    "llama_350m": (1024, 2736, 16, 24, 256, 32),
-    "llama_1b": (2048, 5461, 32, 24, 512, 16),
-    "llama_7b": (4096, 11008, 32, 32, 1024, 4),
-}
-TINY = (64, 172, 4, 2, 16, 2)  # CPU smoke test; vocab 1000, seq 32
+# Shapes and GaLore ranks: configs/models.py; batch at seq 256: benchmarks/train_step.py's.
+MODELS = ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
+TINY, TINY_BATCH, TINY_SEQ = "llama_micro", 2, 32  # --tiny: the CPU smoke test
 OPTIMIZERS = (
     "adamw",
     "galore_torch",
@@ -195,11 +192,11 @@ def run_one(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
 
     device = torch.device(args.device)
     if args.tiny:
-        hidden, inter, heads, layers, rank, default_batch = TINY
-        vocab, seq = 1000, 32
+        shape, default_batch, seq = SMOKE_MODELS[TINY], TINY_BATCH, TINY_SEQ
     else:
-        hidden, inter, heads, layers, rank, default_batch = MODELS[model_name]
-        vocab, seq = 32000, args.seq
+        shape, default_batch, seq = SHAPES[model_name], BATCH_AT_SEQ_256[model_name], args.seq
+    hidden, inter, heads, layers = shape.hidden, shape.intermediate, shape.heads, shape.layers
+    vocab, rank = shape.vocab, shape.rank
     batch = args.batch or max(1, default_batch * 256 // seq)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -302,7 +299,7 @@ def run_one(model_name: str, opt_name: str, args: argparse.Namespace) -> dict:
     steady = statistics.median(steady_times)
     peak_steady = torch.cuda.max_memory_allocated(device) if cuda else None
     result: dict[str, Any] = {
-        "model": "llama_tiny" if args.tiny else model_name,
+        "model": TINY if args.tiny else model_name,
         "optimizer": opt_name,
         "impl": impl,
         "torch": torch.__version__,
@@ -414,7 +411,7 @@ def main() -> None:
     if args.one:
         report.print_result(run_one(*args.one, args))
         return
-    models = ["llama_tiny"] if args.tiny else args.models.split(",")
+    models = [TINY] if args.tiny else args.models.split(",")
     rows = []
     for model_name in models:
         for opt_name in args.optimizers.split(","):

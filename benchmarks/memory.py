@@ -2,13 +2,13 @@
 
     python -m benchmarks.memory --config configs/llama_7b.py --set batch_size=16 \
         --row "galore bf16+SR: optimizer.name=galore model.param_dtype=bfloat16 \
-               optimizer.stochastic_rounding=True optimizer.basis_dtype=bfloat16" \
+               step.stochastic_rounding=True optimizer.subspace.basis_dtype=bfloat16" \
         --row "golore: optimizer.name=golore" --json benchmarks/results/memory_7b.json
     python -m benchmarks.memory --config configs/llama_tiny.py           # CPU smoke test
 
 Every row is built by ``train.main.build_trainer(config, mesh)`` from a config file, the
 ``--set KEY=VALUE`` overrides and the row's own ``KEY=VALUE`` overrides (any config key:
-``optimizer.name``, ``optimizer.inner=adamw8bit``, ``optimizer.layerwise``,
+``optimizer.name``, ``optimizer.inner.name=adamw8bit``, ``step.layerwise``,
 ``model.param_dtype``, ``model.remat``, ``model.scan_layers``, ``batch_size``, ...), so what is
 measured is what ``python -m train`` runs. Random tokens (no corpus).
 
@@ -135,8 +135,10 @@ def run_row(config_path: str, overrides: list[str], label: str, steady_steps: in
     from train import sharding as sharding_lib
 
     config = load_config(config_path, overrides)
-    amortize_every = int(config.optimizer.update_every)
-    config.optimizer.update_every = steady_steps + 1  # refreshes at step 0 and after steady
+    amortize_every = int(config.optimizer.subspace.update_every)
+    config.optimizer.subspace.update_every = (
+        steady_steps + 1
+    )  # refreshes at step 0 and after steady
     main_lib.validate_config(config)
     device = jax.devices()[0]
     row: dict[str, Any] = {
@@ -148,14 +150,14 @@ def run_row(config_path: str, overrides: list[str], label: str, steady_steps: in
         "seq": config.seq_len,
         "batch": config.batch_size,
         "optimizer": config.optimizer.name,
-        "inner": config.optimizer.inner,
-        "rank": config.optimizer.rank,
+        "inner": config.optimizer.inner.name,
+        "rank": config.optimizer.subspace.rank,
         "param_dtype": config.model.param_dtype,
         "remat": config.model.remat,
         "scan_layers": config.model.scan_layers,
-        "layerwise": bool(config.optimizer.get("layerwise", False)),
-        "stochastic_rounding": bool(config.optimizer.get("stochastic_rounding", False)),
-        "basis_dtype": config.optimizer.get("basis_dtype", "float32"),
+        "layerwise": bool(config.step.layerwise),
+        "stochastic_rounding": bool(config.step.stochastic_rounding),
+        "basis_dtype": config.optimizer.subspace.basis_dtype,
         "update_every_amortized": amortize_every,
         "steady_steps": steady_steps,
         "method": METHOD,

@@ -32,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 
 if [ "${SUITE_SMOKE:-0}" = 1 ]; then  # CPU plumbing check: tiny model, few steps
   C7=configs/llama_tiny.py C1=configs/llama_tiny.py
-  SHAPE=(--set batch_size=2 --set seq_len=32 --set model.num_layers=2 --set optimizer.rank=8)
+  SHAPE=(--set batch_size=2 --set seq_len=32 --set model.num_layers=2 --set optimizer.subspace.rank=8)
   TORCH=(--device cpu --tiny --warmup 1 --steps 2 --refresh-steps 1)
   STEADY=2
 else
@@ -45,9 +45,9 @@ COMMON=(--set optimizer.grad_clip=0.0)
 # All memory options: bf16 params + stochastic rounding, bf16 bases, 8-bit moments,
 # remat, and (SUITE_LAYERWISE, "" to leave out) stacked layers with the layer-wise update
 # fused into the backward pass.
-LAYERWISE=${SUITE_LAYERWISE-model.scan_layers=True optimizer.layerwise=True}
-LOWMEM="model.param_dtype=bfloat16 optimizer.stochastic_rounding=True \
-optimizer.basis_dtype=bfloat16 optimizer.inner=adamw8bit model.remat=True $LAYERWISE"
+LAYERWISE=${SUITE_LAYERWISE-model.scan_layers=True step.layerwise=True}
+LOWMEM="model.param_dtype=bfloat16 step.stochastic_rounding=True \
+optimizer.subspace.basis_dtype=bfloat16 optimizer.inner.name=adamw8bit model.remat=True $LAYERWISE"
 
 left() { echo $((BUDGET - SECONDS)); }
 # stdout keeps progress and errors; every row's JSON line and table go to the log only

@@ -6,7 +6,7 @@
     python -m benchmarks.refresh --part full --models llama_1b --devices 1,8 --json ...
     python -m benchmarks.refresh --shapes small --part all      # CPU smoke test
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.refresh \
-        --part full --models llama_tiny --devices 1,2 --full-methods gram_eigh  # CPU, 2 devices
+        --part full --models llama_micro --devices 1,2 --full-methods gram_eigh  # CPU, 2 devices
 
 Part ``shapes``: one ``m x n`` fp32 gradient per LLaMA MLP shape (``m <= n``, the projected
 side ``m``) with the GaLore paper's rank. Every projector of :mod:`golore_jax.projectors` is
@@ -64,6 +64,7 @@ from collections.abc import Callable
 from typing import Any
 
 from benchmarks import report
+from configs.models import MODELS, SMOKE_MODELS
 from train import xla_flags
 
 SHAPES = {  # name -> list of (m, n, rank): LLaMA MLP shapes, GaLore paper ranks
@@ -79,10 +80,11 @@ JAX_METHODS = (
     "random_polar",
 )
 TORCH_METHODS = ("torch_svd", "torch_gram_eigh")
-FULL_MODELS = {  # hidden, intermediate, layers, vocab, rank
-    "llama_1b": (2048, 5461, 24, 32000, 512),
-    "llama_7b": (4096, 11008, 32, 32000, 1024),
-    "llama_tiny": (64, 172, 2, 256, 16),  # CPU smoke test
+# Shapes and GaLore ranks: configs/models.py (llama_micro: its CPU smoke shape).
+FULL_MODELS = {
+    "llama_1b": MODELS["llama_1b"],
+    "llama_7b": MODELS["llama_7b"],
+    "llama_micro": SMOKE_MODELS["llama_micro"],
 }
 FULL_METHODS = ("svd", "gram_eigh", "subspace_iteration", "random")
 # Fake CPU devices: pool threads per device, above the same-shape groups (2 for LLaMA) whose
@@ -283,7 +285,14 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
     import golore_jax as gl
     from benchmarks.state_memory import llama_param_shapes
 
-    hidden, inter, layers, vocab, rank = FULL_MODELS[model_name]
+    shape = FULL_MODELS[model_name]
+    hidden, inter, layers, vocab, rank = (
+        shape.hidden,
+        shape.intermediate,
+        shape.layers,
+        shape.vocab,
+        shape.rank,
+    )
     measured_layers = min(layers, args.layers_7b) if model_name == "llama_7b" else layers
     shapes = llama_param_shapes(hidden, inter, measured_layers, vocab)
     dtype = jnp.dtype(args.grad_dtype)
@@ -531,7 +540,7 @@ def main() -> None:
     parser.add_argument("--shapes", choices=tuple(SHAPES), default="paper")
     parser.add_argument("--methods", default=",".join(JAX_METHODS + TORCH_METHODS))
     parser.add_argument(
-        "--models", default=None, help="full part (default llama_1b,llama_7b; small: llama_tiny)"
+        "--models", default=None, help="full part (default llama_1b,llama_7b; small: llama_micro)"
     )
     parser.add_argument("--full-methods", default=",".join(FULL_METHODS))
     parser.add_argument("--layers-7b", type=int, default=4, help="layers measured for 7B")
@@ -558,7 +567,7 @@ def main() -> None:
     args = parser.parse_args()
     xla_flags.apply_defaults()  # before JAX starts a backend; children inherit it
     if args.models is None:
-        args.models = "llama_tiny" if args.shapes == "small" else "llama_1b,llama_7b"
+        args.models = "llama_micro" if args.shapes == "small" else "llama_1b,llama_7b"
     device_counts = _device_counts(args.devices)
 
     if args.shape:

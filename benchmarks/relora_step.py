@@ -27,7 +27,8 @@ import sys
 import time
 
 from benchmarks import report
-from benchmarks.train_step import MODELS
+from benchmarks.train_step import BATCH_AT_SEQ_256
+from configs.models import MODELS as SHAPES
 from train import xla_flags
 
 PATHS = ("relora", "plain")  # relora first: by default its peak memory is measured
@@ -36,21 +37,23 @@ PATHS = ("relora", "plain")  # relora first: by default its peak memory is measu
 def _config(model_name: str, path: str, update_every: int, seq: int, batch: int, rank: int):
     from configs.base import llama_config
 
-    hidden, inter, heads, layers, _, _ = MODELS[model_name]
-    config = llama_config(hidden=hidden, intermediate=inter, heads=heads, layers=layers)
+    shape = SHAPES[model_name]
+    config = llama_config(
+        shape.hidden, shape.intermediate, shape.heads, shape.layers, vocab=shape.vocab
+    )
     config.model.max_seq_len = seq
     config.seq_len, config.batch_size = seq, batch
     config.num_steps = 10**6
-    opt = config.optimizer
-    opt.name, opt.projector, opt.rank, opt.update_every = "galore", "gram_eigh", rank, update_every
-    opt.grad_clip, opt.weight_decay, opt.scale = 0.0, 0.0, 0.25
-    opt.relora = path == "relora"
+    opt, sub = config.optimizer, config.optimizer.subspace
+    opt.name, opt.grad_clip, opt.weight_decay = "galore", 0.0, 0.0
+    sub.projector, sub.rank, sub.update_every, sub.scale = "gram_eigh", rank, update_every, 0.25
+    config.step.relora = path == "relora"
     return config
 
 
 def predicted_dense_ratio(model_name: str, tokens: int, r: int) -> float:
     """Table 1: (4bmn + 4brm + 6brn) / 6bmn summed over one layer's projected matrices."""
-    hidden, inter, _, _, _, _ = MODELS[model_name]
+    hidden, inter = SHAPES[model_name].hidden, SHAPES[model_name].intermediate
     shapes = [(hidden, hidden)] * 4 + [(hidden, inter)] * 2 + [(inter, hidden)]
     b = tokens
     plain = sum(6 * b * m * n for m, n in shapes)
@@ -74,10 +77,10 @@ def run_one(
     from train import relora as relora_lib
     from train import sharding as sharding_lib
 
-    batch = batch or max(1, MODELS[model_name][5] * 256 // seq)
-    rank = rank or MODELS[model_name][4]
+    batch = batch or max(1, BATCH_AT_SEQ_256[model_name] * 256 // seq)
+    rank = rank or SHAPES[model_name].rank
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 32000, (batch, seq + 1), dtype=np.int32)
+    tokens = rng.integers(0, SHAPES[model_name].vocab, (batch, seq + 1), dtype=np.int32)
     host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     tokens_per_step = batch * seq
     # Refreshes happen at steps 0, tau, 2 tau, ...; the others are steady steps.
@@ -93,7 +96,7 @@ def run_one(
             weights = previous.weights(state)
             opt_state = state.opt_state
             adapters = None
-            if config.optimizer.relora:
+            if config.step.relora:
                 adapters = relora_lib.AdapterLayer.for_optimizer(weights, config.optimizer)
                 adapters = adapters.init(weights)
             state = main_lib.TrainState(state.step, weights, opt_state, state.skipped, adapters)

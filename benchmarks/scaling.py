@@ -38,7 +38,7 @@ def measure(config_path: str, n: int, per_device_batch: int, steps: int, update_
     config = _load_config(config_path)
     config.batch_size = per_device_batch * n
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, n, 1
-    config.optimizer.update_every = update_every
+    config.optimizer.subspace.update_every = update_every
     mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:n])
     trainer = main_lib.build_trainer(config, mesh)
     state = trainer.init(jax.random.key(0))

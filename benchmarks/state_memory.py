@@ -17,14 +17,11 @@ import optax
 
 import golore_jax as gl
 from benchmarks import report
+from configs.models import MODELS
 
-# hidden, intermediate, layers, vocab, GaLore paper rank (GaLore configs/llama_*.json).
+# GaLore's configs/llama_*.json with the GaLore paper's ranks (configs/models.py).
 SHAPES = {
-    "llama_60m": (512, 1376, 8, 32000, 128),
-    "llama_130m": (768, 2048, 12, 32000, 256),
-    "llama_350m": (1024, 2736, 24, 32000, 256),
-    "llama_1b": (2048, 5461, 24, 32000, 512),
-    "llama_7b": (4096, 11008, 32, 32000, 1024),
+    name: MODELS[name] for name in ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
 }
 
 
@@ -54,7 +51,14 @@ def llama_param_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict
 
 
 def measure(name: str) -> dict:
-    hidden, inter, layers, vocab, rank = SHAPES[name]
+    shape = SHAPES[name]
+    hidden, inter, layers, vocab, rank = (
+        shape.hidden,
+        shape.intermediate,
+        shape.layers,
+        shape.vocab,
+        shape.rank,
+    )
     params = llama_param_shapes(hidden, inter, layers, vocab)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     adamw = gl.optimizer_state_floats(jax.eval_shape(optax.adamw(1e-3).init, params))

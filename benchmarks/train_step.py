@@ -34,16 +34,20 @@ import time
 from typing import Any
 
 from benchmarks import profile_summary, report
+from configs.models import MODELS as SHAPES
 from train import xla_flags
 
-MODELS = {  # hidden, intermediate, heads, layers, GaLore rank, batch at seq 256
-    "llama_tiny": (256, 688, 4, 4, 64, 16),
-    "llama_60m": (512, 1376, 8, 8, 128, 128),
-    "llama_130m": (768, 2048, 12, 12, 256, 64),
-    "llama_350m": (1024, 2736, 16, 24, 256, 32),
-    "llama_1b": (2048, 5461, 32, 24, 512, 16),
-    "llama_7b": (4096, 11008, 32, 32, 1024, 4),
+# The shapes (and GaLore ranks) are configs/models.py's; this is the measurement's batch at
+# seq 256 on one GPU (not the training config's global batch).
+BATCH_AT_SEQ_256 = {
+    "llama_tiny": 16,
+    "llama_60m": 128,
+    "llama_130m": 64,
+    "llama_350m": 32,
+    "llama_1b": 16,
+    "llama_7b": 4,
 }
+MODELS = tuple(BATCH_AT_SEQ_256)
 OPTIMIZERS = ("adamw", "galore", "galore_gram", "golore", "optax_galore")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 PROFILE_STEPS = 3
@@ -108,7 +112,7 @@ def _optimizer(
 
 def batch_size(model_name: str, seq: int, batch: int | None) -> int:
     """``batch`` if given, else the seq-256 batch scaled to keep tokens per step (>= 1)."""
-    return batch or max(1, MODELS[model_name][5] * 256 // seq)
+    return batch or max(1, BATCH_AT_SEQ_256[model_name] * 256 // seq)
 
 
 def use_remat(model_name: str, remat: bool | None) -> bool:
@@ -123,16 +127,16 @@ def model_config(
     attention: str = "auto",
     param_dtype: str = "float32",
 ):
-    """The ``LlamaConfig`` of a MODELS shape: vocab 32000, bf16 compute."""
+    """The ``LlamaConfig`` of a configs/models.py shape (its vocabulary), bf16 compute."""
     from train import model as model_lib
 
-    hidden, inter, heads, layers, _, _ = MODELS[model_name]
+    shape = SHAPES[model_name]
     return model_lib.LlamaConfig(
-        vocab_size=32000,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_heads=heads,
-        num_layers=layers,
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_heads=shape.heads,
+        num_layers=shape.layers,
         max_seq_len=seq,  # RoPE tables and the length check follow --seq (2048 and beyond)
         dtype="bfloat16",
         param_dtype=param_dtype,
@@ -253,7 +257,7 @@ def compile_memory(
         lambda k: nn.unbox(model.init(k, jnp.zeros((1, seq), jnp.int32))["params"]),
         jax.random.key(0),
     )
-    tx = _optimizer(opt_name, MODELS[model_name][4], 10**6, projection_dtype, refresh_batch_size)
+    tx = _optimizer(opt_name, SHAPES[model_name].rank, 10**6, projection_dtype, refresh_batch_size)
     state = jax.eval_shape(tx.init, params)
     result = _describe(
         model_name, opt_name, config, batch, projection_dtype, params, refresh_batch_size
@@ -304,7 +308,7 @@ def run_one(
 
     import golore_jax as gl
 
-    rank = MODELS[model_name][4]
+    rank = SHAPES[model_name].rank
     batch, remat = batch_size(model_name, seq, batch), use_remat(model_name, remat)
     config, model = _model(model_name, seq, remat, attention)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)

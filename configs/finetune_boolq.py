@@ -24,6 +24,9 @@ Nothing is downloaded: point the config at your own local copies of the weights 
   naming the field. For WinoGrande set ``--config.data.task=winogrande`` and give files of
   ``{"sentence" with "_", "option1", "option2", "answer": "1"|"2"}``.
 
+* ``optimizer``: the pre-training block of configs/base.py (name, shared keys, ``inner``,
+  ``subspace``, ``sparse``, ``online``); fine-tuning has no ``step`` block (the layer-wise,
+  ReLoRA-like and stochastic-rounding steps are pre-training's).
 * ``mesh``: ``data x fsdp x tensor`` device counts (-1: the rest); the default is tensor
   parallelism over all devices, as the batch of 1 cannot be split.
 * ``export``: where and in which dtype the fine-tuned weights are written (Hugging Face format).
@@ -48,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = llama_config(hidden=256, intermediate=688, heads=4, layers=4, vocab=1024)
     # The loop's keys (checkpoints, run_steps, the non-finite policy) and the multi-process
     # keys are base.py's; eval_batches and the pre-training corpus are not used here.
-    for key in ("data", "eval_batches"):
+    for key in ("data", "eval_batches", "step"):
         del config[key]
     config.model.max_seq_len = 2048
     config.model.remat = True  # 7B at seq 2048: keep only each decoder layer's input
@@ -86,15 +89,16 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     opt = config.optimizer
+    opt.name = "hybrid"  # GoLore@20%
+    opt.inner.name = "msgd"
+    sub = opt.subspace
     # Measured on an H100 (benchmarks/finetune_step.py): the stacked refresh makes the 7B
     # step need 93.5 GiB; one matrix at a time, 63.5 GiB.
-    opt.batch_refresh = False
-    opt.name = "hybrid"  # GoLore@20%
-    opt.golore_fraction = 0.2
-    opt.inner = "msgd"
-    opt.rank = 1024
-    opt.update_every = 500
-    opt.scale = 4.0
+    sub.batch_refresh = False
+    sub.golore_fraction = 0.2
+    sub.rank = 1024
+    sub.update_every = 500
+    sub.scale = 4.0
     opt.learning_rate = 1e-4
     opt.warmup_steps = 0
     opt.min_lr_ratio = 1.0  # constant learning rate

@@ -1,9 +1,7 @@
 """LLaMA-130M (GaLore's configs/llama_130m.json), GaLore paper rank 256."""
 
-from configs.base import llama_config
+from configs.base import model_named
 
 
 def get_config():
-    config = llama_config(hidden=768, intermediate=2048, heads=12, layers=12)
-    config.optimizer.rank = 256
-    return config
+    return model_named("llama_130m")

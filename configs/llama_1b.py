@@ -1,9 +1,7 @@
 """LLaMA-1B (GaLore's configs/llama_1b.json), GaLore paper rank 512."""
 
-from configs.base import llama_config
+from configs.base import model_named
 
 
 def get_config():
-    config = llama_config(hidden=2048, intermediate=5461, heads=32, layers=24)
-    config.optimizer.rank = 512
-    return config
+    return model_named("llama_1b")

@@ -1,9 +1,7 @@
 """LLaMA-350M (GaLore's configs/llama_350m.json), GaLore paper rank 256."""
 
-from configs.base import llama_config
+from configs.base import model_named
 
 
 def get_config():
-    config = llama_config(hidden=1024, intermediate=2736, heads=16, layers=24)
-    config.optimizer.rank = 256
-    return config
+    return model_named("llama_350m")

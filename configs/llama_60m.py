@@ -4,8 +4,8 @@ Batch 128, seq 256, lr 1e-3, rank 128, scale 1, update_every 200, 10,000 steps, 
 GoLore@20% (the GoLore authors' script/Go_pt.sh: warmup 1,000).
 """
 
-from configs.base import llama_config
+from configs.base import model_named
 
 
 def get_config():
-    return llama_config(hidden=512, intermediate=1376, heads=8, layers=8)
+    return model_named("llama_60m")

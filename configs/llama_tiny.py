@@ -3,11 +3,11 @@
 GoLore@20% over 200 steps on the offline default corpus with a 4k BPE vocabulary (1.8M params).
 """
 
-from configs.base import llama_config
+from configs.base import model_named
 
 
 def get_config():
-    config = llama_config(hidden=128, intermediate=352, heads=4, layers=4, vocab=4096)
+    config = model_named("llama_tiny")  # hidden 128, MLP 352, 4 heads, 4 layers, rank 32
     config.model.max_seq_len = 128
     config.model.dtype = "float32"  # bf16 matmuls are slow on most CPUs
     config.seq_len = 128
@@ -19,7 +19,6 @@ def get_config():
     config.checkpoint_every = 100
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 30
-    config.optimizer.rank = 32
-    config.optimizer.update_every = 40
-    config.optimizer.scale = 1.0
+    config.optimizer.subspace.update_every = 40
+    config.optimizer.subspace.scale = 1.0
     return config

@@ -43,13 +43,13 @@ COMMON = [
 # each layer's gradient (and the embeddings/norm/head as one group) is clipped to the same 1.0.
 LAYERWISE = [
     "--config.model.scan_layers=True",
-    "--config.optimizer.layerwise=True",
+    "--config.step.layerwise=True",
     "--config.optimizer.grad_clip=0",
-    "--config.optimizer.layer_grad_clip=1.0",
+    "--config.step.layer_grad_clip=1.0",
 ]
-BF16_PARAMS = ["--config.model.param_dtype=bfloat16", "--config.optimizer.stochastic_rounding=True"]
-BF16_BASES = ["--config.optimizer.basis_dtype=bfloat16"]
-ADAM_8BIT = ["--config.optimizer.inner=adamw8bit"]
+BF16_PARAMS = ["--config.model.param_dtype=bfloat16", "--config.step.stochastic_rounding=True"]
+BF16_BASES = ["--config.optimizer.subspace.basis_dtype=bfloat16"]
+ADAM_8BIT = ["--config.optimizer.inner.name=adamw8bit"]
 OPTIONS = {
     "fp32": [],
     "all": LAYERWISE + BF16_PARAMS + BF16_BASES + ADAM_8BIT,

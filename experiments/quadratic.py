@@ -88,7 +88,7 @@ def method_label(method: str, config: ml_collections.ConfigDict) -> str:
 def sparse_k(config: ml_collections.ConfigDict) -> int:
     """GaSare/GoSare's k: ``config.sparse_k``, or by default ``rank * n``, the number of values
     GaLore's rank-r state holds for an n x n matrix (same memory for the moments)."""
-    return config.sparse_k if config.get("sparse_k") else config.rank * config.n
+    return config.sparse_k if config.sparse_k else config.rank * config.n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,7 +367,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     problem = problem_from_config(config)
     methods = list(config.methods)
-    if config.get("family"):
+    if config.family:
         methods += [m for m in FAMILY_METHODS if m not in methods]
     for name in methods:
         if name not in ALL_METHODS:
@@ -419,7 +419,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _write_csv(os.path.join(workdir, "curves.csv"), raw, config.seeds, logged)
     main_methods = [m for m in methods if m in config.methods]
     plot_figure1(_subset(results, main_methods), config, os.path.join(workdir, "figure1.png"))
-    if config.get("family"):
+    if config.family:
         family = [m for m in FAMILY_REFERENCES + FAMILY_METHODS if m in methods]
         plot_figure1(_subset(results, family), config, os.path.join(workdir, "figure1_family.png"))
     summary["runtime_s"] = time.perf_counter() - start
@@ -529,7 +529,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
                 f"||grad f||^2 {entry['final_grad_norm_sq']:.3e} "
                 f"(from {entry['initial_grad_norm_sq']:.3e})"
             )
-    figures = "figure1.png,figure1_family.png" if config.get("family") else "figure1.png"
+    figures = "figure1.png,figure1_family.png" if config.family else "figure1.png"
     print(
         f"wrote {workdir_flag.value}/{{results.json,curves.csv,{figures}}} "
         f"in {summary['runtime_s']:.1f}s"

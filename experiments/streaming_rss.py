@@ -106,9 +106,10 @@ def rss_mib() -> float:
 
 def measure(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from configs.base import data_config
     from train import data as data_lib
 
-    cfg = data_lib.default_data_config()
+    cfg = data_config()
     cfg.source = "tfds"
     cfg.tfds_name = "streaming_corpus"
     cfg.data_dir = str(args.data_dir)

@@ -23,7 +23,7 @@ from train import sharding as sharding_lib
 # (data, fsdp, tensor)
 MESHES = {"1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
 LAYERWISE_MESHES = {"1": (1, 1, 1), "2x2x2": (2, 2, 2)}
-LAYERWISE = {"optimizer.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True}
+LAYERWISE = {"step.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True}
 
 
 def _specs(state: Any) -> dict:

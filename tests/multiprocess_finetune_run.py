@@ -41,7 +41,7 @@ def config(data: pathlib.Path, **overrides):
     process reads a file another one is writing)."""
     data.mkdir(parents=True, exist_ok=True)
     config = tiny_config(data, "golore")
-    config.optimizer.rank, config.optimizer.update_every = 8, 2
+    config.optimizer.subspace.rank, config.optimizer.subspace.update_every = 8, 2
     # One layer, shorter rows: less to compile (three processes compile at once).
     config.model.num_layers, config.model.max_seq_len, config.seq_len = 1, 32, 32
     config.num_steps, config.log_every, config.eval_every = 4, 1, 2

@@ -90,6 +90,7 @@ def cached_build_trainer(config: Any, mesh: jax.sharding.Mesh) -> main_lib.Train
         [
             config.model.to_dict(),
             config.optimizer.to_dict(),
+            config.step.to_dict(),
             config.num_steps,
             config.seq_len,
             config.batch_size,
@@ -348,7 +349,7 @@ def table(tmp: pathlib.Path) -> None:
     # --- trainer config
     config_cases = [
         ("optimizer.name='sophia'", {"optimizer.name": "sophia"}),
-        ("optimizer.inner='lion'", {"optimizer.inner": "lion"}),
+        ("optimizer.inner.name='lion'", {"optimizer.inner.name": "lion"}),
         ("optimizer.learning_rate=0", {"optimizer.learning_rate": 0.0}),
         ("seq_len=64 > model.max_seq_len=32", {"seq_len": 64}),
         ("batch_size=0", {"batch_size": 0}),
@@ -356,8 +357,14 @@ def table(tmp: pathlib.Path) -> None:
         ("nonfinite='ignore'", {"nonfinite": "ignore"}),
         ("mesh data=2 on 1 device", {"mesh.data": 2}),
         ("mesh data=-1, fsdp=-1", {"mesh.data": -1, "mesh.fsdp": -1}),
-        ("optimizer.rank=64 = min(m, n) of 64x64 kernels", {"optimizer.rank": 64}),
-        ("optimizer.projection_dtype='int8'", {"optimizer.projection_dtype": "int8"}),
+        (
+            "optimizer.subspace.rank=64 = min(m, n) of 64x64 kernels",
+            {"optimizer.subspace.rank": 64},
+        ),
+        (
+            "optimizer.subspace.projection_dtype='int8'",
+            {"optimizer.subspace.projection_dtype": "int8"},
+        ),
         ("model.attention='flash'", {"model.attention": "flash"}),
         ("model.attention='cudnn', fp32 compute", {"model.attention": "cudnn"}),
         (
@@ -365,14 +372,25 @@ def table(tmp: pathlib.Path) -> None:
             {"model.attention": "cudnn", "model.dtype": "bfloat16"},
         ),
         ("keep_checkpoints=0", {"keep_checkpoints": 0}),
-        ("optimizer.b1=1.5", {"optimizer.b1": 1.5}),
-        ("optimizer.b2=1.0", {"optimizer.b2": 1.0}),
+        ("optimizer.inner.b1=1.5", {"optimizer.inner.b1": 1.5}),
+        ("optimizer.inner.b2=1.0", {"optimizer.inner.b2": 1.0}),
         ("optimizer.grad_clip=-1", {"optimizer.grad_clip": -1.0}),
         ("optimizer.weight_decay=-0.1", {"optimizer.weight_decay": -0.1}),
         ("optimizer.warmup_steps=7 > num_steps=6", {"optimizer.warmup_steps": 7}),
         ("optimizer.min_lr_ratio=2", {"optimizer.min_lr_ratio": 2.0}),
-        ("optimizer.update_every=0", {"optimizer.update_every": 0}),
-        ("optimizer.golore_fraction=1.5", {"optimizer.golore_fraction": 1.5}),
+        ("optimizer.subspace.update_every=0", {"optimizer.subspace.update_every": 0}),
+        ("optimizer.subspace.golore_fraction=1.5", {"optimizer.subspace.golore_fraction": 1.5}),
+        ("optimizer.subspace.projector='qr'", {"optimizer.subspace.projector": "qr"}),
+        (
+            "optimizer.sparse.density=1.5, name='gasare'",
+            {"optimizer.name": "gasare", "optimizer.sparse.density": 1.5},
+        ),
+        (
+            "optimizer.online.projector_learning_rate=0, name='osd'",
+            {"optimizer.name": "osd", "optimizer.online.projector_learning_rate": 0.0},
+        ),
+        ("step.layer_grad_clip=1 without step.layerwise", {"step.layer_grad_clip": 1.0}),
+        ("step.relora=True with optimizer.grad_clip=1", {"step.relora": True}),
         ("eval_batches=0", {"eval_batches": 0}),
         ("run_steps=0", {"run_steps": 0}),
         ("checkpoint_every=0", {"checkpoint_every": 0}),
@@ -442,11 +460,11 @@ def table(tmp: pathlib.Path) -> None:
 
     ckpt_cases = [
         (
-            "checkpoint from optimizer.rank=8, config rank=4",
+            "checkpoint from optimizer.subspace.rank=8, config rank=4",
             tampered(
                 "rank",
                 lambda d: None,
-                tiny_config(tmp, **{"optimizer.name": "golore", "optimizer.rank": 4}),
+                tiny_config(tmp, **{"optimizer.name": "golore", "optimizer.subspace.rank": 4}),
             ),
         ),
         (

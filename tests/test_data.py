@@ -14,6 +14,7 @@ import random
 import numpy as np
 import pytest
 
+from configs.base import data_config
 from train import corpus as corpus_lib
 from train import data
 from train import tokenizer as tokenizer_lib
@@ -41,7 +42,7 @@ def _jsonl(path: pathlib.Path, docs: list[str], field: str = "text") -> pathlib.
 
 
 def _config(tmp_path: pathlib.Path, paths: list[pathlib.Path], **overrides):
-    cfg = data.default_data_config()
+    cfg = data_config()
     cfg.source = "files"
     cfg.paths = [str(p) for p in paths]
     cfg.vocab_size = VOCAB
@@ -390,7 +391,7 @@ def test_bad_tokenizer_file(tmp_path: pathlib.Path, corpus_file: pathlib.Path) -
 def _tfds_config(tmp_path: pathlib.Path):
     data_dir = tmp_path / "tfds"
     data_dir.mkdir()
-    cfg = data.default_data_config()
+    cfg = data_config()
     cfg.source = "tfds"
     cfg.tfds_name = "c4/en"
     cfg.data_dir = str(data_dir)

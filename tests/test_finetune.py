@@ -72,12 +72,12 @@ def tiny_config(tmp_path: pathlib.Path, name: str) -> ml_collections.ConfigDict:
     config.eval_batch_size = 80  # the whole eval set (40 items x 2 candidates) in one batch
     opt = config.optimizer
     opt.name = name
-    opt.inner = "adamw"
+    opt.inner.name = "adamw"
     opt.learning_rate = 1e-2
-    opt.rank = 16
-    opt.update_every = 10
-    opt.scale = 1.0
-    opt.golore_fraction = 0.5  # hybrid: GaLore for steps 0-19, GoLore for 20-39
+    opt.subspace.rank = 16
+    opt.subspace.update_every = 10
+    opt.subspace.scale = 1.0
+    opt.subspace.golore_fraction = 0.5  # hybrid: GaLore for steps 0-19, GoLore for 20-39
     return config
 
 
@@ -225,8 +225,14 @@ def test_recipe_defaults_and_rank_rule() -> None:
     """The paper's recipe; rank 1024 is clipped to min(m, n) - 1 on small matrices."""
     config = get_config()
     opt = config.optimizer
-    assert (opt.name, opt.inner, opt.golore_fraction, opt.rank) == ("hybrid", "msgd", 0.2, 1024)
-    assert (opt.update_every, opt.scale, opt.learning_rate) == (500, 4.0, 1e-4)
+    sub = opt.subspace
+    assert (opt.name, opt.inner.name, sub.golore_fraction, sub.rank) == (
+        "hybrid",
+        "msgd",
+        0.2,
+        1024,
+    )
+    assert (sub.update_every, sub.scale, opt.learning_rate) == (500, 4.0, 1e-4)
     assert (config.batch_size, config.seq_len) == (1, 2048)
     assert config.model.remat and config.model.param_dtype == "float32"
     # Batch 1: tensor parallelism over all devices; the weights come back in HF format.
@@ -234,7 +240,7 @@ def test_recipe_defaults_and_rank_rule() -> None:
     assert config.export.enabled and config.export.path is None
     rule = ft_lib.subspace_rank_rule(1024)
     assert rule("x", (64, 128)) == 63 and rule("x", (4096, 11008)) == 1024
-    assert callable(ft_lib.optimizer_block(opt).rank)
+    assert callable(ft_lib.optimizer_block(opt).subspace.rank)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,9 +341,9 @@ def multidevice_runs(tmp_path: pathlib.Path) -> dict:
     for name, shape in MESHES.items():
         config = hf_config(tmp_path, "golore")
         # The recipe's MSGD inside; refreshes at steps 0 and 2.
-        config.optimizer.inner = "msgd"
+        config.optimizer.inner.name = "msgd"
         config.optimizer.learning_rate = 0.05
-        config.optimizer.update_every = 2
+        config.optimizer.subspace.update_every = 2
         config.num_steps, config.log_every, config.eval_every = 4, 1, 4
         config.data.max_eval_examples, config.eval_batch_size = 8, 16
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape

@@ -34,7 +34,7 @@ def _compile_once(monkeypatch):
 
 def _config(tmp_path: pathlib.Path, **overrides):
     config = tiny_config(tmp_path, "golore")
-    config.optimizer.update_every = 2  # refreshes at steps 0, 2, 4: a resume mid-way
+    config.optimizer.subspace.update_every = 2  # refreshes at steps 0, 2, 4: a resume mid-way
     config.num_steps, config.log_every, config.eval_every = 5, 1, 2
     config.data.max_eval_examples, config.eval_batch_size = 8, 16
     config.export.enabled = False

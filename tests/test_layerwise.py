@@ -1,4 +1,4 @@
-"""Layer-wise updates inside the backward pass (config.optimizer.layerwise, golore_jax.layerwise).
+"""Layer-wise updates inside the backward pass (config.step.layerwise, golore_jax.layerwise).
 
 The fused step must give the trajectory of the plain step, shard like it, resume exactly, and
 never hold the gradients of all layers at once.
@@ -32,7 +32,7 @@ from train import optimizer as optimizer_lib
 from train import sharding as sharding_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LAYERWISE = {"optimizer.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True}
+LAYERWISE = {"step.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True}
 
 
 def _batches(config, steps):
@@ -85,8 +85,8 @@ def test_fused_step_follows_the_full_gradient_step(tmp_path, name, inner):
     independent of those signs, so the params can be compared tightly.
     """
     config = tiny_config(tmp_path, **LAYERWISE)
-    config.optimizer.name, config.optimizer.inner = name, inner
-    config.optimizer.momentum_projection = True
+    config.optimizer.name, config.optimizer.inner.name = name, inner
+    config.optimizer.subspace.momentum_projection = True
     trainer = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
     reference = _reference_step(trainer)
     state = trainer.init(jax.random.key(0))
@@ -115,11 +115,11 @@ def test_fused_galore_follows_the_plain_trainer_on_unstacked_layers(tmp_path):
     gradient by the unchanged optimizer). 5 steps, refreshes at 0, 2, 4; losses to 1e-5."""
     config = tiny_config(tmp_path, **LAYERWISE)
     config.optimizer.name = "galore"
-    config.optimizer.momentum_projection = True  # see the test above
+    config.optimizer.subspace.momentum_projection = True  # see the test above
     fused = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
     plain_config = tiny_config(tmp_path, **{"optimizer.grad_clip": 0.0})
     plain_config.optimizer.name = "galore"
-    plain_config.optimizer.momentum_projection = True
+    plain_config.optimizer.subspace.momentum_projection = True
     plain = main_lib.build_trainer(plain_config, sharding_lib.make_mesh(plain_config.mesh))
     state = fused.init(jax.random.key(0))
     copy = jax.tree_util.tree_map(jnp.copy, state.params)  # the fused step donates its input
@@ -250,11 +250,11 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     "overrides, match",
     [
         (
-            {"optimizer.layerwise": True, "optimizer.grad_clip": 0.0},
+            {"step.layerwise": True, "optimizer.grad_clip": 0.0},
             "needs config.model.scan_layers=True",
         ),
         ({**LAYERWISE, "optimizer.grad_clip": 1.0}, "grad_clip=1.0 is a global-norm clip"),
-        ({"optimizer.layer_grad_clip": 1.0}, "layer_grad_clip=1.0 needs layerwise=True"),
+        ({"step.layer_grad_clip": 1.0}, "layer_grad_clip=1.0 needs layerwise=True"),
     ],
 )
 def test_bad_layerwise_config_raises(tmp_path, overrides, match):
@@ -320,15 +320,19 @@ def test_checkpoint_fingerprint_tells_layerwise_from_plain(tmp_path):
     are unchanged, so older checkpoints stay resumable."""
     plain = checkpoint_lib.fingerprint(tiny_config(tmp_path, **{"model.scan_layers": True}))
     fused = checkpoint_lib.fingerprint(tiny_config(tmp_path, **LAYERWISE))
-    assert "optimizer.layerwise" not in plain
-    assert fused == {**plain, "optimizer.layerwise": True}
+    assert "step.layerwise" not in plain
+    assert fused == {**plain, "step.layerwise": True}
 
 
 def test_finetune_refuses_layerwise():
+    """The fine-tuning schema has no ``step`` block (the layer-wise step is pre-training's):
+    its config, locked as the command line loads it, refuses ``step.layerwise``."""
     config = finetune_boolq.get_config()
-    config.optimizer.layerwise = True
-    with pytest.raises(ValueError, match="layerwise=True is for pre-training"):
-        finetune.validate_config(config)
+    config.lock()
+    assert "step" not in config
+    with pytest.raises(AttributeError, match="step"):
+        config.step.layerwise = True
+    finetune.validate_config(config)  # the recipe itself passes
 
 
 def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(tmp_path):
@@ -339,11 +343,11 @@ def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(tmp_path):
     stacked = {"model.scan_layers": True, "optimizer.grad_clip": 0.0}
     config = tiny_config(tmp_path, **stacked)
     config.optimizer.name = "galore"
-    config.optimizer.momentum_projection = True  # signs: see the first test of this file
+    config.optimizer.subspace.momentum_projection = True  # signs: see the first test of this file
     plain = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
     fused_config = tiny_config(tmp_path, **LAYERWISE)
     fused_config.optimizer.name = "galore"
-    fused_config.optimizer.momentum_projection = True
+    fused_config.optimizer.subspace.momentum_projection = True
     fused = main_lib.build_trainer(fused_config, sharding_lib.make_mesh(fused_config.mesh))
     assert isinstance(plain.tx.init(plain.abstract_state.params), gl.layerwise.LayerwiseState)
     state = plain.init(jax.random.key(0))

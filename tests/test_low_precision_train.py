@@ -18,8 +18,8 @@ from train import sharding as sharding_lib
 
 LOW_PRECISION = {
     "model.param_dtype": "bfloat16",
-    "optimizer.stochastic_rounding": True,
-    "optimizer.basis_dtype": "bfloat16",
+    "step.stochastic_rounding": True,
+    "optimizer.subspace.basis_dtype": "bfloat16",
 }
 
 
@@ -43,7 +43,7 @@ def test_low_precision_resume_is_exact_and_loss_falls(tmp_path):
 
 LAYERWISE = {
     "model.scan_layers": True,
-    "optimizer.layerwise": True,
+    "step.layerwise": True,
     "optimizer.grad_clip": 0.0,
 }
 
@@ -63,7 +63,7 @@ def test_updates_below_half_a_bf16_ulp_move_params_only_with_stochastic_rounding
     """bf16 params, lr 1e-6 (Adam's step ~1e-6, far below half an ulp of the ~0.02 weights):
     round-to-nearest changes no entry, stochastic rounding moves some (about |u| / ulp), in
     the plain and in the layer-wise step."""
-    overrides = dict(LOW_PRECISION, **{"optimizer.stochastic_rounding": stochastic})
+    overrides = dict(LOW_PRECISION, **{"step.stochastic_rounding": stochastic})
     if layerwise:
         overrides.update(LAYERWISE)
     config = tiny_config(tmp_path, **overrides, **{"optimizer.learning_rate": 1e-6})
@@ -93,9 +93,9 @@ def test_updates_below_half_a_bf16_ulp_move_params_only_with_stochastic_rounding
 def test_update_applier_keys_by_seed_and_step(tmp_path):
     params = {"w": jnp.full((256,), 1.0, jnp.bfloat16), "b": jnp.ones((4,), jnp.float32)}
     updates = {"w": jnp.full((256,), 1e-3), "b": jnp.full((4,), 1e-3)}
-    plain = optimizer_lib.update_applier(tiny_config(tmp_path).optimizer, 0)
-    rounding = optimizer_lib.update_applier(tiny_config(tmp_path, **LOW_PRECISION).optimizer, 0)
-    other_seed = optimizer_lib.update_applier(tiny_config(tmp_path, **LOW_PRECISION).optimizer, 1)
+    plain = optimizer_lib.update_applier(tiny_config(tmp_path).step, 0)
+    rounding = optimizer_lib.update_applier(tiny_config(tmp_path, **LOW_PRECISION).step, 0)
+    other_seed = optimizer_lib.update_applier(tiny_config(tmp_path, **LOW_PRECISION).step, 1)
     np.testing.assert_array_equal(np.asarray(plain(params, updates, 3)["w"], np.float32), 1.0)
     step3 = np.asarray(rounding(params, updates, jnp.int32(3))["w"], np.float32)
     np.testing.assert_array_equal(
@@ -117,15 +117,15 @@ def test_update_applier_keys_by_seed_and_step(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"optimizer.stochastic_rounding": True}, r"stochastic_rounding=True needs .*param_dtype"),
-        ({"optimizer.basis_dtype": "bf16"}, "optimizer.basis_dtype"),
+        ({"step.stochastic_rounding": True}, r"stochastic_rounding=True needs .*param_dtype"),
+        ({"optimizer.subspace.basis_dtype": "bf16"}, "optimizer.subspace.basis_dtype"),
         (
-            {"optimizer.basis_dtype": "bfloat16", "optimizer.name": "osd"},
+            {"optimizer.subspace.basis_dtype": "bfloat16", "optimizer.name": "osd"},
             r"basis_dtype='bfloat16' applies to the basis projectors .* not to name='osd'",
         ),
         (
-            dict(LOW_PRECISION, **{"optimizer.relora": True, "optimizer.grad_clip": 0.0}),
-            "stochastic_rounding=True is not supported with config.optimizer.relora",
+            dict(LOW_PRECISION, **{"step.relora": True, "optimizer.grad_clip": 0.0}),
+            "stochastic_rounding=True is not supported with config.step.relora",
         ),
     ],
 )

@@ -20,30 +20,35 @@ SMALL = [  # a 2-layer, hidden-64 llama_tiny: cheap to compile on CPU
     "model.vocab_size=512",
     "seq_len=32",
     "batch_size=2",
-    "optimizer.rank=8",
+    "optimizer.subspace.rank=8",
 ]
 
 
 def test_load_config_overrides_by_key_and_type():
     config = memory.load_config(
         str(ROOT / TINY),
-        ["optimizer.name=galore", "model.remat=true", "batch_size=4", "optimizer.scale=0.25"],
+        [
+            "optimizer.name=galore",
+            "model.remat=true",
+            "batch_size=4",
+            "optimizer.subspace.scale=0.25",
+        ],
     )
     assert config.optimizer.name == "galore" and config.model.remat is True
-    assert config.batch_size == 4 and config.optimizer.scale == 0.25
+    assert config.batch_size == 4 and config.optimizer.subspace.scale == 0.25
     with pytest.raises(KeyError, match=r"optimizer\.nmae"):
         memory.load_config(str(ROOT / TINY), ["optimizer.nmae=galore"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         memory.load_config(str(ROOT / TINY), ["optimizer.name"])
-    assert memory.parse_row("low: model.param_dtype=bfloat16 optimizer.inner=adamw8bit") == (
+    assert memory.parse_row("low: model.param_dtype=bfloat16 optimizer.inner.name=adamw8bit") == (
         "low",
-        ["model.param_dtype=bfloat16", "optimizer.inner=adamw8bit"],
+        ["model.param_dtype=bfloat16", "optimizer.inner.name=adamw8bit"],
     )
 
 
 def test_one_row_on_cpu_reports_compiled_figures_and_throughput():
     overrides = [*SMALL, "optimizer.name=galore", "model.param_dtype=bfloat16"]
-    overrides += ["optimizer.stochastic_rounding=True", "optimizer.basis_dtype=bfloat16"]
+    overrides += ["step.stochastic_rounding=True", "optimizer.subspace.basis_dtype=bfloat16"]
     row = memory.run_row(str(ROOT / TINY), overrides, "low", steady_steps=2)
     assert row["status"] == "ok", row.get("error")
     assert row["param_dtype"] == "bfloat16" and row["stochastic_rounding"]

@@ -191,12 +191,18 @@ def test_forced_side_is_an_orthogonal_projection(side):
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_optimizer(**overrides):
+def _tiny_config(overrides):
+    """configs/llama_tiny.py with ``{"optimizer.subspace.rank": 3, ...}`` set."""
     from configs import llama_tiny
 
-    opt = llama_tiny.get_config().optimizer
-    opt.update(overrides)
-    return opt
+    config = llama_tiny.get_config()
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        target = config
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    return config
 
 
 def _kernels():
@@ -213,7 +219,14 @@ def test_trainer_optax_galore_is_optax_contrib_galore_on_the_kernels():
     kernel, not the embedding), and its updates equal a hand-built optax.contrib.galore's."""
     from train import optimizer as optimizer_lib
 
-    opt = _tiny_optimizer(name="optax_galore", rank=3, update_every=2, grad_clip=0.0)
+    opt = _tiny_config(
+        {
+            "optimizer.name": "optax_galore",
+            "optimizer.subspace.rank": 3,
+            "optimizer.subspace.update_every": 2,
+            "optimizer.grad_clip": 0.0,
+        }
+    ).optimizer
     tx = optimizer_lib.build_optimizer(opt, num_steps=10)
     params = _kernels()
     schedule = optimizer_lib.learning_rate_schedule(opt, 10)
@@ -221,8 +234,8 @@ def test_trainer_optax_galore_is_optax_contrib_galore_on_the_kernels():
         schedule,
         rank=3,
         update_proj_gap=2,
-        scale=opt.scale,
-        base_optimizer=optax.scale_by_adam(opt.b1, opt.b2, opt.eps),
+        scale=opt.subspace.scale,
+        base_optimizer=optax.scale_by_adam(opt.inner.b1, opt.inner.b2, opt.inner.eps),
         weight_decay=opt.weight_decay,
         weight_dimension_numbers={
             "embed": {"embedding": None},
@@ -245,26 +258,43 @@ def test_trainer_optax_galore_is_optax_contrib_galore_on_the_kernels():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"side": "top"}, r"config.optimizer.side must be one of"),
-        ({"name": "optax_galore", "inner": "adamw8bit"}, r"optax_galore' has no inner"),
-        ({"name": "optax_galore", "momentum_projection": True}, r"momentum_projection=False"),
-        ({"relora": True, "side": "state", "grad_clip": 0.0}, r"relora=True needs side"),
+        ({"optimizer.subspace.side": "top"}, r"config.optimizer.subspace.side must be one of"),
+        (
+            {"optimizer.name": "optax_galore", "optimizer.inner.name": "adamw8bit"},
+            r"optax_galore' has no inner",
+        ),
+        (
+            {"optimizer.name": "optax_galore", "optimizer.subspace.momentum_projection": True},
+            r"momentum_projection=False",
+        ),
+        (
+            {"step.relora": True, "optimizer.subspace.side": "state", "optimizer.grad_clip": 0.0},
+            r"relora=True needs config.optimizer.subspace.side",
+        ),
     ],
 )
 def test_trainer_rejects_bad_side_and_optax_galore_settings(overrides, message):
     from train import optimizer as optimizer_lib
 
+    config = _tiny_config(overrides)
     with pytest.raises(ValueError, match=message):
-        optimizer_lib.validate(_tiny_optimizer(**overrides))
+        optimizer_lib.validate(config.optimizer, step=config.step)
 
 
 def test_trainer_side_reaches_the_transform():
-    """config.optimizer.side=state gives optax's side (left on a tall kernel)."""
+    """config.optimizer.subspace.side=state gives optax's side (left on a tall kernel)."""
     from train import optimizer as optimizer_lib
 
     params = {"mlp": {"kernel": jnp.ones((12, 8), jnp.float32)}}
     for side, basis_rows in (("gradient", 8), ("state", 12), ("left", 12), ("right", 8)):
-        opt = _tiny_optimizer(name="galore", rank=3, side=side, grad_clip=0.0)
+        opt = _tiny_config(
+            {
+                "optimizer.name": "galore",
+                "optimizer.subspace.rank": 3,
+                "optimizer.subspace.side": side,
+                "optimizer.grad_clip": 0.0,
+            }
+        ).optimizer
         state = optimizer_lib.build_optimizer(opt, num_steps=10).init(params)
         bases = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, gl.ScaleBySubspaceState))
         (sub,) = [b for b in bases if isinstance(b, gl.ScaleBySubspaceState)]

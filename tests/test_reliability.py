@@ -226,16 +226,16 @@ def _tree(workdir: pathlib.Path) -> dict[str, int]:
     ("overrides", "message"),
     [
         ({"keep_checkpoints": 0}, "config.keep_checkpoints=0: must be >= 1"),
-        ({"optimizer.b1": 1.5}, r"config.optimizer.b1=1.5: must be in \[0, 1\)"),
-        ({"optimizer.b2": -0.1}, r"config.optimizer.b2=-0.1: must be in \[0, 1\)"),
+        ({"optimizer.inner.b1": 1.5}, r"config.optimizer.inner.b1=1.5: must be in \[0, 1\)"),
+        ({"optimizer.inner.b2": -0.1}, r"config.optimizer.inner.b2=-0.1: must be in \[0, 1\)"),
         ({"optimizer.grad_clip": -1.0}, "config.optimizer.grad_clip=-1.0: must be a finite"),
         ({"optimizer.warmup_steps": 7}, "warmup_steps=7: must be >= 0 and <= config.num_steps=6"),
         ({"eval_batches": 0}, "config.eval_batches=0: must be >= 1"),
         ({"run_steps": 0}, r"config.run_steps=0: must be >= 1 \(or None\)"),
         ({"checkpoint_every": 0}, "config.checkpoint_every=0: must be >= 1"),
-        ({"optimizer.rank": 0}, "config.optimizer.rank=0: must be >= 1"),
+        ({"optimizer.subspace.rank": 0}, "config.optimizer.subspace.rank=0: must be >= 1"),
         (
-            {"optimizer.name": "hybrid", "optimizer.golore_fraction": 1.5},
+            {"optimizer.name": "hybrid", "optimizer.subspace.golore_fraction": 1.5},
             r"golore_fraction=1.5: must be in \(0, 1\]",
         ),
         ({"mesh.data": 2}, "has 2 devices but 1 are available"),
@@ -394,13 +394,13 @@ def test_command_line_config_errors_are_one_line(tmp_path):
     out = _cli(
         "--config=configs/llama_tiny.py",
         f"--workdir={tmp_path / 'w'}",
-        "--config.optimizer.b1=1.5",
+        "--config.optimizer.inner.b1=1.5",
         "--config.data.paths=a.txt,b.txt",
     )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-    assert lines == ["error: ConfigError: config.optimizer.b1=1.5: must be in [0, 1)"]
+    assert lines == ["error: ConfigError: config.optimizer.inner.b1=1.5: must be in [0, 1)"]
     assert not (tmp_path / "w").exists()
     missing = _cli("--config=configs/nope.py", f"--workdir={tmp_path / 'w'}")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr

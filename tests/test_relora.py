@@ -20,8 +20,8 @@ def _config(tmp_path, **overrides):
     base = {
         "optimizer.grad_clip": 0.0,
         "optimizer.weight_decay": 0.0,
-        "optimizer.update_every": 3,
-        "optimizer.golore_fraction": 0.5,
+        "optimizer.subspace.update_every": 3,
+        "optimizer.subspace.golore_fraction": 0.5,
         "num_steps": 8,
     }
     return tiny_config(tmp_path, **{**base, **overrides})
@@ -59,11 +59,15 @@ def _run(config, batches):
 def test_same_trajectory_as_the_plain_transform(tmp_path, name, inner):
     """8 steps with refreshes at 0, 3, 6 (and the hybrid's switch at step 4): the weights
     W0 + P A equal the plain path's weights to fp32 round-off, and so do the losses."""
-    overrides = {"optimizer.name": name, "optimizer.inner": inner, "optimizer.projector": "svd"}
+    overrides = {
+        "optimizer.name": name,
+        "optimizer.inner.name": inner,
+        "optimizer.subspace.projector": "svd",
+    }
     config = _config(tmp_path, **overrides)
     batches = _batches(config, config.num_steps)
     _, plain, plain_losses = _run(config, batches)
-    relora_config = _config(tmp_path, **overrides, **{"optimizer.relora": True})
+    relora_config = _config(tmp_path, **overrides, **{"step.relora": True})
     trainer, relora, relora_losses = _run(relora_config, batches)
 
     np.testing.assert_allclose(relora_losses, plain_losses, rtol=1e-5)
@@ -94,11 +98,11 @@ def test_low_rank_step_never_forms_a_full_kernel_gradient(tmp_path):
     """Between refreshes no matmul outputs a projected kernel's (in, out) shape (that would be
     x^T dy, the full gradient), while the refresh step does; and the low-rank step compiles to
     fewer FLOPs (Table 1: 4bmn + O(r) instead of 6bmn for the dense layers)."""
-    config = _config(tmp_path, **{"optimizer.relora": True, "optimizer.name": "golore"})
+    config = _config(tmp_path, **{"step.relora": True, "optimizer.name": "golore"})
     mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
     trainer = main_lib.build_trainer(config, mesh)
     state = trainer.init(jax.random.key(0))
-    layouts = relora_lib.layouts_of(state.params, config.optimizer.rank)
+    layouts = relora_lib.layouts_of(state.params, config.optimizer.subspace.rank)
     kernel_shapes = {lay.shape for lay in layouts if lay is not None}
     other_shapes = {
         tuple(x.shape)
@@ -135,7 +139,7 @@ def test_resume_is_exact(tmp_path):
     """A ReLoRA-like run stopped at step 4 (A non-zero, mid-way between refreshes at 3 and 6)
     and resumed from its checkpoint gives the losses of the uninterrupted run; the held-out
     loss is computed on the merged weights W0 + P A."""
-    overrides = {"optimizer.relora": True, "num_steps": 7, "eval_every": 7}
+    overrides = {"step.relora": True, "num_steps": 7, "eval_every": 7}
     main_lib.train_and_evaluate(_config(tmp_path, **overrides), tmp_path / "full")
     first = main_lib.train_and_evaluate(
         _config(tmp_path, **overrides, run_steps=4), tmp_path / "split"

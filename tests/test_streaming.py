@@ -25,6 +25,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from configs.base import data_config  # noqa: E402
 from train import corpus as corpus_lib  # noqa: E402
 from train import data  # noqa: E402
 
@@ -130,7 +131,7 @@ def prepared(request, tmp_path_factory) -> tuple[str, pathlib.Path]:
 
 
 def _config(data_dir: pathlib.Path, **overrides):
-    cfg = data.default_data_config()
+    cfg = data_config()
     cfg.source = "tfds"
     cfg.tfds_name = "tiny_corpus"
     cfg.data_dir = str(data_dir)
@@ -367,7 +368,7 @@ def test_indexed_files_read_the_documents_of_the_cached_reader(tmp_path) -> None
 
 
 def test_streamed_files_resume_and_shard(tmp_path) -> None:
-    cfg = data.default_data_config()
+    cfg = data_config()
     cfg.source, cfg.stream_files, cfg.txt_split = "files", True, "blank_lines"
     cfg.paths = [str(p) for p in _local_files(tmp_path)]
     cfg.vocab_size, cfg.eval_fraction, cfg.cache_dir = VOCAB, 0.1, str(tmp_path / "cache")

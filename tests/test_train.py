@@ -119,19 +119,23 @@ def test_model_dim_not_divisible_by_mesh_names_the_param():
         ({"data.paths": ["/nonexistent/corpus.txt"]}, FileNotFoundError, "/nonexistent"),
         ({"model.vocab_size": 100}, ValueError, "100"),
         ({"batch_size": 0}, ValueError, "batch_size"),
-        ({"optimizer.relora": True}, ValueError, "grad_clip=0"),
+        ({"step.relora": True}, ValueError, "grad_clip=0"),
         (
-            {"optimizer.relora": True, "optimizer.grad_clip": 0.0, "optimizer.name": "gosare"},
+            {"step.relora": True, "optimizer.grad_clip": 0.0, "optimizer.name": "gosare"},
             ValueError,
             "basis projector",
         ),
         (
-            {"optimizer.relora": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True},
+            {"step.relora": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True},
             ValueError,
             "scan_layers=False",
         ),
-        ({"optimizer.inner": "adamw8bit", "optimizer.name": "osd"}, ValueError, "adamw8bit"),
-        ({"optimizer.projection_dtype": "bf16"}, ValueError, "optimizer.projection_dtype"),
+        ({"optimizer.inner.name": "adamw8bit", "optimizer.name": "osd"}, ValueError, "adamw8bit"),
+        (
+            {"optimizer.subspace.projection_dtype": "bf16"},
+            ValueError,
+            "optimizer.subspace.projection_dtype",
+        ),
         ({"model.attention": "flash"}, ValueError, "attention='flash'"),
     ],
 )
@@ -222,17 +226,18 @@ def test_checkpoint_from_other_config_is_refused_and_kept(tmp_path):
     """Resuming with a different rank names the mismatch and leaves the checkpoint intact."""
     main_lib.train_and_evaluate(tiny_config(tmp_path, num_steps=3), tmp_path / "run")
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    with pytest.raises(ValueError, match=r"optimizer.rank"):
+    with pytest.raises(ValueError, match=r"optimizer.subspace.rank"):
         main_lib.train_and_evaluate(
-            tiny_config(tmp_path, num_steps=6, **{"optimizer.rank": 4}), tmp_path / "run"
+            tiny_config(tmp_path, num_steps=6, **{"optimizer.subspace.rank": 4}), tmp_path / "run"
         )
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
 def test_batch_refresh_off_or_bounded_gives_the_same_update(tmp_path):
-    """optimizer.batch_refresh=False (one decomposition per matrix, no stacked copy),
-    optimizer.refresh_batch_size=2 (stacks of at most 2) and the default stacked refresh choose
-    the same bases and updates (two steps: the learning rate is 0 at step 0 of the warmup)."""
+    """optimizer.subspace.batch_refresh=False (one decomposition per matrix, no stacked
+    copy), optimizer.subspace.refresh_batch_size=2 (stacks of at most 2) and the default stacked
+    refresh choose the same bases and updates (two steps: the learning rate is 0 at step 0 of
+    the warmup)."""
     from train import optimizer as optimizer_lib
 
     params = {
@@ -249,8 +254,8 @@ def test_batch_refresh_off_or_bounded_gives_the_same_update(tmp_path):
             tmp_path,
             **{
                 "optimizer.name": "galore",
-                "optimizer.batch_refresh": batched,
-                "optimizer.refresh_batch_size": bound,
+                "optimizer.subspace.batch_refresh": batched,
+                "optimizer.subspace.refresh_batch_size": bound,
             },
         )
         tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps)

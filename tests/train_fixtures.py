@@ -46,11 +46,11 @@ def tiny_config(tmp_path: pathlib.Path, **overrides) -> ml_collections.ConfigDic
     config.eval_batches = 2
     config.checkpoint_every = 3
     config.optimizer.name = "hybrid"
-    config.optimizer.golore_fraction = 0.5
+    config.optimizer.subspace.golore_fraction = 0.5
     config.optimizer.learning_rate = 1e-2
     config.optimizer.warmup_steps = 1
-    config.optimizer.rank = 8
-    config.optimizer.update_every = 2
+    config.optimizer.subspace.rank = 8
+    config.optimizer.subspace.update_every = 2
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")

@@ -37,9 +37,9 @@ CHECKSUMS = "crc32.json"
 MUST_MATCH = (
     "model",
     "optimizer.name",
-    "optimizer.inner",
-    "optimizer.rank",
-    "optimizer.relora",
+    "optimizer.inner.name",
+    "optimizer.subspace.rank",
+    "step.relora",
     "seq_len",
     # The data position is counted in batches of this size, and the schedule in steps.
     "batch_size",
@@ -74,12 +74,17 @@ def _is_set(config: Any, dotted: str) -> bool:
 
 
 # Must match too, but recorded only when set: older checkpoints (without it) stay resumable.
-MUST_MATCH_WHEN_SET = ("optimizer.layerwise",)  # the layer-wise optimizer state differs
+MUST_MATCH_WHEN_SET = ("step.layerwise",)  # the layer-wise optimizer state differs
 
 
 def fingerprint(config: Any) -> dict[str, Any]:
     """The fields of ``config`` a checkpoint must agree with, JSON-normalised."""
-    fields = {k: _lookup(config, k) for k in MUST_MATCH}
+    fields = {}
+    for key in MUST_MATCH:  # a program without a block (fine-tuning has no `step`) skips it
+        try:
+            fields[key] = _lookup(config, key)
+        except (KeyError, AttributeError):
+            continue
     fields.update({k: True for k in MUST_MATCH_WHEN_SET if _is_set(config, k)})
     found = json.loads(json.dumps(fields, default=str))
     return comparable(found)

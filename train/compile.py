@@ -186,7 +186,7 @@ def compile_train_step(
     report: dict[str, Any] = {
         "model": {k: config.model[k] for k in ("hidden_size", "num_layers", "vocab_size")},
         "optimizer": config.optimizer.name,
-        "rank": config.optimizer.rank,
+        "rank": config.optimizer.subspace.rank,
         "device_kind": kind,
         "chips": len(devices),
         "mesh": dict(mesh.shape),

@@ -53,60 +53,46 @@ _ENCODE_CHUNK = 4096
 _PREFETCH_BATCHES = 2
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-    """The data section of a training config, with every supported field and its default."""
-    return ml_collections.ConfigDict(
-        {
-            # 'default' (offline GCIDE dictionary corpus), 'files' (paths) or 'tfds' (e.g. C4,
-            # streamed).
-            "source": "default",
-            # Files or directories of .txt / .jsonl / .parquet (source='files').
-            "paths": [],
-            # JSON field / parquet column / TFDS feature holding the text.
-            "text_field": "text",
-            # .txt handling: 'file' (one document per file) or 'blank_lines' (per paragraph).
-            "txt_split": "file",
-            # source='files': stream .jsonl/.txt documents from disk through a byte-offset
-            # index (as TFDS copies are streamed) instead of caching their tokens.
-            "stream_files": False,
-            # TFDS dataset, split and prepared data directory (source='tfds'). T5 / seqio /
-            # MaxText copies of C4 are 'c4/en:3.0.1'; plain 'c4/en' finds only 3.1.0.
-            "tfds_name": "c4/en",
-            "tfds_split": "train",
-            "data_dir": ml_collections.FieldReference(None, field_type=str),
-            # Held-out TFDS split (e.g. 'validation'); None holds out documents of tfds_split
-            # by hash (eval_fraction), which scans the split from its start.
-            "tfds_eval_split": ml_collections.FieldReference(None, field_type=str),
-            # Streaming: threads reading and tokenizing documents, and documents shuffled
-            # together within a window for TFRecord copies (ArrayRecord: whole-split shuffle).
-            "read_threads": 4,
-            "shuffle_window": 4096,
-            # 'bpe' trains a byte-level BPE on the corpus; or a tokenizer.json / .model path.
-            "tokenizer": "bpe",
-            "vocab_size": 8192,
-            # Megabytes of corpus text the BPE trainer reads (keeps training to seconds).
-            "tokenizer_train_mb": 8.0,
-            # End-of-sequence token of a user tokenizer.json (None: detect a usual one).
-            "eos_token": ml_collections.FieldReference(None, field_type=str),
-            # Fraction of documents held out for evaluation.
-            "eval_fraction": 0.01,
-            # Cache root for tokenizers and token streams (None: ~/.cache/golore_jax).
-            "cache_dir": ml_collections.FieldReference(None, field_type=str),
-            # Cached sources: read at most this many megabytes of corpus text (None: all of it).
-            "max_corpus_mb": ml_collections.FieldReference(None, field_type=float),
-        }
-    )
+# The fields of a data config (configs/base.py's ``data_config()`` declares them with their
+# defaults): ``build_datasets`` reads each of them and nothing else.
+FIELDS = (
+    "source",
+    "paths",
+    "text_field",
+    "txt_split",
+    "stream_files",
+    "tfds_name",
+    "tfds_split",
+    "data_dir",
+    "tfds_eval_split",
+    "read_threads",
+    "shuffle_window",
+    "tokenizer",
+    "vocab_size",
+    "tokenizer_train_mb",
+    "eos_token",
+    "eval_fraction",
+    "cache_dir",
+    "max_corpus_mb",
+)
 
 
 def resolve_config(data_config: Any) -> ml_collections.ConfigDict:
-    """``default_data_config()`` with the given fields set; an unknown field is an error."""
-    cfg = default_data_config()
-    items = data_config.items() if hasattr(data_config, "items") else vars(data_config).items()
-    for key, value in items:
-        if key not in cfg:
-            raise ValueError(f"Unknown data config field data.{key}; expected one of {sorted(cfg)}")
-        cfg[key] = value
-    return cfg
+    """``data_config`` (a ConfigDict, dict or namespace) as a ConfigDict holding exactly
+    :data:`FIELDS`; an unknown or missing field is an error (defaults live in configs/)."""
+    items = dict(data_config.items() if hasattr(data_config, "items") else vars(data_config))
+    unknown = sorted(set(items) - set(FIELDS))
+    if unknown:
+        raise ValueError(
+            f"Unknown data config field data.{unknown[0]}; expected one of {sorted(FIELDS)}"
+        )
+    missing = [key for key in FIELDS if key not in items]
+    if missing:
+        raise ValueError(
+            f"Data config lacks data.{missing[0]} (every field of configs/base.py's "
+            "data_config() must be given)"
+        )
+    return ml_collections.ConfigDict(items)
 
 
 def check_vocab(tokenizer_vocab: int, model_vocab: int) -> None:
@@ -609,7 +595,7 @@ def build_datasets(
     """Builds tokenizer, training iterator and held-out batches from a data config.
 
     Args:
-      data_config: fields of ``default_data_config()`` (missing ones take their defaults).
+      data_config: every field of ``configs.base.data_config()`` (:data:`FIELDS`).
       seq_len: tokens per example (each packed row holds ``seq_len + 1``).
       global_batch_size: examples per step over all hosts.
       seed: shuffling seed.

@@ -35,13 +35,13 @@ from train.errors import ConfigError
 
 def validate(config: Any) -> None:
     """The multi-process keys, checked before JAX starts its backends."""
-    address = config.get("coordinator_address", "")
+    address = config.coordinator_address
     if address and (":" not in address or not address.rsplit(":", 1)[1].isdigit()):
         raise ConfigError(
             f"config.coordinator_address={address!r}: must be 'host:port' (or '' to let JAX "
             "detect the cluster)"
         )
-    count, index = config.get("num_processes"), config.get("process_id")
+    count, index = config.num_processes, config.process_id
     if count is not None and count < 1:
         raise ConfigError(f"config.num_processes={count!r}: must be >= 1 (or None: detect)")
     if index is not None and not (index >= 0 and (count is None or index < count)):
@@ -50,7 +50,7 @@ def validate(config: Any) -> None:
             "(or None: detect)"
         )
     for key in ("heartbeat_timeout_s", "initialization_timeout_s"):
-        if key in config and not config[key] >= 1:
+        if not config[key] >= 1:
             raise ConfigError(f"config.{key}={config[key]!r}: must be >= 1 (seconds)")
 
 
@@ -60,11 +60,11 @@ def initialize(config: Any) -> None:
         return
     try:
         jax.distributed.initialize(
-            coordinator_address=config.get("coordinator_address") or None,
-            num_processes=config.get("num_processes"),
-            process_id=config.get("process_id"),
-            initialization_timeout=int(config.get("initialization_timeout_s", 300)),
-            heartbeat_timeout_seconds=int(config.get("heartbeat_timeout_s", 100)),
+            coordinator_address=config.coordinator_address or None,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+            initialization_timeout=int(config.initialization_timeout_s),
+            heartbeat_timeout_seconds=int(config.heartbeat_timeout_s),
         )
     except (ValueError, RuntimeError) as e:
         if "coordinator_address" in str(e) or "should be defined" in str(e):

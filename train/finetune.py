@@ -99,7 +99,7 @@ def optimizer_block(opt: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     """``config.optimizer`` with the subspace rank clipped per matrix (see subspace_rank_rule)."""
     values = opt.to_dict()
     if opt.name in SUBSPACE_OPTIMIZERS:
-        values["rank"] = subspace_rank_rule(opt.rank)
+        values["subspace"]["rank"] = subspace_rank_rule(opt.subspace.rank)
     return ml_collections.ConfigDict(values)
 
 
@@ -147,7 +147,7 @@ def resolve_model(
     ckpt = resolve_path(init.hf_checkpoint, "config.init.hf_checkpoint")
     tok_path = init.tokenizer or _checkpoint_tokenizer(ckpt)
     tokenizer_file = resolve_path(tok_path, "config.init.tokenizer")
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_file, eos_token=init.get("eos_token"))
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_file, eos_token=init.eos_token)
     config_file = resolve_path(str(ckpt / "config.json"), "config.init.hf_checkpoint/config.json")
     hf_config = json.loads(config_file.read_text())
     # Compute dtype, master-weight dtype, remat and attention come from config.model, the shape
@@ -156,7 +156,7 @@ def resolve_model(
         "dtype": config.model.dtype,
         "param_dtype": config.model.param_dtype,
         "remat": config.model.remat,
-        "attention": config.model.get("attention", "auto"),
+        "attention": config.model.attention,
         "max_seq_len": max(int(hf_config.get("max_position_embeddings", 2048)), config.seq_len),
     }
     model_config, _ = hf_checkpoint.config_from_hf(hf_config, **overrides)
@@ -367,10 +367,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.export.dtype must be one of {EXPORT_DTYPES}, got {config.export.dtype!r}"
         )
-    if config.optimizer.get("relora"):
-        raise ConfigError("config.optimizer.relora=True is for pre-training (train.main) only")
-    if config.optimizer.get("layerwise"):
-        raise ConfigError("config.optimizer.layerwise=True is for pre-training (train.main) only")
     optimizer_lib.validate(config.optimizer, num_steps=config.num_steps)
 
 
@@ -427,10 +423,10 @@ def _finetune(
     mesh = finetune_mesh(config, devices)
     data = config.data
     train_examples = load_examples(
-        data.train_file, data.task, "config.data.train_file", data.get("max_train_examples")
+        data.train_file, data.task, "config.data.train_file", data.max_train_examples
     )
     eval_examples = load_examples(
-        data.eval_file, data.task, "config.data.eval_file", data.get("max_eval_examples")
+        data.eval_file, data.task, "config.data.eval_file", data.max_eval_examples
     )
     source = resolve_model(config, lambda: task_texts(train_examples), workdir)
     tokenizer, model_config = source.tokenizer, source.model_config

@@ -1,6 +1,6 @@
 """The layer-wise train step: each decoder layer is updated inside the backward pass.
 
-``config.optimizer.layerwise=True`` (with ``model.scan_layers=True``). The forward pass runs
+``config.step.layerwise=True`` (with ``model.scan_layers=True``). The forward pass runs
 the embedding, a ``lax.scan`` over the stacked layers that keeps only each layer's input (the
 activation checkpoints), then the final norm, head and loss. The backward pass takes the
 head's and norm's gradients, then runs a reverse ``lax.scan`` over the layers: for layer ``i``

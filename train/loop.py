@@ -64,7 +64,7 @@ def validate(config: Any) -> None:
 def start(config: Any, workdir: pathlib.Path, directories: Iterable[tuple[str, str]] = ()) -> None:
     """Joins the other processes (``config.distributed``) and checks that the workdir and the
     ``directories`` (``(path, what)`` pairs) are writable, before the first step."""
-    if config.get("distributed"):
+    if config.distributed:
         distributed_lib.initialize(config)
     check_directories(workdir, directories)
     _warn_small_cpu_thread_pool()

@@ -73,25 +73,25 @@ def validate_config(config: Any) -> None:
             f"config.seq_len={config.seq_len} exceeds config.model.max_seq_len="
             f"{config.model.max_seq_len}"
         )
-    optimizer_lib.validate(config.optimizer, num_steps=config.num_steps)
-    if config.optimizer.get("stochastic_rounding") and config.model.param_dtype != "bfloat16":
+    optimizer_lib.validate(config.optimizer, num_steps=config.num_steps, step=config.step)
+    if config.step.stochastic_rounding and config.model.param_dtype != "bfloat16":
         raise ConfigError(
-            "config.optimizer.stochastic_rounding=True needs config.model.param_dtype="
+            "config.step.stochastic_rounding=True needs config.model.param_dtype="
             f"'bfloat16', got {config.model.param_dtype!r}"
         )
-    if config.optimizer.get("stochastic_rounding") and config.optimizer.relora:
+    if config.step.stochastic_rounding and config.step.relora:
         raise ConfigError(
-            "config.optimizer.stochastic_rounding=True is not supported with "
-            "config.optimizer.relora=True (the ReLoRA-like step applies its own updates)"
+            "config.step.stochastic_rounding=True is not supported with "
+            "config.step.relora=True (the ReLoRA-like step applies its own updates)"
         )
-    if config.optimizer.relora and config.model.scan_layers:
+    if config.step.relora and config.model.scan_layers:
         raise ConfigError(
-            "config.optimizer.relora=True needs config.model.scan_layers=False (the ReLoRA-like "
+            "config.step.relora=True needs config.model.scan_layers=False (the ReLoRA-like "
             "path reparameterises each layer's 2-D kernels)"
         )
-    if config.optimizer.get("layerwise") and not config.model.scan_layers:
+    if config.step.layerwise and not config.model.scan_layers:
         raise ConfigError(
-            "config.optimizer.layerwise=True needs config.model.scan_layers=True (it scans "
+            "config.step.layerwise=True needs config.model.scan_layers=True (it scans "
             "over the stacked layers)"
         )
 
@@ -123,12 +123,12 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     model_config = model_lib.LlamaConfig.from_dict(config.model)
     model = model_lib.LlamaForCausalLM(model_config)
     tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps, num_devices=mesh.size)
-    apply_updates = optimizer_lib.update_applier(config.optimizer, config.seed)
+    apply_updates = optimizer_lib.update_applier(config.step, config.seed)
     dummy = jnp.zeros((1, config.seq_len), jnp.int32)
-    layerwise = bool(config.optimizer.get("layerwise"))
+    layerwise = bool(config.step.layerwise)
     per_layer = layerwise or _stacked_subspace(config)
     if layerwise:  # one copy of tx per decoder layer, updated inside the backward pass
-        clip = config.optimizer.layer_grad_clip or None
+        clip = config.step.layer_grad_clip or None
         layer_tx = gl.layerwise.per_layer_transform(tx, clip)
         tx = gl.layerwise.layerwise(tx, layerwise_lib.STACK_PATH, clip_norm=clip)
     elif per_layer:
@@ -156,7 +156,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     replicated = sharding_lib.replicated(mesh)
     adapters = (
         relora_lib.AdapterLayer.for_optimizer(param_shapes, config.optimizer)
-        if config.optimizer.relora
+        if config.step.relora
         else None
     )
     state_sharding = TrainState(
@@ -274,12 +274,12 @@ def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, An
     workdir = pathlib.Path(workdir)
     validate_config(config)
     directories = []
-    if config.data.get("cache_dir"):
+    if config.data.cache_dir:
         directories.append((config.data.cache_dir, "config.data.cache_dir"))
-    if config.get("compilation_cache_dir"):
+    if config.compilation_cache_dir:
         directories.append((config.compilation_cache_dir, "config.compilation_cache_dir"))
     loop_lib.start(config, workdir, directories)
-    if config.get("compilation_cache_dir"):  # before the first compile, the lock's included
+    if config.compilation_cache_dir:  # before the first compile, the lock's included
         use_compilation_cache(config.compilation_cache_dir)
     with checkpoint_lib.WorkdirLock(workdir):
         return _train(config, workdir)

@@ -1,4 +1,12 @@
-"""The optimizer a config asks for, built from golore_jax and optax as any user would."""
+"""The optimizer a config asks for, built from golore_jax and optax as any user would.
+
+``config.optimizer`` (configs/base.py) is a ``name``, the keys every name shares (schedule,
+weight decay, clip) and one sub-block per family: ``inner`` (every name), ``subspace`` (every
+name but adamw), ``sparse`` (gasare, gosare), ``online`` (osd). :data:`FAMILY_BLOCKS` says which
+sub-blocks a name reads; :func:`validate` checks those (``_check_<block>``, one-line
+ConfigErrors naming the full key) and :data:`BUILDERS` builds the name from them. Nothing here
+restates a default: every key is read as the config declares it.
+"""
 
 from __future__ import annotations
 
@@ -27,9 +35,19 @@ OPTIMIZERS = (
     "optax_galore",  # optax.contrib.galore, to measure beside ours
 )
 INNERS = ("adamw", "adamw8bit", "msgd")
-PROJECTION_DTYPES = ("float32", "bfloat16")  # config.optimizer.projection_dtype
-BASIS_DTYPES = ("float32", "bfloat16")  # config.optimizer.basis_dtype
+PROJECTION_DTYPES = ("float32", "bfloat16")  # config.optimizer.subspace.projection_dtype
+BASIS_DTYPES = ("float32", "bfloat16")  # config.optimizer.subspace.basis_dtype
+# The names whose transform keeps a basis P per matrix (a projector chooses it).
 RELORA_OPTIMIZERS = ("galore", "golore", "hybrid", "importance")
+# The sub-blocks of config.optimizer each name reads besides ``inner`` (configs/base.py's
+# table); each is checked by its ``_check_<block>`` below, and only for the names reading it.
+FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
+    "adamw": (),
+    **{name: ("subspace",) for name in (*RELORA_OPTIMIZERS, "optax_galore")},
+    "gasare": ("subspace", "sparse"),
+    "gosare": ("subspace", "sparse"),
+    "osd": ("subspace", "online"),
+}
 
 
 def learning_rate_schedule(opt: Any, num_steps: int) -> optax.Schedule:
@@ -50,7 +68,7 @@ def _matrices(params: Any) -> Any:
 
 def _sparse_k(rank: int) -> Any:
     """GaSare/GoSare's k per leaf: ``rank * max(m, n)``, the values GaLore's rank-r moments hold
-    (an optional ``optimizer.density`` replaces it)."""
+    (``optimizer.sparse.density`` replaces it)."""
 
     def rule(path: str, shape: tuple[int, ...]) -> int:
         lay = gl.layout.make_layout(shape, rank)
@@ -59,143 +77,165 @@ def _sparse_k(rank: int) -> Any:
     return rule
 
 
-def _family_optimizer(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """GaSare / GoSare (Algorithm 5) and Online Subspace Descent (arXiv 2408.12857)."""
-    common = dict(
-        scale=opt.scale,
-        weight_decay=opt.weight_decay,
-        weight_decay_mask=_matrices,
-    )
-    if opt.inner == "adamw":
-        common.update(b1=opt.b1, b2=opt.b2, eps=opt.eps)
-    else:
-        common.update(momentum=opt.momentum)
-    if opt.name == "osd":
-        alias = gl.osd_adamw if opt.inner == "adamw" else gl.osd_sgd
-        lr = opt.get("projector_learning_rate") or gl.online_pca.DEFAULT_PROJECTOR_LEARNING_RATE
-        return alias(
-            schedule,
-            rank=opt.rank,
-            side=opt.get("side", "gradient"),
-            projector_optimizer=gl.online_pca.default_projector_optimizer(lr),
-            **common,
-        )
-    alias = {
-        ("gasare", "adamw"): gl.gasare_adamw,
-        ("gasare", "msgd"): gl.gasare_sgd,
-        ("gosare", "adamw"): gl.gosare_adamw,
-        ("gosare", "msgd"): gl.gosare_sgd,
-    }[opt.name, opt.inner]
-    density = opt.get("density")
-    sparsity = {"density": density} if density else {"k": _sparse_k(opt.rank)}
-    return alias(schedule, update_every=opt.update_every, seed=opt.seed, **sparsity, **common)
-
-
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """A one-line ConfigError ``config.KEY=VALUE: must be ALLOWED`` unless ``ok``."""
     if not ok:
-        raise ConfigError(f"config.optimizer.{key}={value!r}: must be {allowed}")
+        raise ConfigError(f"config.{key}={value!r}: must be {allowed}")
 
 
-def validate(opt: Any, *, num_steps: int | None = None) -> None:
-    """Rejects an optimizer block the trainer cannot build, before anything compiles.
+def _one_of(value: Any, allowed: tuple[Any, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config.{key} must be one of {allowed}, got {value!r}")
 
-    Each error is one line naming the key and its allowed range (``num_steps``, when given,
-    bounds ``warmup_steps``).
-    """
-    if opt.name not in OPTIMIZERS:
-        raise ConfigError(f"config.optimizer.name must be one of {OPTIMIZERS}, got {opt.name!r}")
-    if opt.inner not in INNERS:
-        raise ConfigError(f"config.optimizer.inner must be one of {INNERS}, got {opt.inner!r}")
-    if opt.inner == "adamw8bit" and opt.name in ("gasare", "gosare", "osd"):
-        raise ConfigError(
-            f"config.optimizer.inner='adamw8bit' is offered for adamw and the basis projectors, "
-            f"not for name={opt.name!r}"
-        )
+
+def _check_shared(opt: Any, num_steps: int | None) -> None:
+    """The keys every name reads: schedule, weight decay, clip."""
     if opt.learning_rate <= 0:
         raise ConfigError(f"config.optimizer.learning_rate must be > 0, got {opt.learning_rate}")
-    finite = math.isfinite
-    for key in ("b1", "b2", "momentum"):  # optax convention: the decay of the moving average
-        _require(0 <= opt[key] < 1, key, opt[key], "in [0, 1)")
-    _require(finite(opt.eps) and opt.eps >= 0, "eps", opt.eps, "a finite number >= 0")
     for key in ("grad_clip", "weight_decay"):
-        _require(finite(opt[key]) and opt[key] >= 0, key, opt[key], "a finite number >= 0")
-    _require(0 <= opt.min_lr_ratio <= 1, "min_lr_ratio", opt.min_lr_ratio, "in [0, 1]")
+        value = opt[key]
+        _require(
+            math.isfinite(value) and value >= 0, f"optimizer.{key}", value, "a finite number >= 0"
+        )
+    _require(0 <= opt.min_lr_ratio <= 1, "optimizer.min_lr_ratio", opt.min_lr_ratio, "in [0, 1]")
     bound = "" if num_steps is None else f" and <= config.num_steps={num_steps}"
     _require(
         opt.warmup_steps >= 0 and (num_steps is None or opt.warmup_steps <= num_steps),
-        "warmup_steps",
+        "optimizer.warmup_steps",
         opt.warmup_steps,
         ">= 0" + bound,
     )
-    if opt.name != "adamw":
-        for key in ("rank", "update_every"):
-            if not callable(opt[key]):  # fine-tuning passes a per-matrix rank rule
-                _require(int(opt[key]) >= 1, key, opt[key], ">= 1")
-        _require(finite(opt.scale) and opt.scale > 0, "scale", opt.scale, "a finite number > 0")
+
+
+def _check_inner(opt: Any) -> None:
+    """``optimizer.inner``: the optimizer run alone (adamw) or inside the subspace."""
+    inner = opt.inner
+    _one_of(inner.name, INNERS, "optimizer.inner.name")
+    if inner.name == "adamw8bit" and opt.name == "optax_galore":
+        raise ConfigError("config.optimizer.name='optax_galore' has no inner.name='adamw8bit'")
+    if inner.name == "adamw8bit" and opt.name in ("gasare", "gosare", "osd"):
+        raise ConfigError(
+            "config.optimizer.inner.name='adamw8bit' is offered for adamw and the basis "
+            f"projectors, not for config.optimizer.name={opt.name!r}"
+        )
+    for key in ("b1", "b2", "momentum"):  # optax convention: the decay of the moving average
+        _require(0 <= inner[key] < 1, f"optimizer.inner.{key}", inner[key], "in [0, 1)")
+    _require(
+        math.isfinite(inner.eps) and inner.eps >= 0,
+        "optimizer.inner.eps",
+        inner.eps,
+        "a finite number >= 0",
+    )
+
+
+def _check_subspace(opt: Any) -> None:
+    """``optimizer.subspace``: rank, refresh and projection settings of the subspace names."""
+    sub = opt.subspace
+    for key in ("rank", "update_every"):
+        if not callable(sub[key]):  # fine-tuning passes a per-matrix rank rule
+            _require(int(sub[key]) >= 1, f"optimizer.subspace.{key}", sub[key], ">= 1")
+    _require(
+        math.isfinite(sub.scale) and sub.scale > 0,
+        "optimizer.subspace.scale",
+        sub.scale,
+        "a finite number > 0",
+    )
     if opt.name == "hybrid":
-        fraction = opt.golore_fraction
-        _require(0 < fraction <= 1, "golore_fraction", fraction, "in (0, 1]")
-    refresh = opt.get("refresh_batch_size", 0)
-    _require(int(refresh) >= 0, "refresh_batch_size", refresh, ">= 0 (0: no limit)")
-    if opt.get("projection_dtype", "float32") not in PROJECTION_DTYPES:
+        fraction = sub.golore_fraction
+        _require(0 < fraction <= 1, "optimizer.subspace.golore_fraction", fraction, "in (0, 1]")
+    _one_of(sub.side, gl.layout.SIDE_RULES, "optimizer.subspace.side")
+    # Settings optax.contrib.galore has no counterpart for.
+    if opt.name == "optax_galore" and (sub.momentum_projection or sub.second_moment != "keep"):
         raise ConfigError(
-            f"config.optimizer.projection_dtype must be one of {PROJECTION_DTYPES}, "
-            f"got {opt.projection_dtype!r}"
+            "config.optimizer.name='optax_galore' keeps moments at a refresh: needs "
+            "config.optimizer.subspace.momentum_projection=False and second_moment='keep', "
+            f"got {sub.momentum_projection} and {sub.second_moment!r}"
         )
-    if opt.get("basis_dtype", "float32") not in BASIS_DTYPES:
+    refresh = sub.refresh_batch_size
+    _require(
+        int(refresh) >= 0, "optimizer.subspace.refresh_batch_size", refresh, ">= 0 (0: no limit)"
+    )
+    _one_of(sub.projection_dtype, PROJECTION_DTYPES, "optimizer.subspace.projection_dtype")
+    _one_of(sub.basis_dtype, BASIS_DTYPES, "optimizer.subspace.basis_dtype")
+    if sub.basis_dtype != "float32" and opt.name not in RELORA_OPTIMIZERS:
         raise ConfigError(
-            f"config.optimizer.basis_dtype must be one of {BASIS_DTYPES}, got {opt.basis_dtype!r}"
+            f"config.optimizer.subspace.basis_dtype={sub.basis_dtype!r} applies to the basis "
+            f"projectors {RELORA_OPTIMIZERS}, not to name={opt.name!r}"
         )
-    if opt.get("basis_dtype", "float32") != "float32" and opt.name not in RELORA_OPTIMIZERS:
-        raise ConfigError(
-            f"config.optimizer.basis_dtype={opt.basis_dtype!r} applies to the basis projectors "
-            f"{RELORA_OPTIMIZERS}, not to name={opt.name!r}"
-        )
-    if opt.get("layerwise") and opt.grad_clip:
+    if opt.name in RELORA_OPTIMIZERS:
+        _one_of(sub.projector, tuple(SVD_PROJECTORS), "optimizer.subspace.projector")
+
+
+def _check_sparse(opt: Any) -> None:
+    """``optimizer.sparse``: GaSare / GoSare's kept fraction (None: GaLore's moment count)."""
+    density = opt.sparse.density
+    if density is not None:
+        _require(0 < density <= 1, "optimizer.sparse.density", density, "in (0, 1] (or None)")
+
+
+def _check_online(opt: Any) -> None:
+    """``optimizer.online``: Online Subspace Descent's projector optimizer."""
+    lr = opt.online.projector_learning_rate
+    _require(
+        math.isfinite(lr) and lr > 0,
+        "optimizer.online.projector_learning_rate",
+        lr,
+        "a finite number > 0",
+    )
+
+
+_BLOCK_CHECKS = {"subspace": _check_subspace, "sparse": _check_sparse, "online": _check_online}
+
+
+def validate(opt: Any, *, num_steps: int | None = None, step: Any = None) -> None:
+    """Rejects an optimizer block the trainer cannot build, before anything compiles.
+
+    Checks the shared keys, ``inner`` and the sub-blocks ``opt.name`` reads (FAMILY_BLOCKS);
+    a sub-block the name does not read is not looked at. ``step`` (pre-training's
+    ``config.step``), when given, is checked against the optimizer. Each error is one line
+    naming the full key and its allowed range (``num_steps``, when given, bounds
+    ``warmup_steps``).
+    """
+    _one_of(opt.name, OPTIMIZERS, "optimizer.name")
+    _check_shared(opt, num_steps)
+    _check_inner(opt)
+    for block in FAMILY_BLOCKS[opt.name]:
+        _BLOCK_CHECKS[block](opt)
+    if step is not None:
+        validate_step(step, opt)
+
+
+def validate_step(step: Any, opt: Any) -> None:
+    """``config.step`` against the optimizer it applies."""
+    if step.layerwise and opt.grad_clip:
         raise ConfigError(
             f"config.optimizer.grad_clip={opt.grad_clip} is a global-norm clip, which "
-            "config.optimizer.layerwise=True cannot do (the layers' gradients never exist "
-            "together): set grad_clip=0, and layer_grad_clip for a per-layer clip"
+            "config.step.layerwise=True cannot do (the layers' gradients never exist "
+            "together): set optimizer.grad_clip=0, and step.layer_grad_clip for a per-layer clip"
         )
-    if opt.get("layer_grad_clip", 0.0) < 0 or (
-        opt.get("layer_grad_clip", 0.0) and not opt.get("layerwise")
-    ):
+    if step.layer_grad_clip < 0 or (step.layer_grad_clip and not step.layerwise):
         raise ConfigError(
-            f"config.optimizer.layer_grad_clip={opt.layer_grad_clip} needs layerwise=True "
-            "and a value >= 0 (the plain step clips by the global norm: grad_clip)"
+            f"config.step.layer_grad_clip={step.layer_grad_clip} needs layerwise=True "
+            "and a value >= 0 (the plain step clips by the global norm: optimizer.grad_clip)"
         )
-    side = opt.get("side", "gradient")
-    if side not in gl.layout.SIDE_RULES:
+    if not step.relora:
+        return
+    if opt.name not in RELORA_OPTIMIZERS:
         raise ConfigError(
-            f"config.optimizer.side must be one of {gl.layout.SIDE_RULES}, got {side!r}"
+            f"config.step.relora=True needs a basis projector, config.optimizer.name one of "
+            f"{RELORA_OPTIMIZERS}, got {opt.name!r}"
         )
-    if opt.name == "optax_galore":  # settings optax.contrib.galore has no counterpart for
-        if opt.inner == "adamw8bit":
-            raise ConfigError("config.optimizer.name='optax_galore' has no inner='adamw8bit'")
-        if opt.momentum_projection or opt.second_moment != "keep":
+    if opt.subspace.side == "state":
+        raise ConfigError(
+            "config.step.relora=True needs config.optimizer.subspace.side 'gradient', 'left' "
+            "or 'right', got 'state' (the adapters' side would depend on the inner optimizer)"
+        )
+    # Both act on the full gradient / weights, which the low-rank path never forms.
+    for field in ("grad_clip", "weight_decay"):
+        if opt[field]:
             raise ConfigError(
-                "config.optimizer.name='optax_galore' keeps moments at a refresh: needs "
-                f"momentum_projection=False and second_moment='keep', got "
-                f"{opt.momentum_projection} and {opt.second_moment!r}"
+                f"config.step.relora=True needs config.optimizer.{field}=0, got {opt[field]}"
             )
-    if opt.get("relora"):
-        if side == "state":
-            raise ConfigError(
-                "config.optimizer.relora=True needs side 'gradient', 'left' or 'right', got "
-                "'state' (the adapters' side would depend on the inner optimizer)"
-            )
-        if opt.name not in RELORA_OPTIMIZERS:
-            raise ConfigError(
-                f"config.optimizer.relora=True needs a basis projector, name one of "
-                f"{RELORA_OPTIMIZERS}, got {opt.name!r}"
-            )
-        # Both act on the full gradient / weights, which the low-rank path never forms.
-        for field in ("grad_clip", "weight_decay"):
-            if opt[field]:
-                raise ConfigError(
-                    f"config.optimizer.relora=True needs config.optimizer.{field}=0, "
-                    f"got {opt[field]}"
-                )
 
 
 # GaLore's SVD-phase projectors by name. Measured on an H100 (BENCHMARKS.md), gram_eigh finds
@@ -247,10 +287,146 @@ def optax_galore(
     )
 
 
+def _full(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int):
+    """name=adamw: the inner optimizer on every parameter (AdamW, 8-bit AdamW or MSGD)."""
+    inner = opt.inner
+    if inner.name == "adamw":
+        return optax.adamw(
+            schedule, inner.b1, inner.b2, inner.eps, opt.weight_decay, mask=_matrices
+        )
+    if inner.name == "adamw8bit":
+        return optax.chain(
+            gl.scale_by_adam_8bit(inner.b1, inner.b2, inner.eps),
+            optax.add_decayed_weights(opt.weight_decay, _matrices),
+            optax.scale_by_learning_rate(schedule),
+        )
+    return optax.chain(  # full-parameter MSGD
+        optax.add_decayed_weights(opt.weight_decay, _matrices),
+        optax.sgd(schedule, momentum=inner.momentum),
+    )
+
+
+def _basis(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int):
+    """galore / golore / hybrid / importance: a projector chooses a basis per matrix."""
+    sub, inner = opt.subspace, opt.inner
+    svd_phase = SVD_PROJECTORS[sub.projector]()
+    projector = {
+        "importance": gl.projectors.importance_svd(),
+        "galore": svd_phase,
+        "golore": gl.projectors.random(),
+        "hybrid": gl.golore_projector(sub.golore_fraction, num_steps, before=svd_phase),
+    }[opt.name]
+    common = dict(
+        rank=sub.rank,
+        update_every=sub.update_every,
+        scale=sub.scale,
+        weight_decay=opt.weight_decay,
+        weight_decay_mask=_matrices,
+        projector=projector,
+        momentum_projection=sub.momentum_projection,
+        seed=sub.seed,
+        refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
+        batch_refresh=sub.batch_refresh,
+        refresh_batch_size=sub.refresh_batch_size or None,
+        projection_dtype=sub.projection_dtype,
+        basis_dtype=sub.basis_dtype,
+        side=sub.side,
+    )
+    if inner.name == "msgd":
+        return gl.galore_sgd(schedule, momentum=inner.momentum, **common)
+    return gl.galore_adamw(
+        schedule,
+        b1=inner.b1,
+        b2=inner.b2,
+        eps=inner.eps,
+        second_moment=sub.second_moment,
+        quantized_moments=inner.name == "adamw8bit",
+        **common,
+    )
+
+
+def _inner_kwargs(opt: Any) -> dict[str, Any]:
+    inner = opt.inner
+    if inner.name == "adamw":
+        return dict(b1=inner.b1, b2=inner.b2, eps=inner.eps)
+    return dict(momentum=inner.momentum)
+
+
+def _sparse(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int):
+    """gasare / gosare (Algorithm 5): a sparse support per matrix instead of a basis."""
+    sub = opt.subspace
+    alias = {
+        ("gasare", "adamw"): gl.gasare_adamw,
+        ("gasare", "msgd"): gl.gasare_sgd,
+        ("gosare", "adamw"): gl.gosare_adamw,
+        ("gosare", "msgd"): gl.gosare_sgd,
+    }[opt.name, opt.inner.name]
+    density = opt.sparse.density
+    sparsity = {"density": density} if density is not None else {"k": _sparse_k(sub.rank)}
+    return alias(
+        schedule,
+        update_every=sub.update_every,
+        seed=sub.seed,
+        scale=sub.scale,
+        weight_decay=opt.weight_decay,
+        weight_decay_mask=_matrices,
+        **sparsity,
+        **_inner_kwargs(opt),
+    )
+
+
+def _online(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int):
+    """osd: Online Subspace Descent (arXiv 2408.12857), the basis learnt by its own AdamW."""
+    sub = opt.subspace
+    alias = gl.osd_adamw if opt.inner.name == "adamw" else gl.osd_sgd
+    lr = opt.online.projector_learning_rate
+    return alias(
+        schedule,
+        rank=sub.rank,
+        side=sub.side,
+        projector_optimizer=gl.online_pca.default_projector_optimizer(lr),
+        scale=sub.scale,
+        weight_decay=opt.weight_decay,
+        weight_decay_mask=_matrices,
+        **_inner_kwargs(opt),
+    )
+
+
+def _optax_galore(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int):
+    """optax_galore: ``optax.contrib.galore`` with the same rank, refresh gap and scale."""
+    sub, inner = opt.subspace, opt.inner
+    return optax_galore(
+        schedule,
+        rank=sub.rank,
+        update_proj_gap=sub.update_every,
+        scale=sub.scale,
+        base_optimizer=(
+            optax.scale_by_adam(inner.b1, inner.b2, inner.eps)
+            if inner.name == "adamw"
+            else optax.trace(decay=inner.momentum)
+        ),
+        weight_decay=opt.weight_decay,
+        weight_decay_mask=_matrices,
+    )
+
+
+# name -> builder; each reads the shared keys, ``inner`` and its FAMILY_BLOCKS only.
+BUILDERS = {
+    "adamw": _full,
+    **{name: _basis for name in RELORA_OPTIMIZERS},
+    "gasare": _sparse,
+    "gosare": _sparse,
+    "osd": _online,
+    "optax_galore": _optax_galore,
+}
+
+
 def build_optimizer(
     opt: Any, num_steps: int, *, num_devices: int = 1
 ) -> optax.GradientTransformation:
-    """``config.optimizer`` -> an optax transformation (clipping, subspace optimizer, lr).
+    """``config.optimizer`` -> an optax transformation (clipping, the named optimizer, lr).
+
+    Validates the block first (:func:`validate`), then calls the name's builder.
 
     With ``num_devices > 1`` the refresh is spread: same-shape matrices are stacked and the
     stack is sharded over every mesh axis, so each device decomposes its share
@@ -260,76 +436,7 @@ def build_optimizer(
     """
     validate(opt)
     schedule = learning_rate_schedule(opt, num_steps)
-    if opt.name == "adamw" and opt.inner == "adamw":
-        tx = optax.adamw(schedule, opt.b1, opt.b2, opt.eps, opt.weight_decay, mask=_matrices)
-    elif opt.name == "adamw" and opt.inner == "adamw8bit":
-        tx = optax.chain(
-            gl.scale_by_adam_8bit(opt.b1, opt.b2, opt.eps),
-            optax.add_decayed_weights(opt.weight_decay, _matrices),
-            optax.scale_by_learning_rate(schedule),
-        )
-    elif opt.name == "adamw":  # full-parameter MSGD
-        tx = optax.chain(
-            optax.add_decayed_weights(opt.weight_decay, _matrices),
-            optax.sgd(schedule, momentum=opt.momentum),
-        )
-    elif opt.name in ("gasare", "gosare", "osd"):
-        tx = _family_optimizer(opt, schedule)
-    elif opt.name == "optax_galore":
-        tx = optax_galore(
-            schedule,
-            rank=opt.rank,
-            update_proj_gap=opt.update_every,
-            scale=opt.scale,
-            base_optimizer=(
-                optax.scale_by_adam(opt.b1, opt.b2, opt.eps)
-                if opt.inner == "adamw"
-                else optax.trace(decay=opt.momentum)
-            ),
-            weight_decay=opt.weight_decay,
-            weight_decay_mask=_matrices,
-        )
-    else:
-        if opt.projector not in SVD_PROJECTORS:
-            raise ConfigError(
-                f"config.optimizer.projector must be one of {sorted(SVD_PROJECTORS)}, "
-                f"got {opt.projector!r}"
-            )
-        svd_phase = SVD_PROJECTORS[opt.projector]()
-        projector = {
-            "importance": gl.projectors.importance_svd(),
-            "galore": svd_phase,
-            "golore": gl.projectors.random(),
-            "hybrid": gl.golore_projector(opt.golore_fraction, num_steps, before=svd_phase),
-        }[opt.name]
-        common = dict(
-            rank=opt.rank,
-            update_every=opt.update_every,
-            scale=opt.scale,
-            weight_decay=opt.weight_decay,
-            weight_decay_mask=_matrices,
-            projector=projector,
-            momentum_projection=opt.momentum_projection,
-            seed=opt.seed,
-            refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
-            batch_refresh=opt.get("batch_refresh", True),
-            refresh_batch_size=opt.get("refresh_batch_size", 0) or None,
-            projection_dtype=opt.get("projection_dtype", "float32"),
-            basis_dtype=opt.get("basis_dtype", "float32"),
-            side=opt.get("side", "gradient"),
-        )
-        if opt.inner in ("adamw", "adamw8bit"):
-            tx = gl.galore_adamw(
-                schedule,
-                b1=opt.b1,
-                b2=opt.b2,
-                eps=opt.eps,
-                second_moment=opt.second_moment,
-                quantized_moments=opt.inner == "adamw8bit",
-                **common,
-            )
-        else:
-            tx = gl.galore_sgd(schedule, momentum=opt.momentum, **common)
+    tx = BUILDERS[opt.name](opt, schedule, num_steps, num_devices)
     if opt.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
     return tx
@@ -341,16 +448,16 @@ _ROUNDING_STREAM = 0x5352
 _LAYER_STREAM = 0x4C59
 
 
-def update_applier(opt: Any, seed: int) -> Callable[..., Any]:
+def update_applier(step_config: Any, seed: int) -> Callable[..., Any]:
     """``(params, updates, step, layer=None) -> new params``: ``optax.apply_updates``, or with
-    ``opt.stochastic_rounding`` :func:`golore_jax.apply_updates_stochastic` keyed by
+    ``config.step.stochastic_rounding`` :func:`golore_jax.apply_updates_stochastic` keyed by
     ``fold_in(key(seed), step)`` (a resumed run rounds exactly as the uninterrupted one).
 
     ``layer`` (an int or traced index, e.g. inside a scan over stacked layers): the subtree of
     that layer gets its own noise; without it, every layer's leaves at the same position in
     their subtree would be rounded with the same noise.
     """
-    if not opt.get("stochastic_rounding", False):
+    if not step_config.stochastic_rounding:
         return lambda params, updates, step, layer=None: optax.apply_updates(params, updates)
     stream = jax.random.fold_in(jax.random.key(seed), _ROUNDING_STREAM)
 
@@ -365,4 +472,4 @@ def update_applier(opt: Any, seed: int) -> Callable[..., Any]:
 
 def relora_settings(opt: Any) -> tuple[int, str, int]:
     """``(rank, side, update_every)`` of the ReLoRA-like path's adapter layer."""
-    return opt.rank, opt.get("side", "gradient"), opt.update_every
+    return opt.subspace.rank, opt.subspace.side, opt.subspace.update_every

@@ -17,7 +17,7 @@ one ``lax.cond``, so the loop, checkpoints and shardings stay those of the plain
 state carries ``A`` beside the params (``W0`` for projected leaves). Bases live in the optimizer
 state, where the plain transform keeps them.
 
-Limits (checked by ``train.optimizer.validate``): basis projectors only (galore, golore,
+Limits (checked by ``train.optimizer.validate_step``): basis projectors only (galore, golore,
 hybrid, importance), no gradient clipping (the global norm of the low-rank gradients is not the
 full one) and no weight decay (it acts on the full ``W``, which this path never forms).
 """

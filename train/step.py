@@ -27,7 +27,7 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     skipped: jax.Array  # int32, steps skipped for non-finite loss or gradients
-    # ReLoRA-like runs (config.optimizer.relora): A per projected leaf, whose params hold W0.
+    # ReLoRA-like runs (config.step.relora): A per projected leaf, whose params hold W0.
     adapters: Any = None
 
 
