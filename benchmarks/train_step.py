@@ -300,8 +300,10 @@ def run_one(
     attention: str = "auto",
     projection_dtype: str = "float32",
     refresh_batch_size: int | None = None,
+    refresh_steps: int | None = None,
 ) -> dict:
-    """Measures one (model, optimizer) in this process."""
+    """Measures one (model, optimizer) in this process (``refresh_steps`` timed refresh steps
+    after the untimed first one; default ``max(3, steps // 4)``)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -356,7 +358,8 @@ def run_one(
     refresh = None
     if opt_name != "adamw":
         refresh, *_ = time_steps(
-            _optimizer(opt_name, rank, 1, projection_dtype, refresh_batch_size), max(3, steps // 4)
+            _optimizer(opt_name, rank, 1, projection_dtype, refresh_batch_size),
+            refresh_steps or max(3, steps // 4),
         )
     result["refresh_step_s"] = refresh
     result["device"] = jax.devices()[0].device_kind
@@ -458,6 +461,8 @@ def _child_command(model_name: str, opt_name: str, args: argparse.Namespace) -> 
     cmd += ["--projection-dtype", args.projection_dtype]
     if args.refresh_batch_size:
         cmd += ["--refresh-batch-size", str(args.refresh_batch_size)]
+    if args.refresh_steps:
+        cmd += ["--refresh-steps", str(args.refresh_steps)]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     if args.remat is not None:
@@ -493,6 +498,7 @@ def _run_child(args: argparse.Namespace) -> dict:
         args.attention,
         args.projection_dtype,
         args.refresh_batch_size,
+        args.refresh_steps,
     )
 
 
@@ -534,6 +540,13 @@ def main() -> None:
         type=int,
         default=None,
         help="galore/golore: at most this many matrices per stacked refresh call (default: all)",
+    )
+    parser.add_argument(
+        "--refresh-steps",
+        type=int,
+        default=None,
+        help="timed refresh steps (after an untimed first one; default max(3, steps // 4)): "
+        "1 for a refresh of minutes, e.g. optax.contrib.galore's per-leaf SVD at 1B",
     )
     parser.add_argument("--profile", metavar="DIR", default=None, help="trace 3 steady steps")
     parser.add_argument("--profile-top", type=int, default=15, help="ops listed per profile")

@@ -6,6 +6,7 @@ the same seed by experiments/projector_seeds.py's method (per-step mean ± std o
 the paired difference with a two-sided 95% Student-t interval).
 
     python experiments/memory_options.py run ROOT --seeds 0 1 2 [--work /tmp/w] [--options ...]
+        [--config configs/llama_60m.py --steps 2000]
     python experiments/memory_options.py summary ROOT
 
 ``run`` takes the (option, seed) pairs in order and skips the ones another runner has claimed
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -27,18 +29,21 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import projector_seeds
 
-STEPS = 2000
-# Every run: the recipe of benchmarks/pretrain_compare.sh at 2,000 steps with GaLore.
-COMMON = [
-    "--config=configs/llama_60m.py",
-    "--config.optimizer.name=galore",
-    f"--config.num_steps={STEPS}",
-    f"--config.optimizer.warmup_steps={STEPS // 10}",
-    f"--config.eval_every={STEPS // 4}",
-    f"--config.checkpoint_every={STEPS}",
-    "--config.log_every=50",
-    "--config.data.eval_fraction=0.05",
-]
+
+def common(config: str, steps: int) -> list[str]:
+    """Every run: the recipe of benchmarks/pretrain_compare.sh (2,000 steps) with GaLore."""
+    return [
+        f"--config={config}",
+        "--config.optimizer.name=galore",
+        f"--config.num_steps={steps}",
+        f"--config.optimizer.warmup_steps={steps // 10}",
+        f"--config.eval_every={max(steps // 4, 1)}",
+        f"--config.checkpoint_every={steps}",
+        f"--config.log_every={min(50, steps)}",
+        "--config.data.eval_fraction=0.05",
+    ]
+
+
 # The layer-wise step cannot clip the global gradient norm (it never holds all gradients):
 # each layer's gradient (and the embeddings/norm/head as one group) is clipped to the same 1.0.
 LAYERWISE = [
@@ -60,7 +65,14 @@ OPTIONS = {
 }
 
 
-def run(root: pathlib.Path, work: pathlib.Path, seeds: list[int], options: list[str]) -> None:
+def run(
+    root: pathlib.Path,
+    work: pathlib.Path,
+    seeds: list[int],
+    options: list[str],
+    config: str = "configs/llama_60m.py",
+    steps: int = 2000,
+) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for name in options:  # option-major: a cut-short session still has whole comparisons
         for seed in seeds:
@@ -71,12 +83,20 @@ def run(root: pathlib.Path, work: pathlib.Path, seeds: list[int], options: list[
                 continue
             workdir = work / run_name
             shutil.rmtree(workdir, ignore_errors=True)
-            command = [sys.executable, "-m", "train", f"--workdir={workdir}", *COMMON]
+            command = [
+                sys.executable,
+                "-m",
+                "train",
+                f"--workdir={workdir}",
+                *common(config, steps),
+            ]
             command += [f"--config.seed={seed}", *OPTIONS[name]]
             start = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True)
             seconds = time.perf_counter() - start
-            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+            lines = (done.stdout + done.stderr).strip().splitlines()
+            # absl's info lines (orbax closing its stores) would hide the result lines.
+            tail = [line for line in lines if not re.match(r"[IWE]\d{4} ", line)][-3:]
             print(f"{run_name}: rc {done.returncode}, {seconds:.0f} s | " + " | ".join(tail))
             sys.stdout.flush()
             if done.returncode == 0:
@@ -109,10 +129,12 @@ def main() -> None:
     parser.add_argument("root", type=pathlib.Path)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--options", nargs="*", default=list(OPTIONS), choices=OPTIONS)
+    parser.add_argument("--config", default="configs/llama_60m.py")
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/memory_options"))
     args = parser.parse_args()
     if args.mode == "run":
-        run(args.root, args.work, args.seeds, args.options)
+        run(args.root, args.work, args.seeds, args.options, args.config, args.steps)
     else:
         summary(args.root, args.options)
 
