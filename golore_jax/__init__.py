@@ -19,20 +19,7 @@ from golore_jax import (
     subspace,
     tail,
 )
-from golore_jax.aliases import (
-    galore_adamw,
-    galore_sgd,
-    gasare_adamw,
-    gasare_sgd,
-    golore_adamw,
-    golore_projector,
-    golore_sgd,
-    gosare_adamw,
-    gosare_sgd,
-    osd_adamw,
-    osd_sgd,
-    paper_msgd_hyperparams,
-)
+from golore_jax.aliases import *  # noqa: F403  (the drop-in optimizers; aliases.__all__)
 from golore_jax.memory import optimizer_state_floats, subspace_state_floats
 from golore_jax.online_pca import ScaleByOnlineSubspaceState, scale_by_online_subspace
 from golore_jax.planning import count_moments, default_mask, subspace_layouts
@@ -42,6 +29,7 @@ from golore_jax.sparse import ScaleBySparseSubspaceState, scale_by_sparse_subspa
 from golore_jax.subspace import ScaleBySubspaceState, low_rank_update, scale_by_subspace
 
 __all__ = [
+    *aliases.__all__,
     "ScaleByOnlineSubspaceState",
     "ScaleBySparseSubspaceState",
     "ScaleBySubspaceState",
@@ -50,23 +38,11 @@ __all__ = [
     "count_moments",
     "default_mask",
     "finish",
-    "galore_adamw",
-    "galore_sgd",
-    "gasare_adamw",
-    "gasare_sgd",
-    "golore_adamw",
-    "golore_projector",
-    "golore_sgd",
-    "gosare_adamw",
-    "gosare_sgd",
     "layerwise",
     "layout",
     "low_rank_update",
     "online_pca",
     "optimizer_state_floats",
-    "osd_adamw",
-    "osd_sgd",
-    "paper_msgd_hyperparams",
     "planning",
     "precision",
     "projectors",
