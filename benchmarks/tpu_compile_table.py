@@ -16,6 +16,20 @@ import time
 
 MODELS = ("llama_1b", "llama_7b")
 OPTIMIZERS = ("adamw", "galore", "golore")
+# Variants beyond the table's grid, run only when asked for (--variants): name -> (optimizer,
+# extra flags). The layer-wise step refreshes one layer at a time inside the backward scan
+# (the memory-lean path; per-layer gradient clipping, since the global norm never exists).
+VARIANTS = {
+    "galore_layerwise": (
+        "galore",
+        [
+            "--config.model.scan_layers=True",
+            "--config.step.layerwise=True",
+            "--config.optimizer.grad_clip=0",
+            "--config.step.layer_grad_clip=1.0",
+        ],
+    ),
+}
 # Name on the docs table -> libtpu topology (chips per axis).
 TOPOLOGIES = {"v5e-16": "v5e:4x4", "v5e-256": "v5e:16x16", "v5p-128": "v5p:4x4x4"}
 # Global batch (sequences of config.seq_len = 256 tokens): GaLore's pre-training batch; every
@@ -39,6 +53,7 @@ def report_path(results: pathlib.Path, model: str, optimizer: str, name: str) ->
 
 def run_one(model: str, optimizer: str, name: str, out: pathlib.Path, timeout: float) -> str:
     topology = TOPOLOGIES[name]
+    optimizer, extra = VARIANTS.get(optimizer, (optimizer, []))
     command = [
         "nice",
         "-n",
@@ -52,6 +67,7 @@ def run_one(model: str, optimizer: str, name: str, out: pathlib.Path, timeout: f
         f"--config.optimizer.name={optimizer}",
         f"--config.batch_size={BATCH_SIZE}",
         "--config.model.remat=True",
+        *extra,
         f"--out={out}",
     ]
     start = time.perf_counter()
@@ -77,9 +93,11 @@ def table(results: pathlib.Path) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in MODELS:
-        for optimizer in OPTIMIZERS:
+        for optimizer in OPTIMIZERS + tuple(VARIANTS):
             for name in TOPOLOGIES:
                 path = report_path(results, model, optimizer, name)
+                if not path.exists() and optimizer in VARIANTS:
+                    continue  # a variant lists only the compiles that were run
                 if not path.exists():
                     lines.append(f"| {model} | {optimizer} | {name} | | not run | | | | | |")
                     continue
@@ -107,6 +125,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES), choices=TOPOLOGIES)
+    parser.add_argument("--variants", nargs="*", default=[], choices=VARIANTS)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per compile")
     parser.add_argument("--table", action="store_true", help="only print the table")
     args = parser.parse_args()
@@ -116,8 +135,9 @@ def main() -> None:
         # 7B first, v5e-256 first: the rows a slow machine should not leave out.
         for model in sorted(args.only, reverse=True):
             for name in ("v5e-256", "v5e-16", "v5p-128"):
-                for optimizer in ("galore", "adamw", "golore"):
-                    if name not in args.topologies or optimizer not in args.optimizers:
+                for optimizer in ("galore", "adamw", "golore", *VARIANTS):
+                    wanted = args.variants if optimizer in VARIANTS else args.optimizers
+                    if name not in args.topologies or optimizer not in wanted:
                         continue
                     out = report_path(results, model, optimizer, name)
                     if out.exists():

@@ -193,3 +193,31 @@ def test_table_driver_meshes_and_rows(tmp_path):
         "(compiler: out of HBM) | 72 |" in rows
     )
     assert "| llama_1b | adamw | v5e-16 | | not run | | | | | |" in rows
+    # A variant (galore_layerwise) gets a row only once its report exists ...
+    driver.report_path(tmp_path, "llama_7b", "galore_layerwise", "v5p-128").write_text(
+        json.dumps(refused)
+    )
+    rows = driver.table(tmp_path).splitlines()
+    assert len(rows) == 2 + 19
+    assert sum("| llama_7b | galore_layerwise | v5p-128 | fsdp 16 |" in r for r in rows) == 1
+
+
+def test_table_driver_variant_flags(tmp_path, monkeypatch):
+    from benchmarks import tpu_compile_table as driver
+
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(driver.subprocess, "run", fake_run)
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    driver.run_one("llama_7b", "galore_layerwise", "v5p-128", out, timeout=1.0)
+    driver.run_one("llama_7b", "galore", "v5p-128", out, timeout=1.0)
+    layerwise, plain = commands
+    assert "--config.optimizer.name=galore" in layerwise and "--topology=v5p:4x4x4" in layerwise
+    assert "--config.step.layerwise=True" in layerwise
+    assert "--config.model.scan_layers=True" in layerwise
+    assert not any("layerwise" in arg for arg in plain)
