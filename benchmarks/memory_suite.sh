@@ -49,6 +49,13 @@ LAYERWISE=${SUITE_LAYERWISE-model.scan_layers=True step.layerwise=True}
 LOWMEM="model.param_dtype=bfloat16 step.stochastic_rounding=True \
 optimizer.subspace.basis_dtype=bfloat16 optimizer.inner.name=adamw8bit model.remat=True $LAYERWISE"
 
+# 7B: one matrix per decomposition call inside the layer-wise refresh (same bases; -1.3 GiB).
+ONE_PER_CALL="optimizer.subspace.refresh_batch_size=1"
+# 1B without the layer-wise step: the options alone, stacked layers (refresh per layer) or
+# unstacked (one batched refresh over all layers, bounded to 32 matrices a call).
+NOLW="model.param_dtype=bfloat16 step.stochastic_rounding=True \
+optimizer.subspace.basis_dtype=bfloat16 optimizer.inner.name=adamw8bit model.remat=True"
+
 left() { echo $((BUDGET - SECONDS)); }
 # stdout keeps progress and errors; every row's JSON line and table go to the log only
 progress() { grep -v -e '^{' -e '^|' -e '^Method:' -e '^Projector:' -e '^$'; }
@@ -82,15 +89,17 @@ theirs() {
 
 # Most important first: the 7B headline (ours and galore-torch per-layer), then the 1B pair,
 # then GoLore and the hybrid.
-ours 120 memory_7b.json "$C7" "7b galore lowmem: optimizer.name=galore $LOWMEM"
+ours 120 memory_7b.json "$C7" "7b galore lowmem: optimizer.name=galore $LOWMEM $ONE_PER_CALL"
 theirs 80 galore_torch_7b.json llama_7b galore_torch_per_layer --random-basis
 ours 70 memory_1b.json "$C1" "1b galore plain: optimizer.name=galore"
 ours 70 memory_1b.json "$C1" "1b galore lowmem: optimizer.name=galore $LOWMEM"
 theirs 100 galore_torch_1b.json llama_1b galore_torch_per_layer
 ours 90 memory_7b.json "$C7" "7b golore lowmem: optimizer.name=golore $LOWMEM"
-ours 120 memory_7b.json "$C7" "7b hybrid lowmem: optimizer.name=hybrid $LOWMEM"
+ours 120 memory_7b.json "$C7" "7b hybrid lowmem: optimizer.name=hybrid $LOWMEM $ONE_PER_CALL"
 ours 60 memory_1b.json "$C1" "1b golore lowmem: optimizer.name=golore $LOWMEM"
 ours 70 memory_1b.json "$C1" "1b hybrid lowmem: optimizer.name=hybrid $LOWMEM"
+ours 90 memory_1b.json "$C1" "1b galore options stacked: optimizer.name=galore $NOLW model.scan_layers=True"
+ours 200 memory_1b.json "$C1" "1b galore options unstacked: optimizer.name=galore $NOLW optimizer.subspace.refresh_batch_size=32"
 theirs 100 galore_torch_1b_plain.json llama_1b galore_torch
 
 echo "== tables [$(left)s left]" | tee -a "$LOG"
