@@ -283,18 +283,12 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec
 
     import golore_jax as gl
-    from benchmarks.state_memory import llama_param_shapes
+    from benchmarks.state_memory import model_param_shapes
 
     shape = FULL_MODELS[model_name]
-    hidden, inter, layers, vocab, rank = (
-        shape.hidden,
-        shape.intermediate,
-        shape.layers,
-        shape.vocab,
-        shape.rank,
-    )
+    layers, rank = shape.layers, shape.rank
     measured_layers = min(layers, args.layers_7b) if model_name == "llama_7b" else layers
-    shapes = llama_param_shapes(hidden, inter, measured_layers, vocab)
+    shapes = model_param_shapes(shape, measured_layers)
     dtype = jnp.dtype(args.grad_dtype)
     leaves, treedef = jax.tree_util.tree_flatten(shapes)
     mesh = _fsdp_mesh(args.run_devices)

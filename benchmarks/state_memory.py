@@ -17,7 +17,7 @@ import optax
 
 import golore_jax as gl
 from benchmarks import report
-from configs.models import MODELS
+from configs.models import MODELS, ModelShape
 
 # GaLore's configs/llama_*.json with the GaLore paper's ranks (configs/models.py).
 SHAPES = {
@@ -50,16 +50,16 @@ def llama_param_shapes(hidden: int, inter: int, layers: int, vocab: int) -> dict
     }
 
 
+def model_param_shapes(shape: ModelShape, layers: int | None = None) -> dict:
+    """:func:`llama_param_shapes` of a ``configs.models`` shape (``layers``: fewer of them)."""
+    layers = shape.layers if layers is None else layers
+    return llama_param_shapes(shape.hidden, shape.intermediate, layers, shape.vocab)
+
+
 def measure(name: str) -> dict:
     shape = SHAPES[name]
-    hidden, inter, layers, vocab, rank = (
-        shape.hidden,
-        shape.intermediate,
-        shape.layers,
-        shape.vocab,
-        shape.rank,
-    )
-    params = llama_param_shapes(hidden, inter, layers, vocab)
+    rank = shape.rank
+    params = model_param_shapes(shape)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     adamw = gl.optimizer_state_floats(jax.eval_shape(optax.adamw(1e-3).init, params))
     galore = gl.optimizer_state_floats(

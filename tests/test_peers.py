@@ -196,12 +196,7 @@ def _tiny_config(overrides):
     from configs import llama_tiny
 
     config = llama_tiny.get_config()
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for part in parents:
-            target = target[part]
-        target[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

@@ -51,10 +51,5 @@ def tiny_config(tmp_path: pathlib.Path, **overrides) -> ml_collections.ConfigDic
     config.optimizer.warmup_steps = 1
     config.optimizer.subspace.rank = 8
     config.optimizer.subspace.update_every = 2
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    config.update_from_flattened_dict(overrides)  # {"optimizer.subspace.rank": 3, ...}
     return config
