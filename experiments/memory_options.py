@@ -52,6 +52,9 @@ LAYERWISE = [
     "--config.optimizer.grad_clip=0",
     "--config.step.layer_grad_clip=1.0",
 ]
+# The same with each group's clip scaled so that the whole update's norm keeps the global bound:
+# 9 groups (8 layers of llama_60m + the rest) each clipped to 1/sqrt(9) add up to at most 1.0.
+LAYERWISE_SCALED_CLIP = [*LAYERWISE[:-1], f"--config.step.layer_grad_clip={1 / 3}"]
 BF16_PARAMS = ["--config.model.param_dtype=bfloat16", "--config.step.stochastic_rounding=True"]
 BF16_BASES = ["--config.optimizer.subspace.basis_dtype=bfloat16"]
 ADAM_8BIT = ["--config.optimizer.inner.name=adamw8bit"]
@@ -62,6 +65,8 @@ OPTIONS = {
     "bf16_params_sr": BF16_PARAMS,
     "adam8bit": ADAM_8BIT,
     "bf16_bases": BF16_BASES,
+    "layerwise_scaled_clip": LAYERWISE_SCALED_CLIP,
+    "all_scaled_clip": LAYERWISE_SCALED_CLIP + BF16_PARAMS + BF16_BASES + ADAM_8BIT,
 }
 
 
