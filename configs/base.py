@@ -125,6 +125,11 @@ def step_config() -> ml_collections.ConfigDict:
             # norm.
             "layerwise": False,
             "layer_grad_clip": 0.0,
+            # Stacked layers (model.scan_layers=True) with the full-gradient step: a subspace
+            # optimizer runs per layer, this many layers at a time (vmapped, their refreshes
+            # in one batched decomposition; golore_jax.layerwise). 1: one layer after another,
+            # the least memory; num_layers: as fast as unstacked layers.
+            "layers_per_call": 1,
             # ReLoRA-like path (train/relora.py): layers run as W0 + P A, backward forms only
             # A's low-rank gradient between refreshes. Needs a basis projector,
             # optimizer.grad_clip=0 and optimizer.weight_decay=0.

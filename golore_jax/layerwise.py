@@ -150,11 +150,70 @@ def update_layer(
     return tx.update(grads, state, params, **extra_args)
 
 
+def _counters(layers_state: Any) -> list[bool]:
+    """Which leaves of a stacked per-layer state hold one integer per layer: step counts, which
+    agree across layers when every layer is updated at every call."""
+    return [
+        jnp.issubdtype(x.dtype, jnp.integer) and jnp.ndim(x) == 1
+        for x in jax.tree_util.tree_leaves(layers_state)
+    ]
+
+
+def _update_layers(
+    inner: optax.GradientTransformation,
+    stack_grads: Any,
+    layers_state: Any,
+    stack_params: Any,
+    layers_per_call: int,
+    **extra_args: Any,
+) -> tuple[Any, Any]:
+    """``inner.update`` on every layer of the stack, ``layers_per_call`` layers at a time.
+
+    Several layers at a time are vmapped. Under ``vmap`` a ``lax.cond`` whose predicate differs
+    per layer becomes a select that runs both branches (a subspace optimizer would then refresh
+    at every step), so the step counts go in as one value for all the vmapped layers: a refresh
+    stays a branch, taken for all of them in one batched decomposition. Where the counts do not
+    agree (e.g. an inner ``optax.apply_if_finite`` skipped one layer), the update runs one
+    layer after another instead, chosen at run time.
+    """
+
+    def map_layers(operands, batch_size=None, share_counters=False):
+        grads, state, params = operands
+        leaves = jax.tree_util.tree_leaves(state)
+        if share_counters:  # one value for all layers, the first layer's, passed unmapped
+            shared = [x[0] if c else None for x, c in zip(leaves, counters, strict=True)]
+            leaves = [None if c else x for x, c in zip(leaves, counters, strict=True)]
+
+        def one_layer(xs):
+            layer_grads, layer_leaves, layer_params = xs
+            if share_counters:
+                layer_leaves = [
+                    v if c else x for x, v, c in zip(layer_leaves, shared, counters, strict=True)
+                ]
+            layer_state = treedef.unflatten(layer_leaves)
+            return update_layer(inner, layer_grads, layer_state, layer_params, **extra_args)
+
+        return lax.map(one_layer, (grads, leaves, params), batch_size=batch_size)
+
+    leaves, treedef = jax.tree_util.tree_flatten(layers_state)
+    counters = _counters(layers_state)
+    operands = (stack_grads, layers_state, stack_params)
+    if layers_per_call == 1:
+        return map_layers(operands)
+    if not any(counters):  # nothing per layer to turn a branch into a select
+        return map_layers(operands, layers_per_call)
+    agree = jnp.all(
+        jnp.stack([jnp.all(x == x[0]) for x, c in zip(leaves, counters, strict=True) if c])
+    )
+    return lax.cond(agree, lambda ops: map_layers(ops, layers_per_call, True), map_layers, operands)
+
+
 def layerwise(
     tx: optax.GradientTransformation,
     stack_path: StackPath,
     *,
     clip_norm: float | None = None,
+    layers_per_call: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """Runs ``tx`` on each layer of the stack at ``stack_path`` and on the other params.
 
@@ -167,10 +226,15 @@ def layerwise(
         (None: no clip). Global-norm clipping needs every gradient before any update, which a
         layer-by-layer update never has: wrap the result in ``optax.clip_by_global_norm`` only
         when the full gradient exists anyway (this transform's own ``update``).
+      layers_per_call: ``update`` updates this many layers at once (vmapped; the last call
+        takes the remainder): a subspace optimizer's refresh then decomposes their matrices
+        in one batched call instead of one layer's after another (at LLaMA-1B: 24 layers,
+        4.9 s one at a time on an H200), holding that many layers' refresh buffers at once.
+        1 (default): one layer at a time, the least memory.
 
-    ``update`` takes the full gradient and updates the layers one after another
-    (``lax.map``); a fused backward pass gets the same result calling :func:`update_layer`
-    with :func:`per_layer_transform` ``(tx, clip_norm)`` on each layer's slices.
+    ``update`` takes the full gradient and updates the layers (``lax.map``); a fused backward
+    pass gets the same result calling :func:`update_layer` with :func:`per_layer_transform`
+    ``(tx, clip_norm)`` on each layer's slices.
 
     >>> import jax.numpy as jnp
     >>> params = {"layers": {"w": jnp.ones((3, 4, 6))}, "head": jnp.ones(6)}
@@ -182,6 +246,10 @@ def layerwise(
     """
     stack_path = tuple(stack_path)
     inner = per_layer_transform(tx, clip_norm)
+    if isinstance(layers_per_call, bool) or not (
+        isinstance(layers_per_call, int) and layers_per_call >= 1
+    ):
+        raise ValueError(f"layerwise: layers_per_call must be an int >= 1, got {layers_per_call!r}")
 
     def init_fn(params):
         stack, rest = split_stack(params, stack_path)
@@ -193,11 +261,9 @@ def layerwise(
             (None, None) if params is None else split_stack(params, stack_path)
         )
 
-        def one_layer(operands):
-            grads, layer_state, layer_params = operands
-            return update_layer(inner, grads, layer_state, layer_params, **extra_args)
-
-        stack_updates, layers_state = lax.map(one_layer, (stack_grads, state.layers, stack_params))
+        stack_updates, layers_state = _update_layers(
+            inner, stack_grads, state.layers, stack_params, layers_per_call, **extra_args
+        )
         rest_updates, rest_state = inner.update(rest_grads, state.rest, rest_params, **extra_args)
         return (
             merge_stack(stack_updates, rest_updates, stack_path),

@@ -390,6 +390,7 @@ def table(tmp: pathlib.Path) -> None:
             {"optimizer.name": "osd", "optimizer.online.projector_learning_rate": 0.0},
         ),
         ("step.layer_grad_clip=1 without step.layerwise", {"step.layer_grad_clip": 1.0}),
+        ("step.layers_per_call=2, unstacked layers", {"step.layers_per_call": 2}),
         ("step.relora=True with optimizer.grad_clip=1", {"step.relora": True}),
         ("eval_batches=0", {"eval_batches": 0}),
         ("run_steps=0", {"run_steps": 0}),

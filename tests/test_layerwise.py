@@ -255,6 +255,16 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
         ),
         ({**LAYERWISE, "optimizer.grad_clip": 1.0}, "grad_clip=1.0 is a global-norm clip"),
         ({"step.layer_grad_clip": 1.0}, "layer_grad_clip=1.0 needs layerwise=True"),
+        ({"step.layers_per_call": 0}, r"step.layers_per_call=0 must be an int >= 1"),
+        ({"step.layers_per_call": 2}, "layers_per_call=2 needs config.model.scan_layers=True"),
+        (
+            {**LAYERWISE, "step.layers_per_call": 2},
+            "layers_per_call=2 applies to a subspace optimizer's full-gradient step",
+        ),
+        (
+            {"model.scan_layers": True, "optimizer.name": "adamw", "step.layers_per_call": 2},
+            "with step.layerwise=True or optimizer.name='adamw' it must be 1",
+        ),
     ],
 )
 def test_bad_layerwise_config_raises(tmp_path, overrides, match):
@@ -335,12 +345,18 @@ def test_finetune_refuses_layerwise():
     finetune.validate_config(config)  # the recipe itself passes
 
 
-def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(tmp_path):
+@pytest.mark.parametrize("layers_per_call", [1, 2])
+def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(tmp_path, layers_per_call):
     """``model.scan_layers=True`` with GaLore and the plain full-gradient step: the optimizer
     runs per layer (each layer's matrices projected, the stacked norms left alone), so with
     no clipping it is the fused layer-wise step's trajectory (4 steps, refreshes at 0 and 2,
-    losses to rtol 1e-5); with the default global-norm clip it trains with finite steps."""
-    stacked = {"model.scan_layers": True, "optimizer.grad_clip": 0.0}
+    losses to rtol 1e-5), one layer at a time or both layers in one vmapped call; with the
+    default global-norm clip it trains with finite steps."""
+    stacked = {
+        "model.scan_layers": True,
+        "optimizer.grad_clip": 0.0,
+        "step.layers_per_call": layers_per_call,
+    }
     config = tiny_config(tmp_path, **stacked)
     config.optimizer.name = "galore"
     config.optimizer.subspace.momentum_projection = True  # signs: see the first test of this file

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.extend import core as jex_core
 from jax.sharding import PartitionSpec as P
 
 import golore_jax as gl
@@ -123,3 +125,101 @@ def test_state_specs_put_the_layer_axis_before_the_layer_slice_specs():
     assert specs.rest[0].inner_state.mu["head"] == P("fsdp", None)
     with pytest.raises(ValueError, match="needs stack_path"):
         state_partition_specs(state, params, param_specs)
+
+
+def _hybrid(**kw):  # GaLore (gram eigh) until step 2, GoLore after
+    projector = gl.projectors.hybrid(switch_step=2, before=gl.projectors.gram_eigh())
+    return gl.galore_adamw(0.1, projector=projector, **kw)
+
+
+LAYERS_PER_CALL_TXS = {
+    "galore_gram": lambda: gl.galore_adamw(
+        0.1, rank=3, update_every=2, projector=gl.projectors.gram_eigh()
+    ),
+    "golore": lambda: gl.golore_adamw(0.1, rank=3, update_every=2, seed=5),
+    "hybrid": lambda: _hybrid(rank=3, update_every=2, seed=5),
+    "galore_msgd": lambda: gl.galore_sgd(0.1, rank=3, update_every=2, momentum=0.9),
+}
+
+
+def _comparable(state):  # typed PRNG keys as their raw data, for chex's comparisons
+    def raw(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.key_data(x)
+        return x
+
+    return jax.tree_util.tree_map(raw, state)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS_PER_CALL_TXS))
+@pytest.mark.parametrize("layers_per_call", [2, 3])
+def test_layers_per_call_equals_one_layer_at_a_time(name, layers_per_call):
+    """Updates and states over 5 steps (refreshes at 0, 2, 4; the hybrid switches at 2) equal
+    the one-layer-at-a-time update, 3 layers in calls of 2 (+ the remainder) or 3."""
+    params = _params()
+    one = gl.layerwise.layerwise(LAYERS_PER_CALL_TXS[name](), PATH)
+    many = gl.layerwise.layerwise(
+        LAYERS_PER_CALL_TXS[name](), PATH, layers_per_call=layers_per_call
+    )
+    state_one, state_many = one.init(params), many.init(params)
+    for step in range(5):
+        grads = jax.tree_util.tree_map(lambda p, s=step: jnp.cos((3.0 + s) * p + s), params)
+        want, state_one = jax.jit(one.update)(grads, state_one, params)
+        got, state_many = jax.jit(many.update)(grads, state_many, params)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        _comparable(state_many), _comparable(state_one), rtol=1e-5, atol=1e-6
+    )
+
+
+def _eqns_outside_cond(jaxpr, inside=False):
+    """(primitive name, inside a cond branch) of every equation, sub-jaxprs included."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name, inside
+        for sub in jex_core.jaxprs_in_params(eqn.params):
+            yield from _eqns_outside_cond(sub, inside or eqn.primitive.name == "cond")
+
+
+def test_layers_per_call_keeps_the_refresh_a_branch():
+    """The decomposition (eigh of the Gram matrix) runs only inside a cond branch, i.e. only
+    on refresh steps. A plain vmap over the layers' states turns that cond into a select that
+    decomposes at every step: the same check finds eigh outside any cond there."""
+    params = _params()
+    grads = jax.tree_util.tree_map(jnp.cos, params)
+    tx = gl.layerwise.layerwise(LAYERS_PER_CALL_TXS["galore_gram"](), PATH, layers_per_call=3)
+    state = tx.init(params)
+    eqns = list(_eqns_outside_cond(jax.make_jaxpr(tx.update)(grads, state, params).jaxpr))
+    assert ("eigh", True) in eqns and ("eigh", False) not in eqns
+    inner = LAYERS_PER_CALL_TXS["galore_gram"]()
+    stack, _ = gl.layerwise.split_stack(params, PATH)
+    naive = jax.make_jaxpr(jax.vmap(inner.update))(stack, state.layers, stack)
+    assert ("eigh", False) in list(_eqns_outside_cond(naive.jaxpr))
+
+
+def test_layers_per_call_falls_back_when_the_layers_counts_differ():
+    """An inner apply_if_finite skips layer 1's non-finite gradient at step 0, so its counts
+    lag the other layers'; calls of 3 layers then run one layer at a time and still equal the
+    one-layer update at every later step."""
+    params = _params()
+
+    def make(k):
+        tx = optax.apply_if_finite(LAYERS_PER_CALL_TXS["galore_gram"](), max_consecutive_errors=3)
+        return gl.layerwise.layerwise(tx, PATH, layers_per_call=k)
+
+    one, many = make(1), make(3)
+    state_one, state_many = one.init(params), many.init(params)
+    for step in range(4):
+        grads = jax.tree_util.tree_map(lambda p, s=step: jnp.sin((2.0 + s) * p), params)
+        if step == 0:
+            w = grads["body"]["layers"]["w"]
+            grads["body"]["layers"]["w"] = w.at[1, 0, 0].set(jnp.nan)
+        want, state_one = jax.jit(one.update)(grads, state_one, params)
+        got, state_many = jax.jit(many.update)(grads, state_many, params)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    counts = state_many.layers.inner_state[0].count
+    np.testing.assert_array_equal(counts, [4, 3, 4])  # layer 1 skipped one update
+    chex.assert_trees_all_close(
+        _comparable(state_many), _comparable(state_one), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="layers_per_call must be an int >= 1, got 0"):
+        gl.layerwise.layerwise(optax.sgd(1.0), PATH, layers_per_call=0)

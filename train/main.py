@@ -94,6 +94,11 @@ def validate_config(config: Any) -> None:
             "config.step.layerwise=True needs config.model.scan_layers=True (it scans "
             "over the stacked layers)"
         )
+    if config.step.layers_per_call > 1 and not config.model.scan_layers:
+        raise ConfigError(
+            f"config.step.layers_per_call={config.step.layers_per_call} needs "
+            "config.model.scan_layers=True (unstacked layers share one optimizer already)"
+        )
 
 
 def use_compilation_cache(directory: str | pathlib.Path) -> None:
@@ -112,9 +117,9 @@ def use_compilation_cache(directory: str | pathlib.Path) -> None:
 def _stacked_subspace(config: Any) -> bool:
     """Stacked layers (``model.scan_layers``) with an optimizer that treats each matrix on its
     own (everything but AdamW and optax.contrib.galore, which refuses stacked kernels)."""
-    return bool(config.model.scan_layers) and config.optimizer.name not in (
-        "adamw",
-        "optax_galore",
+    return (
+        bool(config.model.scan_layers)
+        and config.optimizer.name not in optimizer_lib.NO_PER_LAYER_OPTIMIZERS
     )
 
 
@@ -140,6 +145,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         tx = gl.layerwise.layerwise(
             optimizer_lib.build_optimizer(opt, config.num_steps, num_devices=mesh.size),
             layerwise_lib.STACK_PATH,
+            layers_per_call=config.step.layers_per_call,
         )
         if config.optimizer.grad_clip:
             tx = optax.chain(optax.clip_by_global_norm(config.optimizer.grad_clip), tx)

@@ -39,6 +39,9 @@ PROJECTION_DTYPES = ("float32", "bfloat16")  # config.optimizer.subspace.project
 BASIS_DTYPES = ("float32", "bfloat16")  # config.optimizer.subspace.basis_dtype
 # The names whose transform keeps a basis P per matrix (a projector chooses it).
 RELORA_OPTIMIZERS = ("galore", "golore", "hybrid", "importance")
+# Optimizers that update stacked layers' kernels as they are (elementwise AdamW), or refuse them
+# (optax.contrib.galore), instead of running per layer.
+NO_PER_LAYER_OPTIMIZERS = ("adamw", "optax_galore")
 # The sub-blocks of config.optimizer each name reads besides ``inner`` (configs/base.py's
 # table); each is checked by its ``_check_<block>`` below, and only for the names reading it.
 FAMILY_BLOCKS: dict[str, tuple[str, ...]] = {
@@ -217,6 +220,18 @@ def validate_step(step: Any, opt: Any) -> None:
         raise ConfigError(
             f"config.step.layer_grad_clip={step.layer_grad_clip} needs layerwise=True "
             "and a value >= 0 (the plain step clips by the global norm: optimizer.grad_clip)"
+        )
+    if isinstance(step.layers_per_call, bool) or not (
+        isinstance(step.layers_per_call, int) and step.layers_per_call >= 1
+    ):
+        raise ConfigError(
+            f"config.step.layers_per_call={step.layers_per_call!r} must be an int >= 1"
+        )
+    if step.layers_per_call > 1 and (step.layerwise or opt.name in NO_PER_LAYER_OPTIMIZERS):
+        raise ConfigError(
+            f"config.step.layers_per_call={step.layers_per_call} applies to a subspace "
+            "optimizer's full-gradient step over stacked layers; with step.layerwise=True or "
+            f"optimizer.name={opt.name!r} it must be 1"
         )
     if not step.relora:
         return
