@@ -100,6 +100,7 @@ ours 60 memory_1b.json "$C1" "1b golore lowmem: optimizer.name=golore $LOWMEM"
 ours 70 memory_1b.json "$C1" "1b hybrid lowmem: optimizer.name=hybrid $LOWMEM"
 ours 90 memory_1b.json "$C1" "1b galore options stacked: optimizer.name=galore $NOLW model.scan_layers=True"
 ours 200 memory_1b.json "$C1" "1b galore options unstacked: optimizer.name=galore $NOLW optimizer.subspace.refresh_batch_size=32"
+ours 200 memory_1b.json "$C1" "1b hybrid options unstacked: optimizer.name=hybrid $NOLW optimizer.subspace.refresh_batch_size=32"
 theirs 100 galore_torch_1b_plain.json llama_1b galore_torch
 
 echo "== tables [$(left)s left]" | tee -a "$LOG"
