@@ -52,7 +52,7 @@ LAYERWISE = [
     "--config.optimizer.grad_clip=0",
     "--config.step.layer_grad_clip=1.0",
 ]
-# The same with each group's clip scaled so that the whole update's norm keeps the global bound:
+# The same with each group's clip scaled so that the whole gradient's norm keeps the global bound:
 # 9 groups (8 layers of llama_60m + the rest) each clipped to 1/sqrt(9) add up to at most 1.0.
 LAYERWISE_SCALED_CLIP = [*LAYERWISE[:-1], f"--config.step.layer_grad_clip={1 / 3}"]
 BF16_PARAMS = ["--config.model.param_dtype=bfloat16", "--config.step.stochastic_rounding=True"]
