@@ -24,6 +24,14 @@ from train import sharding as sharding_lib
 MESHES = {"1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
 LAYERWISE_MESHES = {"1": (1, 1, 1), "2x2x2": (2, 2, 2)}
 LAYERWISE = {"step.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True}
+# With --layerwise, also the full-gradient step on the stacked layers, both layers per optimizer
+# call (vmapped): without clipping it follows the layer-wise trajectory.
+STACKED_TWO_PER_CALL = {
+    "step.layerwise": False,
+    "optimizer.grad_clip": 0.0,
+    "model.scan_layers": True,
+    "step.layers_per_call": 2,
+}
 
 
 def _specs(state: Any) -> dict:
@@ -72,7 +80,13 @@ def run(tmp: pathlib.Path, steps: int = 3, *, layerwise: bool = False) -> dict:
     )
     batches = [next(datasets.train) for _ in range(steps)]
     out = {"devices": jax.device_count(), "losses": {}, "specs": {}}
-    for name, shape in (LAYERWISE_MESHES if layerwise else MESHES).items():
+    cases = [
+        (name, shape, {}) for name, shape in (LAYERWISE_MESHES if layerwise else MESHES).items()
+    ]
+    if layerwise:
+        cases.append(("stacked_2_per_call_2x2x2", (2, 2, 2), STACKED_TWO_PER_CALL))
+    for name, shape, overrides in cases:
+        config.update_from_flattened_dict(overrides)
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
         devices = jax.devices()[: shape[0] * shape[1] * shape[2]]
         mesh = sharding_lib.make_mesh(config.mesh, devices)

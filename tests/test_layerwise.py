@@ -219,7 +219,9 @@ def test_resume_is_exact(tmp_path):
 
 def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     """Mesh 2x2x2 (data x fsdp x tensor) gives the losses of 1 device; each layer's
-    state slice is sharded like that layer's params, behind an unsharded layer axis."""
+    state slice is sharded like that layer's params, behind an unsharded layer axis. The same
+    holds for the full-gradient step on the stacked layers with both layers in one vmapped
+    optimizer call (``step.layers_per_call=2``; no clip, so the same trajectory)."""
     out = subprocess.run(
         [sys.executable, "-m", "tests.multidevice_check", str(tmp_path), "--layerwise"],
         env=eight_devices_env(),
@@ -230,7 +232,7 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
-    for name in ("2x2x2",):
+    for name in ("2x2x2", "stacked_2_per_call_2x2x2"):
         # fp32; only the order of cross-device reductions differs.
         assert result["losses"][name] == pytest.approx(result["losses"]["1"], rel=1e-5), name
         specs = result["specs"][name]
