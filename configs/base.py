@@ -207,6 +207,11 @@ def model_config(
             "remat": False,
             "scan_layers": False,
             "attention": "auto",  # cudnn flash attention on NVIDIA GPUs, else einsum
+            # "int8": the stacked layers' matrices stored as int8 with one fp32 scale per
+            # output channel, decoded to param_dtype one layer at a time, updated with
+            # stochastic rounding (train/weight_storage.py). Needs scan_layers=True and
+            # step.layerwise=True; with param_dtype="bfloat16" step.stochastic_rounding=True.
+            "weight_storage": "float",
         }
     )
 

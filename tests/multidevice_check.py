@@ -1,8 +1,9 @@
 """Run with 8 fake CPU devices: losses per mesh and the shardings of params and opt state.
 
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.multidevice_check DIR
-[--layerwise]`` prints one JSON object; tests/test_train.py (the plain step) and
-tests/test_layerwise.py (``--layerwise``: the layer-wise step on stacked layers) run it in a
+[--layerwise] [--int8]`` prints one JSON object; tests/test_train.py (the plain step),
+tests/test_layerwise.py (``--layerwise``: the layer-wise step on stacked layers) and
+tests/test_int8_weights.py (``--layerwise --int8``: with int8-stored layers) run it in a
 subprocess (the device count is fixed when jax starts).
 """
 
@@ -32,6 +33,9 @@ STACKED_TWO_PER_CALL = {
     "model.scan_layers": True,
     "step.layers_per_call": 2,
 }
+# With --int8 (and --layerwise): instead, the layer-wise step with int8-stored layers (fp32
+# rest), on 1 device and on 2x2x2.
+INT8 = {**LAYERWISE, "model.weight_storage": "int8"}
 
 
 def _specs(state: Any) -> dict:
@@ -73,7 +77,19 @@ def _layerwise_specs(state: Any) -> dict:
     }
 
 
-def run(tmp: pathlib.Path, steps: int = 3, *, layerwise: bool = False) -> dict:
+def _int8_specs(state: Any) -> dict:
+    """The int8 layers: codes like the float kernel, scales with their input axis unsharded."""
+    layers = state.params["model"]["layers"]
+    q, down = layers["self_attn"]["q_proj"]["kernel"], layers["mlp"]["down_proj"]["kernel"]
+    return {
+        "q_codes": str(q.codes.sharding.spec),
+        "q_scale": str(q.scale.sharding.spec),
+        "down_codes": str(down.codes.sharding.spec),
+        "down_scale": str(down.scale.sharding.spec),
+    }
+
+
+def run(tmp: pathlib.Path, steps: int = 3, *, layerwise: bool = False, int8: bool = False) -> dict:
     config = tiny_config(tmp, **(LAYERWISE if layerwise else {}))
     datasets = data_lib.build_datasets(
         config.data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=0
@@ -83,7 +99,9 @@ def run(tmp: pathlib.Path, steps: int = 3, *, layerwise: bool = False) -> dict:
     cases = [
         (name, shape, {}) for name, shape in (LAYERWISE_MESHES if layerwise else MESHES).items()
     ]
-    if layerwise:
+    if int8:
+        cases = [(f"int8_{name}", shape, INT8) for name, shape in LAYERWISE_MESHES.items()]
+    elif layerwise:
         cases.append(("stacked_2_per_call_2x2x2", (2, 2, 2), STACKED_TWO_PER_CALL))
     for name, shape, overrides in cases:
         config.update_from_flattened_dict(overrides)
@@ -99,9 +117,15 @@ def run(tmp: pathlib.Path, steps: int = 3, *, layerwise: bool = False) -> dict:
             )
             losses.append(float(metrics["loss"]))
         out["losses"][name] = losses
-        out["specs"][name] = (_layerwise_specs if layerwise else _specs)(state)
+        specs = _int8_specs if int8 else _layerwise_specs if layerwise else _specs
+        out["specs"][name] = specs(state)
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(pathlib.Path(sys.argv[1]), layerwise="--layerwise" in sys.argv[2:])))
+    flags = sys.argv[2:]
+    print(
+        json.dumps(
+            run(pathlib.Path(sys.argv[1]), layerwise="--layerwise" in flags, int8="--int8" in flags)
+        )
+    )

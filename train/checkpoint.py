@@ -63,6 +63,9 @@ def comparable(fp: dict[str, Any] | None) -> dict[str, Any]:
     fp = {k: v for k, v in (fp or {}).items() if k in (*MUST_MATCH, *MUST_MATCH_WHEN_SET)}
     if isinstance(fp.get("model"), dict):
         fp["model"] = {k: v for k, v in fp["model"].items() if k not in MODEL_RUNTIME_FIELDS}
+        # Checkpoints from before model.weight_storage existed stored floats.
+        if fp["model"].get("weight_storage") == "float":
+            del fp["model"]["weight_storage"]
     return fp
 
 

@@ -96,6 +96,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
     apply_updates: Callable[..., Any] | None = None,
+    decode: Callable[[Any], Any] | None = None,
 ) -> Callable[[Any, dict], tuple[Any, dict]]:
     """The fused layer-wise step ``(TrainState, batch) -> (TrainState, metrics)``.
 
@@ -108,25 +109,36 @@ def make_train_step(
         layer, with its index, or the params outside the stack, ``layer=None``), e.g.
         :func:`train.optimizer.update_applier` (stochastic rounding of bf16 params keyed by
         step and layer); default ``optax.apply_updates``.
+      decode: ``stored layer params -> float layer params`` (int8 storage,
+        train/weight_storage.py): applied to one layer's slice in the forward scan and again
+        for its recompute, so no float copy of the whole stack exists; the layer's optimizer
+        sees the decoded params and ``apply_updates`` gets the stored ones. Default: none.
 
     The metrics are those of the plain step: ``loss``, ``grad_norm`` (the global norm, summed
     layer by layer: reported, not used for clipping), ``finite`` and ``leaf_finite`` (one per
     param leaf in the params' leaf order; a stacked leaf is finite when every layer's is).
     """
     pieces = model_pieces(config)
+    if decode is None:
+        decode = lambda p: p  # noqa: E731
     if apply_updates is None:
         apply_updates = lambda p, u, step, layer=None: optax.apply_updates(p, u)  # noqa: E731
 
-    def update_group(grads, opt_state, params, ok, step, layer=None):
+    def update_group(grads, opt_state, params, ok, step, layer=None, decoded=None):
         def apply(operands):
             params, opt_state = operands
-            return step_lib.apply_gradients(
-                functools.partial(layerwise_lib.update_layer, tx),
-                grads,
-                opt_state,
-                params,
-                lambda p, u: apply_updates(p, u, step, layer),
-            )
+            if decoded is None:
+                return step_lib.apply_gradients(
+                    functools.partial(layerwise_lib.update_layer, tx),
+                    grads,
+                    opt_state,
+                    params,
+                    lambda p, u: apply_updates(p, u, step, layer),
+                )
+            # Stored (int8) layer: the optimizer sees the decoded weights, the update is
+            # applied to (and re-quantized into) the stored ones.
+            updates, opt_state = layerwise_lib.update_layer(tx, grads, opt_state, decoded)
+            return apply_updates(params, updates, step, layer), opt_state
 
         return lax.cond(ok, apply, lambda operands: operands, (params, opt_state))
 
@@ -141,7 +153,7 @@ def make_train_step(
         x, embed_vjp = jax.vjp(lambda p: pieces.embed(p, tokens), rest["model"]["embed_tokens"])
 
         def forward_layer(x, layer_params):
-            return pieces.layer(layer_params, x, positions), x
+            return pieces.layer(decode(layer_params), x, positions), x
 
         x, layer_inputs = lax.scan(forward_layer, x, stack)
         loss, head_vjp = jax.vjp(
@@ -160,11 +172,18 @@ def make_train_step(
             take = lambda a: lax.dynamic_index_in_dim(a, index, keepdims=False)  # noqa: E731
             layer_params = jax.tree_util.tree_map(take, stack)
             layer_state = jax.tree_util.tree_map(take, layer_states)
-            _, layer_vjp = jax.vjp(lambda p, x: pieces.layer(p, x, positions), layer_params, x_in)
+            decoded = decode(layer_params)
+            _, layer_vjp = jax.vjp(lambda p, x: pieces.layer(p, x, positions), decoded, x_in)
             grads, dx = layer_vjp(dx)
             leaf_ok, ok = _all_finite(grads)
             layer_params, layer_state = update_group(
-                grads, layer_state, layer_params, ok & loss_ok, state.step, index
+                grads,
+                layer_state,
+                layer_params,
+                ok & loss_ok,
+                state.step,
+                index,
+                None if decoded is layer_params else decoded,
             )
 
             def put(a, v):
@@ -215,3 +234,25 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def make_loss_fn(
+    config: model_lib.LlamaConfig,
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    decode: Callable[[Any], Any],
+) -> Callable[[Any, dict], jax.Array]:
+    """``(params, batch) -> loss`` of the stacked model, each layer decoded inside the scan
+    (evaluation with int8-stored layers: never a float copy of the whole stack)."""
+    pieces = model_pieces(config)
+
+    def loss(params, batch):
+        tokens = batch["inputs"]
+        b, length = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        stack, rest = layerwise_lib.split_stack(params, STACK_PATH)
+        x = pieces.embed(rest["model"]["embed_tokens"], tokens)
+        x, _ = lax.scan(lambda x, p: (pieces.layer(decode(p), x, positions), None), x, stack)
+        logits = pieces.head(rest["model"]["norm"], rest["lm_head"], x)
+        return loss_fn(logits, batch["targets"])
+
+    return loss

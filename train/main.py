@@ -27,12 +27,14 @@ import golore_jax as gl
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import layerwise as layerwise_lib
+from train import mechanism as mechanism_lib
 from train import loop as loop_lib
 from train import model as model_lib
 from train import optimizer as optimizer_lib
 from train import relora as relora_lib
 from train import sharding as sharding_lib
 from train import step as step_lib
+from train import weight_storage as weight_storage_lib
 from train.errors import ConfigError, UserError
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -59,6 +61,9 @@ class Trainer:
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore target
     # The model's weights of a state: its params, or W0 + P A in a ReLoRA-like run.
     weights: Callable[[TrainState], Any]
+    # (halves, overlap) -> the jitted measuring step (train/mechanism.py); None for the
+    # layer-wise and ReLoRA-like steps.
+    measure: Callable[[bool, bool], Callable] | None = None
 
 
 def validate_config(config: Any) -> None:
@@ -74,6 +79,8 @@ def validate_config(config: Any) -> None:
             f"{config.model.max_seq_len}"
         )
     optimizer_lib.validate(config.optimizer, num_steps=config.num_steps, step=config.step)
+    if config.get("mechanism") is not None:
+        mechanism_lib.validate(config)
     if config.step.stochastic_rounding and config.model.param_dtype != "bfloat16":
         raise ConfigError(
             "config.step.stochastic_rounding=True needs config.model.param_dtype="
@@ -93,6 +100,28 @@ def validate_config(config: Any) -> None:
         raise ConfigError(
             "config.step.layerwise=True needs config.model.scan_layers=True (it scans "
             "over the stacked layers)"
+        )
+    storage = config.model.get("weight_storage", "float")
+    if storage not in weight_storage_lib.STORAGES:
+        raise ConfigError(
+            f"config.model.weight_storage={storage!r}; expected one of "
+            f"{weight_storage_lib.STORAGES}"
+        )
+    if storage == "int8" and not (config.step.layerwise and config.model.scan_layers):
+        raise ConfigError(
+            "config.model.weight_storage='int8' needs config.model.scan_layers=True and "
+            "config.step.layerwise=True (the layer-wise step decodes one layer at a time)"
+        )
+    if (
+        storage == "int8"
+        and config.model.param_dtype != "float32"
+        and not config.step.stochastic_rounding
+    ):
+        raise ConfigError(
+            "config.model.weight_storage='int8' with config.model.param_dtype="
+            f"{config.model.param_dtype!r} needs config.step.stochastic_rounding=True (the int8 "
+            "matrices are always rounded stochastically; so must the bf16 embedding, head and "
+            "norms be, with the same keys)"
         )
     if config.step.layers_per_call > 1 and not config.model.scan_layers:
         raise ConfigError(
@@ -128,7 +157,12 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     model_config = model_lib.LlamaConfig.from_dict(config.model)
     model = model_lib.LlamaForCausalLM(model_config)
     tx = optimizer_lib.build_optimizer(config.optimizer, config.num_steps, num_devices=mesh.size)
-    apply_updates = optimizer_lib.update_applier(config.step, config.seed)
+    int8 = weight_storage_lib.is_int8(config)
+    step_config = config.step
+    if int8:  # int8 leaves are always rounded stochastically (fp32 leaves exactly)
+        step_config = config.step.copy_and_resolve_references()
+        step_config.stochastic_rounding = True
+    apply_updates = optimizer_lib.update_applier(step_config, config.seed)
     dummy = jnp.zeros((1, config.seq_len), jnp.int32)
     layerwise = bool(config.step.layerwise)
     per_layer = layerwise or _stacked_subspace(config)
@@ -153,6 +187,14 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     param_shapes, opt_shapes, param_sharding, opt_sharding = sharding_lib.model_shardings(
         mesh, model, tx, dummy, stack_path=layerwise_lib.STACK_PATH if per_layer else None
     )
+    # The leaves the gradients and the step's leaf_finite have: the float params' (also with
+    # int8 storage, whose optimizer state is built from the float shapes).
+    param_paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_shapes)
+    ]
+    if int8:
+        param_shapes = weight_storage_lib.encode_shapes(param_shapes)
+        param_sharding = weight_storage_lib.encode_shardings(param_sharding)
     batch_size_per_shard = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.batch_size % batch_size_per_shard:
         raise ConfigError(
@@ -176,17 +218,22 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
 
     def init(key):
         params = nn.unbox(model.init(key, dummy)["params"])
-        return step_lib.init_state(
-            params, tx.init(params), adapters.init(params) if adapters else None
-        )
+        opt_state = tx.init(params)
+        if int8:
+            params = weight_storage_lib.encode(params)
+        return step_lib.init_state(params, opt_state, adapters.init(params) if adapters else None)
 
     def loss_fn(params, batch):
         logits = model.apply({"params": params}, batch["inputs"])
         return cross_entropy(logits, batch["targets"])
 
+    decode = None
+    if int8:
+        decode = functools.partial(weight_storage_lib.decode, dtype=model_config.param_dtype)
+        loss_fn = layerwise_lib.make_loss_fn(model_config, cross_entropy, decode)
     if layerwise:
         train_step = layerwise_lib.make_train_step(
-            model_config, layer_tx, cross_entropy, apply_updates
+            model_config, layer_tx, cross_entropy, apply_updates, decode
         )
     elif adapters:
         train_step = adapters.train_step(model.apply, cross_entropy, tx)
@@ -212,9 +259,6 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
             in_shardings=(state_sharding,),
             out_shardings=param_sharding,
         )
-    param_paths = [
-        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_shapes)
-    ]
     step_shape = jax.ShapeDtypeStruct((), jnp.int32)
     abstract_state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -239,7 +283,36 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         param_paths,
         abstract_state,
         _in_context(mesh, jit_weights) if adapters else (lambda state: state.params),
+        None
+        if layerwise or adapters
+        else _measuring_steps(mesh, loss_fn, tx, apply_updates, state_sharding, batch_sharding),
     )
+
+
+def _measuring_steps(mesh, loss_fn, tx, apply_updates, state_sharding, batch_sharding):
+    """(halves, overlap) -> the full-gradient step that also measures (train/mechanism.py),
+    jitted on first use like the plain one."""
+    update = functools.partial(step_lib.update_step, tx=tx, apply_updates=apply_updates)
+
+    @functools.cache
+    def measuring(halves: bool, overlap: bool) -> Callable:
+        fn = functools.partial(
+            mechanism_lib.measured_step,
+            loss_fn=loss_fn,
+            apply=update,
+            halves=halves,
+            overlap=overlap,
+        )
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+            jitted = jax.jit(
+                fn,
+                in_shardings=(state_sharding, batch_sharding),
+                out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+                donate_argnums=0,
+            )
+        return _in_context(mesh, jitted)
+
+    return measuring
 
 
 def _in_context(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
@@ -327,9 +400,17 @@ def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
         logging.info("starting from scratch: %s", datasets.description)
         return trainer.init(jax.random.key(config.seed))
 
+    floor = datasets.loss_floor  # data.source='sampled': the least expected loss
+    if floor is not None:
+        logging.info("loss floor of the sampled source: %.4f nats/token", floor)
+        oracle = datasets.oracle_loss(len(eval_batches) * config.batch_size)
+
     def evaluate_state(state):
         loss = evaluate(trainer, trainer.weights(state), eval_batches)
-        return {"eval_loss": loss, "eval_ppl": math.exp(loss)}
+        record = {"eval_loss": loss, "eval_ppl": math.exp(loss)}
+        if floor is not None:  # the source's own loss on the same held-out rows, and the floor
+            record.update(eval_floor=floor, eval_oracle=oracle, eval_excess=loss - oracle)
+        return record
 
     def train_record(step, window, seconds):
         last = window[-1]
@@ -338,12 +419,23 @@ def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
             "grad_norm": float(last["grad_norm"]),
             "learning_rate": float(schedule(step - 1)),
             "tokens_per_s": len(window) * tokens_per_step / seconds,
+            **mechanism_lib.record_fields(window),
         }
+
+    train_step = trainer.train_step
+    mech = config.get("mechanism")
+    if mech is not None and (mech.grad_noise_every or mech.subspace_overlap):
+        train_step = mechanism_lib.Scheduler(
+            trainer.train_step,
+            trainer.measure,
+            grad_noise_every=mech.grad_noise_every,
+            update_every=config.optimizer.subspace.update_every if mech.subspace_overlap else None,
+        )
 
     program = loop_lib.Program(
         init=init,
         abstract_state=trainer.abstract_state,
-        train_step=trainer.train_step,
+        train_step=train_step,
         next_batch=lambda: to_global(next(datasets.train), trainer.batch_sharding),
         data_position=datasets.train.get_state,
         set_data_position=datasets.train.set_state,

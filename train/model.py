@@ -86,6 +86,7 @@ def _to_dtype(value: Any) -> DType:
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "cudnn")
+WEIGHT_STORAGES = ("float", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,10 @@ class LlamaConfig:
     # matrix is never stored (2.1x the tokens/s of einsum at LLaMA-1B, seq 2048, H100).
     # "auto": cudnn where it can run (see resolve_attention), else einsum.
     attention: str = "auto"
+    # How the trainer stores the stacked layers' matrices: "float" (param_dtype) or "int8"
+    # (train/weight_storage.py). The modules here always see float kernels: the trainer
+    # decodes one layer at a time before applying it.
+    weight_storage: str = "float"
 
     def __post_init__(self):
         # Normalise dtypes given as strings (e.g. from a ConfigDict or JSON).
@@ -128,6 +133,10 @@ class LlamaConfig:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"attention={self.attention!r}; expected one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        if self.weight_storage not in WEIGHT_STORAGES:
+            raise ValueError(
+                f"weight_storage={self.weight_storage!r}; expected one of {WEIGHT_STORAGES}"
             )
         if self.attention == "cudnn" and self.dtype not in (jnp.bfloat16, jnp.float16):
             raise ValueError(
