@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from golore_jax import basis_storage
 from golore_jax import layout as layout_lib
 from golore_jax import projectors as projectors_lib
 from golore_jax.layout import MatrixLayout
@@ -142,6 +143,29 @@ def guarded_choice(
     return guarded(projector, key, projector_input(g, "rows"), previous, step, usable)
 
 
+def _decompose(choose, keys, x, previous, step, usable, members, due) -> jax.Array:
+    """The vmapped, guarded projector call of one batch; with ``due``, skipped (the previous
+    bases returned) when none of ``members`` is due."""
+
+    def run(x, keys, previous, usable):
+        return jax.vmap(guarded, in_axes=(None, 0, 0, 0, None, 0))(
+            choose, keys, x, previous, step, usable
+        )
+
+    if due is None:
+        return run(x, keys, previous, usable)
+    any_due = jnp.any(jnp.stack([due[i] for i in members]))
+    return lax.cond(any_due, run, lambda x, k, previous, u: previous, x, keys, previous, usable)
+
+
+def _kept(chosen: jax.Array, old: Any, basis_dtype: Any, due: Any, i: int) -> Any:
+    """``chosen`` stored as ``basis_dtype``, or the stored ``old`` where leaf ``i`` is not due."""
+    stored = basis_storage.store_basis(chosen, basis_dtype)
+    if due is None:
+        return stored
+    return jax.tree.map(lambda n, o: jnp.where(due[i], n, o), stored, old)
+
+
 def refresh_bases(
     projector: projectors_lib.Projector,
     layouts: list[MatrixLayout | None],
@@ -154,12 +178,21 @@ def refresh_bases(
     batch_size: int | None = None,
     sharding: Any = None,
     basis_dtype: Any = jnp.float32,
+    due: list[jax.Array | None] | None = None,
 ) -> list[Any]:
     """The new bases of a refresh: per projected leaf ``i``, ``projector`` chooses from
     ``sources[i]`` with ``key`` folded with ``i``; unprojected leaves keep ``bases[i]``.
 
     ``batch``, ``batch_size`` and ``sharding`` are ``scale_by_subspace``'s ``batch_refresh``,
-    ``refresh_batch_size`` and ``refresh_sharding``; new bases are stored in ``basis_dtype``.
+    ``refresh_batch_size`` and ``refresh_sharding``; new bases are stored as ``basis_dtype``
+    says (a float dtype or ``"int4"``, :mod:`golore_jax.basis_storage`) and read back through
+    :func:`golore_jax.basis_storage.load_basis`.
+
+    ``due`` (lazy refresh): per projected leaf a bool scalar; a leaf that is not due keeps its
+    stored basis as it is, and a batched call none of whose members is due is skipped
+    (``lax.cond``), which is where the saving is (:func:`decompositions_done`). A call with
+    some members due decomposes all of them and keeps the results of the due ones only, so
+    the bases do not depend on how the leaves are batched.
     """
     kind = input_kind(projector)
     choose = projector.from_gram if kind == "gram" else projector
@@ -200,17 +233,36 @@ def refresh_bases(
             inputs.append(projector_input(g, kind))
             usable.append(jax.vmap(usable_gradient)(g))
         x = jnp.concatenate(inputs) if len(inputs) > 1 else inputs[0]
-        previous = jnp.stack([bases[i] for i in members]).astype(jnp.float32)
+        previous = jnp.stack([basis_storage.load_basis(bases[i]) for i in members])
         if sharding is not None:
             x = lax.with_sharding_constraint(x, sharding)
             previous = lax.with_sharding_constraint(previous, sharding)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
             key, jnp.asarray(members, jnp.uint32)
         )
-        chosen = jax.vmap(guarded, in_axes=(None, 0, 0, 0, None, 0))(
-            choose, keys, x, previous, step, jnp.concatenate(usable)
-        )
+        usable = jnp.concatenate(usable)
+        chosen = _decompose(choose, keys, x, previous, step, usable, members, due)
         for j, i in enumerate(members):
-            new[i] = chosen[j].astype(basis_dtype)
+            new[i] = _kept(chosen[j], bases[i], basis_dtype, due, i)
         previous_chosen = chosen
     return new
+
+
+def decompositions_done(
+    projector: projectors_lib.Projector,
+    layouts: list[MatrixLayout | None],
+    due: list[jax.Array | None],
+    *,
+    batch: bool = True,
+    batch_size: int | None = None,
+) -> jax.Array:
+    """How many matrices :func:`refresh_bases` with this ``due`` decomposes (int32): every
+    member of each call with at least one member due. With one call per leaf
+    (``batch_size=1`` or ``batch=False``) exactly the due leaves."""
+    kind = input_kind(projector)
+    done = jnp.zeros([], jnp.int32)
+    for call in refresh_batches(layouts, batch, kind != "rows", batch_size):
+        members = [i for group in call for i in group]
+        run = jnp.any(jnp.stack([due[i] for i in members]))
+        done = done + run.astype(jnp.int32) * len(members)
+    return done

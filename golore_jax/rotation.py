@@ -88,12 +88,16 @@ def rotate_moments(
     *,
     first: bool,
     second: str,
+    changed: list[jax.Array | None] | None = None,
 ) -> Any:
     """Moves the moments of ``inner_state`` from the ``old`` bases to the ``new`` ones.
 
     ``first``: rotate first moments by equation (2), ``M <- C M`` with ``C = P_new^T P_old``
     (:func:`golore_jax.layout.rotate_first_moment`). ``second``: ``"keep"``, ``"reset"`` to
-    zero, or ``"project"`` (:func:`golore_jax.layout.rotate_second_moment`).
+    zero, or ``"project"`` (:func:`golore_jax.layout.rotate_second_moment`). ``changed``
+    (lazy refresh): per leaf a bool scalar (None: changed); where False the leaf kept its
+    basis and its moments are left exactly as they are (``C = P^T P`` is not exactly ``I``,
+    and a reset would zero them).
     """
     f32 = jnp.float32
     changes = [
@@ -111,7 +115,7 @@ def rotate_moments(
                 ]
             )
 
-        return apply
+        return apply if changed is None else _where_changed(apply, treedef, changed)
 
     rules = {
         FIRST: per_leaf(layout_lib.rotate_first_moment) if first else None,
@@ -122,6 +126,25 @@ def rotate_moments(
         }[second],
     }
     return map_moments(inner_state, treedef, rules.get)
+
+
+def _where_changed(
+    apply: Callable[[Any], Any], treedef: Any, changed: list[jax.Array | None]
+) -> Callable[[Any], Any]:
+    """``apply`` on a params-like tree, its result kept only for the leaves ``changed`` says
+    (the others as they were)."""
+
+    def masked(tree):
+        out = treedef.flatten_up_to(apply(tree))
+        leaves = treedef.flatten_up_to(tree)
+        return treedef.unflatten(
+            [
+                y if c is None else jnp.where(c, y, x)
+                for x, y, c in zip(leaves, out, changed, strict=True)
+            ]
+        )
+
+    return masked
 
 
 def _register_optax_states() -> None:

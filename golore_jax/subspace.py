@@ -19,6 +19,7 @@ layouts, argument checks), :mod:`golore_jax.refresh` (the batched refresh),
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -33,6 +34,7 @@ from golore_jax import layout as layout_lib
 from golore_jax import partitioning, rotation
 from golore_jax import projectors as projectors_lib
 from golore_jax import refresh as refresh_lib
+from golore_jax.basis_storage import INT4, Int4Basis, for_use, int4_specs, storage_of, zero_basis
 from golore_jax.finish import decay_and_learning_rate
 from golore_jax.layout import MatrixLayout
 from golore_jax.planning import (
@@ -61,6 +63,8 @@ __all__ = [
     "DEFAULT_EXCLUDE",
     "PROJECTION_DTYPES",
     "SECOND_MOMENT_POLICIES",
+    "LazyRefresh",
+    "LazyRefreshState",
     "MaskArg",
     "RankRule",
     "ScaleBySubspaceState",
@@ -71,6 +75,7 @@ __all__ = [
     "golore_adamw",
     "golore_sgd",
     "low_rank_update",
+    "refresh_counts",
     "scale_by_subspace",
     "subspace_layouts",
     "update_in_subspace",
@@ -82,6 +87,75 @@ __all__ = [
 LOW_RANK_ARG = "in_subspace"
 
 
+@dataclasses.dataclass(frozen=True)
+class LazyRefresh:
+    """Layer-adaptive lazy refresh (Q-GaLore's idea, arXiv 2407.08296): a leaf whose subspace
+    has stopped moving is decomposed less often.
+
+    At each scheduled refresh (``count % update_every == 0``, the ``j``-th one) a leaf is
+    *due* when ``j >= next_due``; a leaf that is not due keeps its basis and skips its
+    decomposition (its moments are left as they are). When a due leaf is decomposed, the
+    overlap of its new basis with the previous one,
+
+        overlap = ||P_old^T P_new||_F^2 / r   in [0, 1],
+
+    the mean squared cosine of the ``r`` principal angles between the two subspaces
+    (``= 1 - ||P_old P_old^T - P_new P_new^T||_F^2 / (2 r)``), decides: ``overlap >=
+    threshold`` extends the leaf's streak, anything else resets it; ``patience`` in a row
+    multiply its period (in scheduled refreshes, starting at 1) by ``growth``, up to
+    ``max_period`` (None: no cap), and restart the streak. Its next decomposition is ``period``
+    scheduled refreshes later. The measure sees the subspace, not the basis: signs, order and
+    rotations within the subspace do not count as movement (Q-GaLore's cosine similarity of
+    the flattened matrices does count them).
+
+    A ``threshold`` above 1 never triggers (every leaf is decomposed at every scheduled
+    refresh, the eager schedule). Random draws (GoLore, and the hybrid after its switch) keep
+    their schedule: an independent random ``r``-subspace of ``R^d`` overlaps any other by
+    ``r / d`` on average, so the rule could only trigger on a threshold below chance; a
+    projector that never reads the gradient is refused, and the hybrid's random phase
+    decomposes every leaf at every scheduled refresh.
+    """
+
+    threshold: float
+    patience: int = 2
+    growth: int = 2
+    max_period: int | None = None
+
+    def __post_init__(self):
+        owner = "LazyRefresh"
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float):
+            raise ValueError(f"{owner}: threshold must be a number, got {self.threshold!r}")
+        if not (self.threshold > 0 and self.threshold < float("inf")):
+            raise ValueError(f"{owner}: threshold must be finite and > 0, got {self.threshold!r}")
+        require_positive_int(owner, "patience", self.patience)
+        if not (is_positive_int(self.growth) and self.growth >= 2):
+            raise ValueError(f"{owner}: growth must be an int >= 2, got {self.growth!r}")
+        require_positive_int(owner, "max_period", self.max_period, optional=True)
+
+
+class LazyRefreshState(NamedTuple):
+    """The lazy refresh's state (``ScaleBySubspaceState.lazy``).
+
+    Attributes:
+      period: per projected leaf (``optax.MaskedNode()`` elsewhere), int32: scheduled
+        refreshes between two decompositions of the leaf (1, growth, growth^2, ...).
+      next_due: per projected leaf, int32: the index ``count // update_every`` of the
+        scheduled refresh at which the leaf is next decomposed.
+      streak: per projected leaf, int32: decompositions in a row whose overlap with the
+        previous basis reached the threshold.
+      done: int32, matrices decomposed so far (every member of a batched call that ran, see
+        :func:`golore_jax.refresh.decompositions_done`).
+      scheduled: int32, leaf refreshes scheduled so far (projected leaves x scheduled
+        refreshes): what the eager schedule decomposes.
+    """
+
+    period: Any
+    next_due: Any
+    streak: Any
+    done: jax.Array
+    scheduled: jax.Array
+
+
 class ScaleBySubspaceState(NamedTuple):
     """State of :func:`scale_by_subspace`.
 
@@ -89,15 +163,147 @@ class ScaleBySubspaceState(NamedTuple):
       count: number of updates applied so far (int32); refreshes happen when
         ``count % update_every == 0``.
       key: typed PRNG key, split at every step; a refresh uses a key folded with the leaf index.
-      bases: per leaf, the orthonormal ``(d, r)`` fp32 basis (``P`` or ``Q``), or
+      bases: per leaf, the orthonormal ``(d, r)`` fp32 basis (``P`` or ``Q``; bf16, or an
+        :class:`golore_jax.basis_storage.Int4Basis`, as ``basis_dtype`` says), or
         ``optax.MaskedNode()`` for leaves that are not projected.
       inner_state: state of the inner transform, initialised on the low-rank shapes.
+      lazy: the :class:`LazyRefreshState` with ``lazy_refresh``; None without (no leaves).
     """
 
     count: jax.Array
     key: jax.Array
     bases: Any
     inner_state: Any
+    lazy: Any = None
+
+
+def _zero_bases(layouts: list[MatrixLayout | None], storage: Any, *args: Any) -> list[Any]:
+    """:func:`golore_jax.planning.zero_bases`, or INT4 zero bases under ``"int4"``."""
+    if not isinstance(storage, str):  # a float dtype (storage_of gives a str for INT4 only)
+        return zero_bases(layouts, storage, *args)
+    return [
+        optax.MaskedNode() if lay is None else zero_basis(lay.basis_shape, INT4) for lay in layouts
+    ]
+
+
+def _init_lazy(
+    lazy_refresh: LazyRefresh | None, layouts: list[MatrixLayout | None], treedef: Any
+) -> LazyRefreshState | None:
+    if lazy_refresh is None:
+        return None
+
+    def per_leaf(value):
+        return treedef.unflatten(
+            [
+                optax.MaskedNode() if lay is None else jnp.asarray(value, jnp.int32)
+                for lay in layouts
+            ]
+        )
+
+    zero = jnp.zeros([], jnp.int32)
+    return LazyRefreshState(per_leaf(1), per_leaf(0), per_leaf(0), zero, zero)
+
+
+def _reads_gradient_at(projector: projectors_lib.Projector, step: jax.Array) -> jax.Array:
+    """Whether the subspace ``projector`` chooses at ``step`` depends on the gradient (False in
+    the hybrid's random phase)."""
+    if isinstance(projector, projectors_lib.HybridProjector):
+        return jnp.where(
+            step >= projector.switch_step,
+            _reads_gradient_at(projector.after, step),
+            _reads_gradient_at(projector.before, step),
+        )
+    return jnp.asarray(bool(projector.uses_gradient))
+
+
+def _due(
+    lazy: LazyRefreshState | None,
+    treedef: Any,
+    index: jax.Array,
+    random_phase: jax.Array,
+) -> list[jax.Array | None] | None:
+    """Per leaf, whether this scheduled refresh (the ``index``-th) decomposes it."""
+    if lazy is None:
+        return None
+    return [
+        None if isinstance(n, optax.MaskedNode) else (index >= n) | random_phase
+        for n in treedef.flatten_up_to(lazy.next_due)
+    ]
+
+
+def _next_lazy(
+    rule: LazyRefresh,
+    lazy: LazyRefreshState,
+    treedef: Any,
+    layouts: list[MatrixLayout | None],
+    due: list[jax.Array | None],
+    old: list[Any],
+    new: list[Any],
+    index: jax.Array,
+    random_phase: jax.Array,
+    done: jax.Array,
+) -> LazyRefreshState:
+    """The lazy state after a scheduled refresh (``old`` / ``new``: the bases, decoded)."""
+    leaves = [treedef.flatten_up_to(t) for t in (lazy.period, lazy.next_due, lazy.streak)]
+    period_out, next_out, streak_out = [], [], []
+    for i, lay in enumerate(layouts):
+        period, next_due, streak = (t[i] for t in leaves)
+        if lay is None:
+            period_out.append(period)
+            next_out.append(next_due)
+            streak_out.append(streak)
+            continue
+        f32 = jnp.float32
+        overlap = jnp.sum(jnp.square(new[i].astype(f32).T @ old[i].astype(f32))) / lay.rank
+        measured = due[i] & ~random_phase  # random draws are not measured
+        streak = jnp.where(measured, jnp.where(overlap >= rule.threshold, streak + 1, 0), streak)
+        grow = streak >= rule.patience
+        longer = period * rule.growth
+        if rule.max_period is not None:
+            longer = jnp.minimum(longer, rule.max_period)
+        period = jnp.where(grow, longer, period)
+        period_out.append(period)
+        streak_out.append(jnp.where(grow, 0, streak))
+        next_out.append(jnp.where(due[i], index + period, next_due))
+    scheduled = sum(lay is not None for lay in layouts)
+    return LazyRefreshState(
+        period=treedef.unflatten(period_out),
+        next_due=treedef.unflatten(next_out),
+        streak=treedef.unflatten(streak_out),
+        done=lazy.done + done,
+        scheduled=lazy.scheduled + scheduled,
+    )
+
+
+def refresh_counts(opt_state: Any) -> tuple[jax.Array, jax.Array] | None:
+    """``(done, scheduled)``: matrices decomposed and leaf refreshes scheduled so far, summed
+    over every :func:`scale_by_subspace` state with a lazy refresh in ``opt_state`` (also the
+    per-layer states of :func:`golore_jax.layerwise.layerwise`, summed over layers); None
+    when there is none (no lazy refresh: every scheduled refresh decomposes every leaf).
+
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> tx = scale_by_subspace(optax.sgd(0.1), rank=2, update_every=2,
+    ...                        lazy_refresh=LazyRefresh(0.9))
+    >>> params = {"w": jnp.ones((4, 6))}
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...     _, state = tx.update(params, state, params)
+    >>> [int(c) for c in refresh_counts(state)]
+    [2, 2]
+    """
+    states = [
+        s.lazy
+        for s in jax.tree_util.tree_leaves(
+            opt_state, is_leaf=lambda s: isinstance(s, ScaleBySubspaceState)
+        )
+        if isinstance(s, ScaleBySubspaceState) and s.lazy is not None
+    ]
+    if not states:
+        return None
+    done = sum(jnp.sum(s.done) for s in states)
+    scheduled = sum(jnp.sum(s.scheduled) for s in states)
+    return done, scheduled
 
 
 def _check_arguments(
@@ -121,10 +327,12 @@ def _check_arguments(
             f"{owner}: second_moment must be one of {SECOND_MOMENT_POLICIES}, got {second_moment!r}"
         )
     for name, value in (("projection_dtype", projection_dtype), ("basis_dtype", basis_dtype)):
-        if value is not None and not is_projection_dtype(value):
+        int4 = name == "basis_dtype" and isinstance(value, str) and value == INT4
+        if value is not None and not is_projection_dtype(value) and not int4:
+            extra = ", 'int4'" if name == "basis_dtype" else ""
             raise ValueError(
                 f"{owner}: {name} must be one of "
-                f"{[d.name for d in PROJECTION_DTYPES]} or None, got {value!r}"
+                f"{[d.name for d in PROJECTION_DTYPES]}{extra} or None, got {value!r}"
             )
     require_positive_int(owner, "refresh_batch_size", refresh_batch_size, optional=True)
     layout_lib.check_side_rule(side, owner)
@@ -187,6 +395,7 @@ def scale_by_subspace(
     projection_dtype: Any = None,
     basis_dtype: Any = None,
     side: str = "gradient",
+    lazy_refresh: LazyRefresh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Runs ``inner`` in a rank-``r`` subspace of each projected leaf (Algorithm 1).
 
@@ -234,11 +443,20 @@ def scale_by_subspace(
         halves their memory: a refresh still decomposes in fp32 and stores the basis rounded
         to nearest; every use (projections, moment rotations, the next refresh's ``previous``)
         reads it back as fp32 (exact), so the step is the fp32-basis step with the rounded
-        basis. The rounded basis is orthonormal to ~2^-8.
+        basis. The rounded basis is orthonormal to ~2^-8. ``"int4"``: 4-bit codes packed
+        two a byte with an fp32 scale per 64 rows of a column (0.56 bytes an entry, 1/7 of
+        fp32; :mod:`golore_jax.basis_storage`: the error bound, and why the decoded basis,
+        no longer exactly orthonormal, is used as it is). Decoded for each use, to
+        ``projection_dtype`` for the matmuls.
       side: which side of each ``m x n`` leaf is projected (:mod:`golore_jax.layout`):
         ``"gradient"`` (the paper's and GaLore's rule: the smaller dimension), ``"state"`` (the
         side whose basis plus ``inner``'s moments hold fewer floats; with Adam this is
         ``optax.contrib.galore``'s choice, left when ``m >= n``), ``"left"`` or ``"right"``.
+      lazy_refresh: a :class:`LazyRefresh`: at a scheduled refresh, leaves whose subspace has
+        stopped moving skip their decomposition (None: every leaf at every refresh). The
+        state then counts decompositions done and scheduled (:func:`refresh_counts`). A
+        batched call (``batch_refresh``) is skipped only when none of its matrices is due:
+        ``refresh_batch_size=1`` (or ``batch_refresh=False``) saves every skipped one.
 
     Extra args:
       ``subspace_grads``: a gradient tree like ``updates`` used only to choose the subspace
@@ -269,7 +487,19 @@ def scale_by_subspace(
         refresh_batch_size,
         side,
     )
-    stored_basis_dtype = jnp.float32 if basis_dtype is None else jnp.dtype(basis_dtype)
+    stored_basis_dtype = storage_of(basis_dtype)
+    if lazy_refresh is not None:
+        if not isinstance(lazy_refresh, LazyRefresh):
+            raise ValueError(
+                "scale_by_subspace: lazy_refresh must be a LazyRefresh or None, "
+                f"got {lazy_refresh!r}"
+            )
+        if projector is not None and not projector.uses_gradient:
+            raise ValueError(
+                "scale_by_subspace: lazy_refresh needs a projector that reads the gradient; "
+                f"{type(projector).__name__} draws its subspaces at random, which keep their "
+                "schedule (a random subspace's overlap with the previous one is ~r/d)"
+            )
     projector = projector if projector is not None else projectors_lib.svd()
     inner = optax.with_extra_args_support(inner)
     rotates_state = momentum_projection or second_moment != "keep"
@@ -281,9 +511,10 @@ def scale_by_subspace(
     def init_fn(params):
         layouts, treedef = plan(params)
         return ScaleBySubspaceState(
+            lazy=_init_lazy(lazy_refresh, layouts, treedef),
             count=jnp.zeros([], jnp.int32),
             key=as_key(seed),
-            bases=treedef.unflatten(zero_bases(layouts, stored_basis_dtype)),
+            bases=treedef.unflatten(_zero_bases(layouts, stored_basis_dtype)),
             inner_state=inner.init(
                 treedef.unflatten(low_rank_like(treedef.flatten_up_to(params), layouts))
             ),
@@ -306,8 +537,12 @@ def scale_by_subspace(
         check_update_leaves(updates, layouts, old_bases)
         next_key, refresh_key = jax.random.split(state.key)
 
+        index = state.count // update_every  # which scheduled refresh this is
+        random_phase = ~_reads_gradient_at(projector, state.count)
+
         def refresh(operands):
-            bases, inner_state = operands
+            bases, inner_state, lazy = operands
+            due = _due(lazy, treedef, index, random_phase)
             new = refresh_lib.refresh_bases(
                 projector,
                 layouts,
@@ -319,29 +554,51 @@ def scale_by_subspace(
                 batch_size=refresh_batch_size,
                 sharding=refresh_sharding,
                 basis_dtype=stored_basis_dtype,
+                due=due,
             )
+            old_used, new_used = for_use(bases), for_use(new)  # INT4 decoded, fp32
             if rotates_state:
                 inner_state = rotation.rotate_moments(
                     inner_state,
                     treedef,
                     layouts,
-                    bases,
-                    new,
+                    old_used,
+                    new_used,
                     first=momentum_projection,
                     second=second_moment,
+                    changed=due,
                 )
-            return new, inner_state
+            if lazy is not None:
+                done = refresh_lib.decompositions_done(
+                    projector, layouts, due, batch=batch_refresh, batch_size=refresh_batch_size
+                )
+                lazy = _next_lazy(
+                    lazy_refresh,
+                    lazy,
+                    treedef,
+                    layouts,
+                    due,
+                    old_used,
+                    new_used,
+                    index,
+                    random_phase,
+                    done,
+                )
+            return new, inner_state, lazy
 
         is_refresh = state.count % update_every == 0
-        new_bases, inner_state = lax.cond(
-            is_refresh, refresh, lambda operands: operands, (old_bases, state.inner_state)
+        new_bases, inner_state, lazy = lax.cond(
+            is_refresh,
+            refresh,
+            lambda operands: operands,
+            (old_bases, state.inner_state, state.lazy),
         )
         out, inner_state = update_in_subspace(
             inner,
             treedef,
             grads,
             layouts,
-            new_bases,
+            for_use(new_bases, jnp.float32 if projection_dtype is None else projection_dtype),
             inner_state,
             params,
             scale,
@@ -358,6 +615,7 @@ def scale_by_subspace(
                 ]
             ),
             inner_state=inner_state,
+            lazy=lazy,
         )
         return treedef.unflatten(out), new_state
 
@@ -552,13 +810,32 @@ def _partition_specs(
 ) -> ScaleBySubspaceState:
     """Bases take the spec of the param's projected axis; low-rank moments that of its kept
     axis (see :mod:`golore_jax.partitioning`); count and key are replicated."""
-    bases, low_rank = partitioning.basis_specs(state.bases, state.inner_state, context)
     treedef = jax.tree_util.tree_structure(context.params)
+    stored = treedef.flatten_up_to(state.bases)
+    # INT4 bases: the layout is read from the (d, r) they encode; codes and scales get specs.
+    shapes = [
+        jax.ShapeDtypeStruct(b.codes.shape[:1] + b.scales.shape[1:], jnp.float32)
+        if isinstance(b, Int4Basis)
+        else b
+        for b in stored
+    ]
+    bases, low_rank = partitioning.basis_specs(
+        treedef.unflatten(shapes), state.inner_state, context
+    )
+    bases = treedef.unflatten(
+        [
+            int4_specs(spec, b.codes.shape[0], context.mesh_axis_sizes)
+            if isinstance(b, Int4Basis)
+            else spec
+            for b, spec in zip(stored, treedef.flatten_up_to(bases), strict=True)
+        ]
+    )
     return ScaleBySubspaceState(
         count=PartitionSpec(),
         key=PartitionSpec(),
         bases=bases,
         inner_state=partitioning.walk(state.inner_state, treedef, low_rank),
+        lazy=jax.tree.map(lambda _: PartitionSpec(), state.lazy),
     )
 
 
