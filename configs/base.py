@@ -256,6 +256,11 @@ def llama_config(
     # Non-finite loss or gradients: 'skip' the step (counted, up to max_skipped) or 'stop'.
     config.nonfinite = "skip"
     config.max_skipped = 20
+    # What the terminal shows of the libraries' log records (orbax, absl, jax): 'warning'
+    # (their warnings and errors), 'info' / 'debug' (all of them) or 'error'. The trainer's own
+    # lines and the progress bar always show; every INFO record also goes to WORKDIR/train.log
+    # (train/console.py). Command line only: a program called as a library keeps its logging.
+    config.log_level = "warning"
     return config
 
 

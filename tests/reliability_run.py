@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tests.train_fixtures import tiny_config
 from train import checkpoint as checkpoint_lib
@@ -110,12 +109,8 @@ def records(workdir: pathlib.Path) -> list[dict]:
 
 
 def losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
-    """(step, loss) of every train record; NaN compared as a string so == works."""
-    return [
-        (r["step"], r["loss"] if np.isfinite(r["loss"]) else str(r["loss"]))
-        for r in records(workdir)
-        if "loss" in r
-    ]
+    """(step, loss) of every train record (a non-finite loss is null in the file: None)."""
+    return [(r["step"], r["loss"]) for r in records(workdir) if "loss" in r]
 
 
 def nonfinite_leaves(tree: Any) -> list[str]:

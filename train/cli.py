@@ -80,13 +80,13 @@ def run_program(
 ) -> None:
     """The command line of a program: ``--config FILE --workdir DIR [--config.x.y=value ...]``.
 
-    Runs ``program(config, workdir)`` with INFO logging and the XLA defaults, prints
-    ``summary(result)``; user errors print one line (exit status 2).
+    Runs ``program(config, workdir)`` with the XLA defaults and the quiet console of
+    ``config.log_level`` (train/console.py: library INFO records go to WORKDIR/train.log),
+    prints ``summary(result)``; user errors print one line (exit status 2).
     """
     from absl import app
-    from absl import logging as absl_logging
 
-    from train import xla_flags
+    from train import console, xla_flags
 
     register_list_parser()
     config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
@@ -96,10 +96,11 @@ def run_program(
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        absl_logging.set_verbosity(absl_logging.INFO)
         xla_flags.apply_defaults()  # before the first device is touched
         with one_line_errors():
-            result = program(loaded_config(flags.FLAGS), flags.FLAGS.workdir)
+            config = loaded_config(flags.FLAGS)
+            console.setup(config)
+            result = program(config, flags.FLAGS.workdir)
         print(summary(result))
 
     app.run(main)

@@ -70,6 +70,7 @@ from train.choice_tasks import (
     resolve_path,
     task_texts,
 )
+from train.console import number
 from train.errors import ConfigError
 
 # Optimizers whose ``rank`` is a subspace rank that must stay below each matrix's smaller side.
@@ -494,6 +495,8 @@ def _finetune(
         "eval_accuracy": last["eval_accuracy"],
         "first_eval_answer_loss": first["eval_answer_loss"],
         "eval_answer_loss": last["eval_answer_loss"],
+        "first_eval_step": first["step"],
+        "eval_step": last["step"],  # can be older than "step" (run_steps, a stop)
         "export_dir": export_dir,
         "model_config": model_config,
         "params": params,
@@ -504,9 +507,10 @@ def _finetune(
 def summary(result: dict[str, Any]) -> str:
     """The command line's last words: losses, accuracies and where the weights went."""
     text = (
-        f"step {result['step']}: train loss {result['train_loss']:.4f}, eval accuracy "
-        f"{result['first_eval_accuracy']:.4f} -> {result['eval_accuracy']:.4f}, eval answer "
-        f"loss {result['first_eval_answer_loss']:.4f} -> {result['eval_answer_loss']:.4f}"
+        f"step {result['step']}: train loss {number(result['train_loss'])}; evaluated at step "
+        f"{result['first_eval_step']} -> {result['eval_step']}: accuracy "
+        f"{number(result['first_eval_accuracy'])} -> {number(result['eval_accuracy'])}, answer "
+        f"loss {number(result['first_eval_answer_loss'])} -> {number(result['eval_answer_loss'])}"
     )
     if result["export_dir"] is not None:
         text += f"\nfine-tuned weights (Hugging Face format): {result['export_dir']}"

@@ -8,8 +8,10 @@ process runs the loop; process 0 alone writes metrics, events and plots, and all
 write their shards of each checkpoint (orbax).
 
 The loop reads these config keys: ``num_steps``, ``log_every``, ``eval_every``,
-``checkpoint_every``, ``keep_checkpoints``, ``run_steps``, ``nonfinite``, ``max_skipped`` (and
-``seed``, recorded with each checkpoint).
+``checkpoint_every``, ``keep_checkpoints``, ``run_steps``, ``nonfinite``, ``max_skipped``,
+``log_level`` (checked here, used by the command line: ``train/console.py``) (and ``seed``,
+recorded with each checkpoint). ``metrics.jsonl`` is strict JSON, one record a line: a
+non-finite value (a skipped step's NaN / Inf loss) is written as ``null``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from train import atomic
+from train import atomic, console
 from train import checkpoint as checkpoint_lib
 from train import distributed as distributed_lib
 from train.errors import ConfigError, WorkdirError
@@ -58,6 +60,7 @@ def validate(config: Any) -> None:
         raise ConfigError(
             f"config.nonfinite must be one of {NONFINITE_POLICIES}, got {config.nonfinite!r}"
         )
+    console.check_level(config)
     distributed_lib.validate(config)
 
 
@@ -201,6 +204,8 @@ def _is_eval(record: dict) -> bool:
 def run(config: Any, workdir: pathlib.Path, program: Program) -> Result:
     """Runs (or resumes from the newest readable checkpoint) ``program`` to
     ``config.num_steps``, or ``config.run_steps`` more steps, or a stop request."""
+    # The workdir is ours now: the command line's log file opens there (train/console.py).
+    console.open_log_file(workdir, jax.process_index(), jax.process_count())
     checkpoints = checkpoint_lib.Checkpoints(
         workdir, keep=config.keep_checkpoints, every=config.checkpoint_every
     )
@@ -345,14 +350,30 @@ def _read_metrics(path: pathlib.Path, keep_until: int, *, rewrite: bool = True) 
             len(lines) - len(records),
             keep_until,
         )
-        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        atomic.write_text(path, "".join(metrics_line(r) for r in records))
     return records
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def metrics_line(record: dict) -> str:
+    """One line of metrics.jsonl: strict JSON, so a non-finite value (the NaN / Inf loss of a
+    skipped step) is written as ``null``; the record's ``skipped`` count says why."""
+    return json.dumps(_strict(record), allow_nan=False) + "\n"
 
 
 def _write(metrics_file, writer, record: dict) -> None:
     if metrics_file is None:  # not process 0
         return
-    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.write(metrics_line(record))
     metrics_file.flush()
     if writer is not None:
         for key, value in record.items():
@@ -382,12 +403,16 @@ def _loss_png(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def values(records: list[dict], key: str) -> list[float]:
+        # null in metrics.jsonl (a skipped step's non-finite loss, read back at a resume): a gap
+        return [np.nan if r[key] is None else r[key] for r in records]
+
     fig, ax = plt.subplots(figsize=(6, 4))
     train = [h for h in history if train_key in h]
-    ax.plot([h["step"] for h in train], [h[train_key] for h in train], label="train loss")
+    ax.plot([h["step"] for h in train], values(train, train_key), label="train loss")
     evals = [e for e in evals if eval_key in e]
     if evals:
-        ax.plot([e["step"] for e in evals], [e[eval_key] for e in evals], "o-", label="eval loss")
+        ax.plot([e["step"] for e in evals], values(evals, eval_key), "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.legend()

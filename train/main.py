@@ -310,10 +310,10 @@ def evaluate(trainer: Trainer, params: Any, batches: list[dict]) -> float:
 def train_and_evaluate(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Runs (or resumes) training; returns the final metrics.
 
-    Returns a dict with ``step``, ``train_loss``, ``eval_loss`` (at the last evaluation),
-    ``first_eval_loss`` and ``stopped_by_signal``. Bad config values, unwritable directories
-    and a workdir in use by another run raise a one-line :class:`~train.errors.UserError`
-    before anything on disk changes.
+    Returns a dict with ``step``, ``train_loss``, ``eval_loss`` (at the last evaluation, step
+    ``eval_step``), ``first_eval_loss`` (step ``first_eval_step``) and ``stopped_by_signal``.
+    Bad config values, unwritable directories and a workdir in use by another run raise a
+    one-line :class:`~train.errors.UserError` before anything on disk changes.
     """
     workdir = pathlib.Path(workdir)
     validate_config(config)
@@ -396,4 +396,8 @@ def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
         "train_loss": run.history[-1]["loss"] if run.history else None,
         "eval_loss": run.evals[-1]["eval_loss"] if run.evals else None,
         "first_eval_loss": run.evals[0]["eval_loss"] if run.evals else None,
+        # The steps of those evaluations (the last can be older than "step", e.g. after
+        # run_steps or a stop between two evaluations).
+        "eval_step": run.evals[-1]["step"] if run.evals else None,
+        "first_eval_step": run.evals[0]["step"] if run.evals else None,
     }
