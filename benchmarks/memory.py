@@ -158,6 +158,8 @@ def run_row(config_path: str, overrides: list[str], label: str, steady_steps: in
         "layerwise": bool(config.step.layerwise),
         "stochastic_rounding": bool(config.step.stochastic_rounding),
         "basis_dtype": config.optimizer.subspace.basis_dtype,
+        "weight_storage": config.model.get("weight_storage", "float"),
+        "lazy_threshold": config.optimizer.subspace.get("lazy_threshold", 0.0),
         "update_every_amortized": amortize_every,
         "steady_steps": steady_steps,
         "method": METHOD,
@@ -228,6 +230,9 @@ def run_row(config_path: str, overrides: list[str], label: str, steady_steps: in
         state, row["refresh_step_s"], loss = step(state)
         record("refresh1")
         row["final_loss"] = loss
+        counts = getattr(gl.subspace, "refresh_counts", lambda _: None)(state.opt_state)
+        if counts is not None:  # lazy refresh: matrices decomposed / leaf refreshes scheduled
+            row["refreshes_done"], row["refreshes_scheduled"] = (int(c) for c in counts)
         row["skipped"] = int(state.skipped)
         row["steady_step_s"] = statistics.median(times)
     except Exception as e:  # an OOM row is a result, not a crash

@@ -58,6 +58,11 @@ LAYERWISE_SCALED_CLIP = [*LAYERWISE[:-1], f"--config.step.layer_grad_clip={1 / 3
 BF16_PARAMS = ["--config.model.param_dtype=bfloat16", "--config.step.stochastic_rounding=True"]
 BF16_BASES = ["--config.optimizer.subspace.basis_dtype=bfloat16"]
 ADAM_8BIT = ["--config.optimizer.inner.name=adamw8bit"]
+# Issue 31: int8 layers (needs the layer-wise step; fp32 rest here, so only the matrices are
+# quantized), int4 bases, the lazy layer-adaptive refresh.
+INT8 = ["--config.model.weight_storage=int8"]
+INT4_BASES = ["--config.optimizer.subspace.basis_dtype=int4"]
+LAZY = [f"--config.optimizer.subspace.lazy_threshold={os.environ.get('LAZY_THRESHOLD', '0.9')}"]
 OPTIONS = {
     "fp32": [],
     "all": LAYERWISE + BF16_PARAMS + BF16_BASES + ADAM_8BIT,
@@ -67,6 +72,11 @@ OPTIONS = {
     "bf16_bases": BF16_BASES,
     "layerwise_scaled_clip": LAYERWISE_SCALED_CLIP,
     "all_scaled_clip": LAYERWISE_SCALED_CLIP + BF16_PARAMS + BF16_BASES + ADAM_8BIT,
+    "int8": LAYERWISE_SCALED_CLIP + INT8,
+    "int4_bases": INT4_BASES,
+    "lazy": LAZY,
+    # the 16 GB recipe: every option of issues 19 and 31 together
+    "all_16gb": LAYERWISE_SCALED_CLIP + BF16_PARAMS + INT8 + INT4_BASES + ADAM_8BIT + LAZY,
 }
 
 
@@ -77,6 +87,7 @@ def run(
     options: list[str],
     config: str = "configs/llama_60m.py",
     steps: int = 2000,
+    extra: list[str] | None = None,
 ) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for name in options:  # option-major: a cut-short session still has whole comparisons
@@ -95,7 +106,7 @@ def run(
                 f"--workdir={workdir}",
                 *common(config, steps),
             ]
-            command += [f"--config.seed={seed}", *OPTIONS[name]]
+            command += [f"--config.seed={seed}", *OPTIONS[name], *(extra or [])]
             start = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True)
             seconds = time.perf_counter() - start
@@ -137,9 +148,13 @@ def main() -> None:
     parser.add_argument("--config", default="configs/llama_60m.py")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("/tmp/memory_options"))
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="every run: --config.KEY"
+    )
     args = parser.parse_args()
     if args.mode == "run":
-        run(args.root, args.work, args.seeds, args.options, args.config, args.steps)
+        extra = [f"--config.{item}" for item in args.set]
+        run(args.root, args.work, args.seeds, args.options, args.config, args.steps, extra)
     else:
         summary(args.root, args.options)
 
