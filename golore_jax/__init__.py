@@ -2,62 +2,111 @@
 
 He et al., "Subspace Optimization for Large Language Models with Convergence Guarantees"
 (arXiv 2410.11289); Zhao et al., "GaLore" (arXiv 2403.03507).
+
+The public API is the names in ``__all__`` below and two namespaces, :mod:`golore_jax.projectors`
+(how a subspace is chosen) and :mod:`golore_jax.layerwise` (a transform per stacked layer).
+The other modules are the implementation: importable, but not an API (they may change
+without deprecation).
 """
 
-from golore_jax import (
-    aliases,
-    finish,
-    layerwise,
-    layout,
-    online_pca,
-    planning,
-    precision,
-    projectors,
-    refresh,
-    rotation,
-    sparse,
-    subspace,
-    tail,
+import warnings as _warnings
+
+from golore_jax import layerwise, projectors
+from golore_jax.aliases import (
+    _DEPRECATED_NAMES,
+    Execution,
+    Online,
+    Sparse,
+    Subspace,
+    galore,
+    galore_adamw,
+    galore_sgd,
+    gasare,
+    gasare_adamw,
+    gasare_sgd,
+    golore_adamw,
+    golore_projector,
+    golore_sgd,
+    gosare_adamw,
+    gosare_sgd,
+    osd,
+    osd_adamw,
+    osd_sgd,
+    paper_msgd_hyperparams,
+    scale_by_galore,
+    scale_by_gasare,
+    scale_by_osd,
 )
-from golore_jax.aliases import *  # noqa: F403  (the drop-in optimizers; aliases.__all__)
 from golore_jax.memory import optimizer_state_floats, subspace_state_floats
-from golore_jax.online_pca import ScaleByOnlineSubspaceState, scale_by_online_subspace
+from golore_jax.online_pca import ScaleByOnlineSubspaceState, default_projector_optimizer
+from golore_jax.partitioning import state_partition_specs
 from golore_jax.planning import count_moments, default_mask, subspace_layouts
 from golore_jax.precision import apply_updates_stochastic, stochastic_round_to_bf16
 from golore_jax.quantized import scale_by_adam_8bit
-from golore_jax.sparse import ScaleBySparseSubspaceState, scale_by_sparse_subspace
-from golore_jax.subspace import ScaleBySubspaceState, low_rank_update, scale_by_subspace
+from golore_jax.sparse import ScaleBySparseSubspaceState
+from golore_jax.subspace import (
+    LazyRefresh,
+    ScaleBySubspaceState,
+    low_rank_update,
+    refresh_counts,
+)
 
 __all__ = [
-    *aliases.__all__,
+    "Execution",
+    "LazyRefresh",
+    "Online",
     "ScaleByOnlineSubspaceState",
     "ScaleBySparseSubspaceState",
     "ScaleBySubspaceState",
-    "aliases",
+    "Sparse",
+    "Subspace",
     "apply_updates_stochastic",
     "count_moments",
     "default_mask",
-    "finish",
+    "default_projector_optimizer",
+    "galore",
+    "galore_adamw",
+    "galore_sgd",
+    "gasare",
+    "gasare_adamw",
+    "gasare_sgd",
+    "golore_adamw",
+    "golore_projector",
+    "golore_sgd",
+    "gosare_adamw",
+    "gosare_sgd",
     "layerwise",
-    "layout",
     "low_rank_update",
-    "online_pca",
     "optimizer_state_floats",
-    "planning",
-    "precision",
+    "osd",
+    "osd_adamw",
+    "osd_sgd",
+    "paper_msgd_hyperparams",
     "projectors",
-    "refresh",
-    "rotation",
+    "refresh_counts",
     "scale_by_adam_8bit",
-    "scale_by_online_subspace",
-    "scale_by_sparse_subspace",
-    "scale_by_subspace",
-    "sparse",
+    "scale_by_galore",
+    "scale_by_gasare",
+    "scale_by_osd",
+    "state_partition_specs",
     "stochastic_round_to_bf16",
-    "subspace",
     "subspace_layouts",
     "subspace_state_floats",
-    "tail",
 ]
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str):
+    """The 0.1 names kept for one release: they warn and name their replacement."""
+    if name in _DEPRECATED_NAMES:
+        implementation, replacement = _DEPRECATED_NAMES[name]
+        _warnings.warn(
+            f"golore_jax.{name} is deprecated and will be removed in the next release: "
+            f"use {replacement}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return implementation
+    raise AttributeError(f"module 'golore_jax' has no attribute {name!r}")
+
+
+__version__ = "0.2.0"

@@ -38,7 +38,6 @@ from golore_jax import layout as layout_lib
 from golore_jax import partitioning
 from golore_jax import projectors as projectors_lib
 from golore_jax import refresh as refresh_lib
-from golore_jax.finish import decay_and_learning_rate
 from golore_jax.layout import MatrixLayout
 from golore_jax.planning import (
     RankRule,
@@ -78,6 +77,9 @@ def default_projector_optimizer(
 
     ``b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01`` are PyTorch's defaults, which their
     ``get_optim`` does not override.
+
+    >>> import golore_jax as gl
+    >>> tx = gl.osd_adamw(1e-3, projector_optimizer=default_projector_optimizer(1.0 / 50))
     """
     return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 
@@ -257,87 +259,6 @@ def scale_by_online_subspace(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def osd_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    rank: RankRule = 128,
-    update_every: int = 1,
-    projector_optimizer: optax.GradientTransformation | None = None,
-    orthonormalize_every: int | None = None,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    weight_decay_mask: Any = None,
-    mask: Any = None,
-    side: str = "gradient",
-) -> optax.GradientTransformationExtraArgs:
-    """Online Subspace Descent with AdamW (arXiv 2408.12857): P tracked by online PCA.
-
-    ``projector_optimizer`` defaults to AdamW with lr ``1/200`` (the authors' code, see
-    :func:`default_projector_optimizer`). Other defaults as :func:`golore_jax.galore_adamw`.
-
-    >>> import jax.numpy as jnp
-    >>> params = {"w": jnp.ones((4, 6))}
-    >>> tx = osd_adamw(1e-3, rank=2)
-    >>> updates, state = tx.update(params, tx.init(params), params)
-    >>> updates["w"].shape, state[0].bases["w"].shape
-    ((4, 6), (4, 2))
-    """
-    core = scale_by_online_subspace(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-        rank=rank,
-        update_every=update_every,
-        projector_optimizer=projector_optimizer,
-        orthonormalize_every=orthonormalize_every,
-        scale=scale,
-        mask=mask,
-        side=side,
-    )
-    return optax.chain(
-        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
-    )
-
-
-def osd_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    rank: RankRule = 128,
-    update_every: int = 1,
-    projector_optimizer: optax.GradientTransformation | None = None,
-    orthonormalize_every: int | None = None,
-    scale: float = 0.25,
-    momentum: float | None = 0.9,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    mask: Any = None,
-    side: str = "gradient",
-) -> optax.GradientTransformationExtraArgs:
-    """Online Subspace Descent with (momentum) SGD inside (optax's momentum convention).
-
-    >>> import jax.numpy as jnp
-    >>> params = {"w": jnp.ones((4, 6))}
-    >>> tx = osd_sgd(1.0, rank=2, momentum=None, scale=1.0)
-    >>> updates, _ = tx.update(params, tx.init(params), params)  # rank-1 G: P P^T G = G
-    >>> bool(jnp.allclose(updates["w"], -1.0, atol=1e-5))
-    True
-    """
-    core = scale_by_online_subspace(
-        optax.identity() if momentum is None else optax.trace(decay=momentum),
-        rank=rank,
-        update_every=update_every,
-        projector_optimizer=projector_optimizer,
-        orthonormalize_every=orthonormalize_every,
-        scale=scale,
-        mask=mask,
-        side=side,
-    )
-    return optax.chain(
-        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
-    )
 
 
 def _partition_specs(

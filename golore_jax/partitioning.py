@@ -191,6 +191,13 @@ def state_partition_specs(
         axes: low-rank moments then shard their rank dim too, where those sizes divide it.
       stack_path: for a :func:`golore_jax.layerwise.layerwise` state, the path of the stacked
         layers in ``params``: each layer's state is sharded like that layer's params.
+
+    >>> import golore_jax as gl, jax.numpy as jnp
+    >>> params = {"w": jnp.ones((8, 4))}
+    >>> tx = gl.galore_adamw(1e-3, subspace=gl.Subspace(rank=2))
+    >>> specs = state_partition_specs(tx.init(params), params, {"w": PartitionSpec("data")})
+    >>> specs[0].inner_state.mu["w"] == PartitionSpec("data", None)  # moments (8, 2): rows
+    True
     """
     treedef = jax.tree_util.tree_structure(params)
     context = SpecContext(params, param_specs, mesh_axis_sizes, stack_path)

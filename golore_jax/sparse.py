@@ -24,7 +24,6 @@ back-projected update is exactly Algorithm 5's ``M``.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -36,7 +35,6 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from golore_jax import partitioning, rotation
-from golore_jax.finish import decay_and_learning_rate
 from golore_jax.planning import as_key, require_finite, require_positive_int, resolve_mask
 from golore_jax.tail import update_through
 
@@ -51,6 +49,7 @@ class ScaleBySparseSubspaceState(NamedTuple):
     Attributes:
       count: number of updates applied so far (int32); refreshes when ``count % tau == 0``.
       key: typed PRNG key, split at every step (GoSare's draws; a leaf folds in its index).
+        To numpy: ``jax.random.key_data(key)`` (``np.asarray`` refuses typed keys).
       indices: per selected leaf, its ``k`` flat positions (int32, sorted ascending), or
         ``optax.MaskedNode()`` for leaves that are not sparsified.
       inner_state: state of the inner transform on the ``(k,)`` value vectors (full shapes for
@@ -309,94 +308,6 @@ def scale_by_sparse_subspace(
         return treedef.unflatten(out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def gasare_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    density: float | None = 0.25,
-    k: CountRule | None = None,
-    update_every: int = 200,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    weight_decay_mask: Any = None,
-    mask: Any = None,
-    seed: int = 0,
-    selector: str = "topk",
-) -> optax.GradientTransformationExtraArgs:
-    """GaSare-AdamW (Appendix C, Algorithm 5): Adam on the Top-k entries of ``|G|``.
-
-    ``density=0.25`` keeps as many values as GaLore's rank 128 on 512-wide matrices
-    (LLaMA-60M); ``k`` (an int or a rule) overrides it. Other defaults as
-    :func:`golore_jax.galore_adamw`; :func:`gosare_adamw` is ``selector="random"``.
-
-    >>> import jax.numpy as jnp
-    >>> params = {"w": jnp.ones((4, 6))}
-    >>> tx = gasare_adamw(1e-3, k=3, update_every=10, weight_decay=0.0)
-    >>> updates, state = tx.update(params, tx.init(params), params)
-    >>> updates["w"].shape, state[0].indices["w"].shape, int((updates["w"] != 0).sum())
-    ((4, 6), (3,), 3)
-    """
-    core = scale_by_sparse_subspace(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-        k=k,
-        density=None if k is not None else density,  # an explicit k replaces the density
-        update_every=update_every,
-        selector=selector,
-        scale=scale,
-        mask=mask,
-        seed=seed,
-    )
-    return optax.chain(
-        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
-    )
-
-
-def gasare_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    density: float | None = 0.25,
-    k: CountRule | None = None,
-    update_every: int = 200,
-    scale: float = 0.25,
-    momentum: float | None = 0.9,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    mask: Any = None,
-    seed: int = 0,
-    selector: str = "topk",
-) -> optax.GradientTransformationExtraArgs:
-    """GaSare with (momentum) SGD: Algorithm 5's MSGD (optax's momentum convention, see
-    :mod:`golore_jax.aliases`); :func:`gosare_sgd` is ``selector="random"``.
-
-    >>> import jax.numpy as jnp
-    >>> params = {"w": jnp.arange(24.0).reshape(4, 6)}
-    >>> tx = gasare_sgd(1.0, k=2, update_every=10, momentum=None, scale=1.0)
-    >>> updates, _ = tx.update(params, tx.init(params), params)  # the 2 largest entries
-    >>> jnp.flatnonzero(updates["w"]).tolist(), updates["w"].min().item()
-    ([22, 23], -23.0)
-    """
-    core = scale_by_sparse_subspace(
-        optax.identity() if momentum is None else optax.trace(decay=momentum),
-        k=k,
-        density=None if k is not None else density,  # an explicit k replaces the density
-        update_every=update_every,
-        selector=selector,
-        scale=scale,
-        mask=mask,
-        seed=seed,
-    )
-    return optax.chain(
-        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
-    )
-
-
-# GoSare: the k entries are drawn uniformly at random at every refresh.
-gosare_adamw = functools.partial(gasare_adamw, selector="random")
-gosare_sgd = functools.partial(gasare_sgd, selector="random")
 
 
 def _partition_specs(

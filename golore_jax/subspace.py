@@ -20,7 +20,6 @@ layouts, argument checks), :mod:`golore_jax.refresh` (the batched refresh),
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,7 +34,6 @@ from golore_jax import partitioning, rotation
 from golore_jax import projectors as projectors_lib
 from golore_jax import refresh as refresh_lib
 from golore_jax.basis_storage import INT4, Int4Basis, for_use, int4_specs, storage_of, zero_basis
-from golore_jax.finish import decay_and_learning_rate
 from golore_jax.layout import MatrixLayout
 from golore_jax.planning import (
     DEFAULT_EXCLUDE,
@@ -55,7 +53,6 @@ from golore_jax.planning import (
     subspace_layouts,
     zero_bases,
 )
-from golore_jax.quantized import scale_by_adam_8bit
 from golore_jax.rotation import SECOND_MOMENT_POLICIES
 from golore_jax.tail import update_in_subspace, update_through
 
@@ -70,10 +67,6 @@ __all__ = [
     "ScaleBySubspaceState",
     "count_moments",
     "default_mask",
-    "galore_adamw",
-    "galore_sgd",
-    "golore_adamw",
-    "golore_sgd",
     "low_rank_update",
     "refresh_counts",
     "scale_by_subspace",
@@ -163,6 +156,8 @@ class ScaleBySubspaceState(NamedTuple):
       count: number of updates applied so far (int32); refreshes happen when
         ``count % update_every == 0``.
       key: typed PRNG key, split at every step; a refresh uses a key folded with the leaf index.
+        ``np.asarray`` refuses typed keys: to convert a state to numpy take
+        ``jax.random.key_data(key)`` (uint32), and ``jax.random.wrap_key_data`` to restore it.
       bases: per leaf, the orthonormal ``(d, r)`` fp32 basis (``P`` or ``Q``; bf16, or an
         :class:`golore_jax.basis_storage.Int4Basis`, as ``basis_dtype`` says), or
         ``optax.MaskedNode()`` for leaves that are not projected.
@@ -651,158 +646,6 @@ def low_rank_update(
     ((2, 6), 0.5)
     """
     return tx.update(low_rank_grads, opt_state, params, **{LOW_RANK_ARG: True}, **extra_args)
-
-
-def _alias_projector(
-    projector: projectors_lib.Projector | None,
-    golore_fraction: float | None,
-    total_steps: int | None,
-) -> projectors_lib.Projector:
-    """``projector`` (default: the exact SVD), or GoLore's random phase after it for the last
-    ``golore_fraction`` of ``total_steps`` (:func:`golore_jax.projectors.golore_projector`)."""
-    if golore_fraction is None:
-        return projector if projector is not None else projectors_lib.svd()
-    if golore_fraction == 1.0 and projector is not None:
-        raise ValueError(
-            "golore_fraction=1.0 draws every subspace at random: projector would be unused "
-            "(give golore_fraction < 1 to run it before the random phase)"
-        )
-    return projectors_lib.golore_projector(golore_fraction, total_steps, before=projector)
-
-
-def galore_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    rank: RankRule = 128,
-    update_every: int = 200,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    weight_decay_mask: Any = None,
-    projector: projectors_lib.Projector | None = None,
-    golore_fraction: float | None = None,
-    total_steps: int | None = None,
-    mask: MaskArg = None,
-    momentum_projection: bool = False,
-    second_moment: str = "keep",
-    mu_dtype: Any = None,
-    quantized_moments: bool = False,
-    seed: int = 0,
-    batch_refresh: bool = True,
-    refresh_batch_size: int | None = None,
-    refresh_sharding: Any = None,
-    projection_dtype: Any = None,
-    basis_dtype: Any = None,
-    side: str = "gradient",
-) -> optax.GradientTransformationExtraArgs:
-    """GaLore-AdamW: Adam in the top-``rank`` singular subspace, refreshed every ``update_every``.
-
-    Hyperparameters follow optax's conventions (``b1 = 0.9`` is the paper's ``b1 = 0.1``). The
-    defaults match GaLore's code: no moment projection, moments kept at a refresh, scale 0.25.
-    ``quantized_moments=True`` keeps Adam's moments in 8 bits
-    (:func:`golore_jax.quantized.scale_by_adam_8bit`, the paper's Figure 6; ``mu_dtype`` is
-    then ignored). ``side="state"`` projects the side ``optax.contrib.galore`` projects (see
-    :func:`scale_by_subspace`, which documents the other arguments).
-    ``golore_fraction`` (with ``total_steps``): random subspaces for that last fraction of the
-    steps, ``projector`` before (GoLore; :func:`golore_adamw` is ``golore_fraction=1.0``).
-
-    >>> import jax.numpy as jnp
-    >>> params = {"w": jnp.ones((4, 6)), "b": jnp.ones(6)}
-    >>> tx = galore_adamw(1e-3, rank=2, update_every=10)
-    >>> updates, state = tx.update(params, tx.init(params), params)
-    >>> updates["w"].shape, state[0].bases["w"].shape
-    ((4, 6), (4, 2))
-    """
-    if quantized_moments:
-        inner = scale_by_adam_8bit(b1=b1, b2=b2, eps=eps)
-    else:
-        inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
-    core = scale_by_subspace(
-        inner,
-        rank=rank,
-        update_every=update_every,
-        projector=_alias_projector(projector, golore_fraction, total_steps),
-        scale=scale,
-        mask=mask,
-        momentum_projection=momentum_projection,
-        second_moment=second_moment,
-        seed=seed,
-        batch_refresh=batch_refresh,
-        refresh_batch_size=refresh_batch_size,
-        refresh_sharding=refresh_sharding,
-        projection_dtype=projection_dtype,
-        basis_dtype=basis_dtype,
-        side=side,
-    )
-    return optax.chain(
-        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
-    )
-
-
-def galore_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    rank: RankRule = 128,
-    update_every: int = 200,
-    scale: float = 0.25,
-    momentum: float | None = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    projector: projectors_lib.Projector | None = None,
-    golore_fraction: float | None = None,
-    total_steps: int | None = None,
-    mask: MaskArg = None,
-    momentum_projection: bool = True,
-    seed: int = 0,
-    batch_refresh: bool = True,
-    refresh_batch_size: int | None = None,
-    refresh_sharding: Any = None,
-    projection_dtype: Any = None,
-    basis_dtype: Any = None,
-    side: str = "gradient",
-) -> optax.GradientTransformationExtraArgs:
-    """GaLore with (momentum) SGD, optax's momentum convention (``T <- momentum * T + R``).
-
-    Momentum projection (equation (2)) is on by default: the paper's convergence theorems for
-    MSGD are proved with it. :func:`golore_jax.aliases.paper_msgd_hyperparams` maps the
-    paper's ``(lr, b1)``. ``golore_fraction`` as in :func:`galore_adamw`.
-
-    >>> import jax.numpy as jnp
-    >>> params = {"w": jnp.ones((4, 6))}
-    >>> tx = galore_sgd(1.0, rank=2, update_every=10, momentum=None, scale=1.0)
-    >>> updates, _ = tx.update(params, tx.init(params), params)  # rank-1 G: P P^T G = G
-    >>> bool(jnp.allclose(updates["w"], -1.0, atol=1e-5))
-    True
-    """
-    inner = optax.identity() if momentum is None else optax.trace(decay=momentum, nesterov=nesterov)
-    core = scale_by_subspace(
-        inner,
-        rank=rank,
-        update_every=update_every,
-        projector=_alias_projector(projector, golore_fraction, total_steps),
-        scale=scale,
-        mask=mask,
-        momentum_projection=momentum_projection,
-        seed=seed,
-        batch_refresh=batch_refresh,
-        refresh_batch_size=refresh_batch_size,
-        refresh_sharding=refresh_sharding,
-        projection_dtype=projection_dtype,
-        basis_dtype=basis_dtype,
-        side=side,
-    )
-    return optax.chain(
-        core, *decay_and_learning_rate(learning_rate, weight_decay, weight_decay_mask)
-    )
-
-
-# GoLore (random subspaces; ``golore_fraction < 1`` with ``total_steps``: the paper's hybrid
-# GoLore@x%, e.g. 0.2 runs GaLore's SVD for the first 80% of the steps).
-golore_adamw = functools.partial(galore_adamw, golore_fraction=1.0)
-golore_sgd = functools.partial(galore_sgd, golore_fraction=1.0)
 
 
 def _partition_specs(

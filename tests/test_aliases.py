@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import chex
 import jax
@@ -10,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl.testing import parameterized
 
 import golore_jax as gl
 from golore_jax import projectors
@@ -61,10 +62,7 @@ def test_paper_msgd_equals_galore_sgd_with_mapped_hyperparams():
     noises = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(steps)]
     opt = gl.galore_sgd(
         **gl.paper_msgd_hyperparams(lr, b1),
-        rank=rank,
-        update_every=tau,
-        scale=alpha,
-        mask={"L": True, "R": True},
+        subspace=gl.Subspace(rank=rank, update_every=tau, scale=alpha, mask={"L": True, "R": True}),
     )
 
     @jax.jit
@@ -103,10 +101,12 @@ def test_golore_projector_placement_and_errors():
     assert isinstance(hyb.before, projectors.SVDProjector)
     for frac in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="golore_fraction must be in"):
-            gl.golore_adamw(1e-3, golore_fraction=frac, total_steps=100)
+            gl.golore_projector(frac, 100)
     for total in (None, 0):
         with pytest.raises(ValueError, match="needs total_steps"):
-            gl.golore_sgd(1e-3, golore_fraction=0.5, total_steps=total)
+            gl.golore_projector(0.5, total)
+    with pytest.raises(ValueError, match=r"Subspace\.projector must be None"):
+        gl.golore_adamw(1e-3, subspace=gl.Subspace(projector=hyb))
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,10 +146,11 @@ def test_state_floats_llama_closed_form():
     closed = LAYERS * (attn + gate_up + down + norms) + 2 * V * H + 2 * H * V + 2 * H
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
-    state = jax.eval_shape(gl.galore_adamw(1e-3, rank=r, update_every=10).init, params)
+    sub = gl.Subspace(rank=r, update_every=10)
+    state = jax.eval_shape(gl.galore_adamw(1e-3, subspace=sub).init, params)
     assert gl.optimizer_state_floats(state) == closed
     assert gl.subspace_state_floats(params, rank=r) == closed
-    sgd_state = jax.eval_shape(gl.galore_sgd(1e-3, rank=r, update_every=10).init, params)
+    sgd_state = jax.eval_shape(gl.galore_sgd(1e-3, subspace=sub).init, params)
     assert gl.optimizer_state_floats(sgd_state) == gl.subspace_state_floats(
         params, rank=r, moments=1
     )
@@ -164,15 +165,15 @@ def test_state_floats_llama_closed_form():
 # --------------------------------------------------------------------------------------------
 
 
-def _galore(**kw):
-    defaults = dict(rank=2, update_every=2, weight_decay=0.0)
-    return gl.galore_adamw(1e-2, **{**defaults, **kw})
+def _galore(**subspace):
+    sub = gl.Subspace(**{"rank": 2, "update_every": 2, **subspace})
+    return gl.galore_adamw(1e-2, subspace=sub, weight_decay=0.0)
 
 
 class WrapperTest(chex.TestCase):
     def test_inside_chain(self):
-        """chain(clip (inactive), scale_by_subspace, scale(-lr)) = -lr * scale_by_subspace."""
-        sub = gl.scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2)
+        """chain(clip (inactive), scale_by_galore, scale(-lr)) = -lr * scale_by_galore."""
+        sub = gl.scale_by_galore(optax.scale_by_adam(), gl.Subspace(rank=2, update_every=2))
         chained = optax.chain(optax.clip_by_global_norm(1e6), sub, optax.scale(-0.1))
         params, g = _tree(0), _tree(1)
         u1, _ = jax.jit(chained.update)(g, chained.init(params), params)
@@ -207,7 +208,7 @@ class WrapperTest(chex.TestCase):
 
     def test_masked(self):
         """optax.masked: selected leaves get the subspace update, others pass through."""
-        sub = gl.scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2)
+        sub = gl.scale_by_galore(optax.scale_by_adam(), gl.Subspace(rank=2, update_every=2))
         masked = optax.masked(sub, {"a": True, "b": False, "c": True})
         params, g = _tree(0), _tree(1)
         u, _ = jax.jit(masked.update)(g, masked.init(params), params)
@@ -217,15 +218,11 @@ class WrapperTest(chex.TestCase):
         chex.assert_trees_all_close(u["c"], want["c"], atol=1e-6)
         chex.assert_trees_all_equal(u["b"], g["b"])
 
-    @parameterized.parameters(
-        (("rank", "update_every", "projector"),),
-        (("rank", "update_every", "projector", "seed"),),
-    )
-    def test_inject_hyperparams_learning_rate(self, static_args):
-        """inject_hyperparams(galore_adamw) works under jit; doubling the lr doubles the step."""
-        opt = optax.inject_hyperparams(gl.galore_adamw, static_args=static_args)(
-            learning_rate=1e-2, rank=2, update_every=2, projector=projectors.svd()
-        )
+    def test_inject_hyperparams_learning_rate(self):
+        """inject_hyperparams(galore_adamw) works under jit with no static_args (the Subspace
+        group is static); doubling the lr doubles the step."""
+        sub = gl.Subspace(rank=2, update_every=2, projector=projectors.svd(), seed=3)
+        opt = optax.inject_hyperparams(gl.galore_adamw)(learning_rate=1e-2, subspace=sub)
         params, g = _tree(0), _tree(1)
         state = opt.init(params)
         update = jax.jit(opt.update)
@@ -274,3 +271,203 @@ def test_orbax_save_restore_with_typed_key(tmp_path):
             u, s = update(_tree(t), s, params)
         outs.append((u, s[0].bases))
     chex.assert_trees_all_equal(outs[0], outs[1])
+
+
+# --------------------------------------------------------------------------------------------
+# The public surface: option groups, one optimizer per family over any optax inner, the 0.1
+# spellings kept one release behind a DeprecationWarning
+# --------------------------------------------------------------------------------------------
+
+MAX_PARAMETERS = 12  # issue 30: no public signature lists more
+
+
+def _public_callables():
+    """Every public callable: the package's names and the functions of its two namespaces."""
+    for name in gl.__all__:
+        obj = getattr(gl, name)
+        if inspect.ismodule(obj):
+            for attr, fn in vars(obj).items():
+                if (
+                    inspect.isfunction(fn)
+                    and not attr.startswith("_")
+                    and fn.__module__ == obj.__name__
+                ):
+                    yield f"{name}.{attr}", fn
+        elif callable(obj):
+            yield name, obj
+
+
+def test_no_public_signature_lists_more_than_twelve_parameters():
+    sizes = {name: len(inspect.signature(fn).parameters) for name, fn in _public_callables()}
+    assert sizes["galore_adamw"] <= MAX_PARAMETERS  # was 24 in 0.1
+    assert {n: k for n, k in sizes.items() if k > MAX_PARAMETERS} == {}
+
+
+def _steps(tx, steps=3):
+    """Updates of ``steps`` eager steps on fixed gradients (step 2 refreshes: update_every=2)."""
+    params = _tree(0)
+    state, outs = tx.init(params), []
+    for t in range(steps):
+        u, state = tx.update(_tree(10 + t), state, params)
+        outs.append(u)
+    return outs
+
+
+_SUB = dict(rank=2, update_every=2)
+# (old 0.1 call, the replacement the warning names, its new spelling)
+DEPRECATED = {
+    "galore_adamw": (
+        lambda: gl.galore_adamw(
+            0.1,
+            rank=2,
+            update_every=2,
+            scale=0.5,
+            mask={"a": True, "b": True, "c": False},
+            momentum_projection=True,
+            second_moment="project",
+            side="left",
+            seed=1,
+            refresh_batch_size=1,
+            projection_dtype=jnp.bfloat16,
+            b1=0.8,
+        ),
+        r"galore_adamw\(\.\.\., subspace=golore_jax\.Subspace\(rank=2, .*execution=",
+        lambda: gl.galore_adamw(
+            0.1,
+            subspace=gl.Subspace(
+                rank=2,
+                update_every=2,
+                scale=0.5,
+                mask={"a": True, "b": True, "c": False},
+                momentum_projection=True,
+                second_moment="project",
+                side="left",
+                seed=1,
+            ),
+            execution=gl.Execution(refresh_batch_size=1, projection_dtype=jnp.bfloat16),
+            b1=0.8,
+        ),
+    ),
+    "galore_adamw-8bit": (
+        lambda: gl.galore_adamw(0.1, **_SUB, quantized_moments=True, b2=0.9),
+        r"galore_adamw\(\.\.\., subspace=",
+        lambda: gl.galore(
+            0.1, gl.scale_by_adam_8bit(b2=0.9), gl.Subspace(**_SUB), weight_decay=1e-4
+        ),
+    ),
+    "golore_adamw": (
+        lambda: gl.golore_adamw(0.1, **_SUB),
+        r"golore_adamw\(\.\.\., subspace=golore_jax\.Subspace\(rank=2, update_every=2\)\)",
+        lambda: gl.golore_adamw(0.1, subspace=gl.Subspace(**_SUB)),
+    ),
+    "golore_sgd-hybrid": (
+        lambda: gl.golore_sgd(0.1, **_SUB, golore_fraction=0.5, total_steps=4),
+        r"galore_sgd\(\.\.\., subspace=golore_jax\.Subspace\(.*projector=HybridProjector",
+        lambda: gl.galore_sgd(
+            0.1, subspace=gl.Subspace(**_SUB, projector=gl.golore_projector(0.5, 4))
+        ),
+    ),
+    "gasare_adamw": (
+        lambda: gl.gasare_adamw(0.1, k=5, update_every=2),
+        r"gasare_adamw\(\.\.\., sparse=golore_jax\.Sparse\(k=5, update_every=2\)\)",
+        lambda: gl.gasare_adamw(0.1, sparse=gl.Sparse(k=5, update_every=2)),
+    ),
+    "gosare_sgd": (
+        lambda: gl.gosare_sgd(0.1, density=0.3, update_every=2, momentum=0.5),
+        r"gosare_sgd\(\.\.\., sparse=golore_jax\.Sparse\(density=0\.3, update_every=2\)\)",
+        lambda: gl.gosare_sgd(0.1, sparse=gl.Sparse(density=0.3, update_every=2), momentum=0.5),
+    ),
+    "osd_sgd": (
+        lambda: gl.osd_sgd(0.1, rank=2, orthonormalize_every=2),
+        r"osd_sgd\(\.\.\., online=golore_jax\.Online\(rank=2, orthonormalize_every=2\)\)",
+        lambda: gl.osd_sgd(0.1, online=gl.Online(rank=2, orthonormalize_every=2)),
+    ),
+    # package-level 0.1 names (their own defaults: scale 1.0, no learning rate)
+    "scale_by_subspace": (
+        lambda: gl.scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2),
+        r"golore_jax\.scale_by_subspace is deprecated .* use golore_jax\.scale_by_galore",
+        lambda: gl.scale_by_galore(optax.scale_by_adam(), gl.Subspace(**_SUB, scale=1.0)),
+    ),
+    "scale_by_sparse_subspace": (
+        lambda: gl.scale_by_sparse_subspace(optax.identity(), k=3, update_every=2),
+        r"use golore_jax\.scale_by_gasare",
+        lambda: gl.scale_by_gasare(optax.identity(), gl.Sparse(k=3, update_every=2, scale=1.0)),
+    ),
+    "scale_by_online_subspace": (
+        lambda: gl.scale_by_online_subspace(optax.identity(), rank=2),
+        r"use golore_jax\.scale_by_osd",
+        lambda: gl.scale_by_osd(optax.identity(), gl.Online(rank=2, scale=1.0)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEPRECATED))
+def test_deprecated_spelling_warns_and_gives_identical_updates(case):
+    """Each 0.1 spelling warns once (DeprecationWarning naming its replacement) and builds the
+    same optimizer: three steps (one refresh after the first) give bit-identical updates."""
+    old, replacement, new = DEPRECATED[case]
+    with pytest.warns(DeprecationWarning, match=replacement):
+        old_tx = old()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the new spelling does not warn
+        new_tx = new()
+    chex.assert_trees_all_equal(_steps(old_tx), _steps(new_tx))
+
+
+def test_deprecated_spelling_errors():
+    """Unknown keywords stay TypeErrors; old keywords beside their new group are refused."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rnak'"):
+        gl.galore_adamw(0.1, rnak=2)
+    with pytest.raises(TypeError, match="not both"):
+        gl.galore_adamw(0.1, rank=2, subspace=gl.Subspace())
+    with pytest.raises(TypeError, match=r"golore_jax\.Sparse"):
+        gl.gasare(0.1, None, gl.Subspace())
+
+
+def test_complete_optimizer_inside_scale_by_galore_is_galore_adamw():
+    """``scale_by_galore(optax.adam(lr))`` is GaLore-Adam without decay: equal to
+    ``galore_adamw(lr, weight_decay=0)`` up to where ``-lr`` is applied (before or after the
+    back-projection and ``scale``): two fp32 roundings apart, rtol 1e-6 (~8 ulps)."""
+    sub = gl.Subspace(**_SUB)
+    inside = gl.scale_by_galore(optax.adam(0.1), sub)
+    dropin = gl.galore_adamw(0.1, subspace=sub, weight_decay=0.0)
+    chex.assert_trees_all_close(_steps(inside), _steps(dropin), rtol=1e-6, atol=1e-9)
+
+
+def test_galore_with_lion_inside_is_the_projected_sign_step():
+    """``galore(lr, scale_by_lion())``: Lion's first step is ``sign(R)`` of the projected
+    gradient ``R = P^T G`` (its moment starts at 0), so the update of a projected leaf is
+    exactly ``-lr * scale * P sign(P^T G)``; unprojected leaves get ``-lr * sign(g)``."""
+    params, g = _tree(0), _tree(1)
+    sub = gl.Subspace(rank=2, update_every=2, scale=0.5, mask={"a": True, "b": False, "c": False})
+    tx = gl.galore(0.1, optax.scale_by_lion(), sub)
+    u, state = tx.update(g, tx.init(params), params)
+    p = state[0].bases["a"]  # a is 4 x 6: left side, P is 4 x 2
+    want = -0.1 * 0.5 * p @ jnp.sign(p.T @ g["a"])
+    np.testing.assert_allclose(u["a"], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(u["b"], -0.1 * jnp.sign(g["b"]))
+
+
+def test_state_to_numpy_through_key_data():
+    """The GaLore state holds a typed PRNG key, so ``np.asarray`` over its leaves raises (as the
+    README and the state's docstring say); with keys taken as ``jax.random.key_data`` every leaf
+    converts, and ``jax.random.wrap_key_data`` restores a state that steps identically."""
+    tx = _galore(projector=projectors.random())
+    params = _tree(0)
+    _, state = tx.update(_tree(1), tx.init(params), params)
+    with pytest.raises(TypeError, match=r"PRNGKey|key"):
+        [np.asarray(x) for x in jax.tree.leaves(state)]
+
+    def is_key(x):
+        return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+    host = jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if is_key(x) else x), state)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+    restored = jax.tree.map(
+        lambda saved, like: jax.random.wrap_key_data(saved) if is_key(like) else jnp.asarray(saved),
+        host,
+        state,
+    )
+    want, _ = tx.update(_tree(2), state, params)  # step 2: a random refresh from the key
+    got, _ = tx.update(_tree(2), restored, params)
+    chex.assert_trees_all_equal(got, want)
