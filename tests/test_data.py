@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import pathlib
 import random
 
@@ -422,3 +423,70 @@ def test_tfds_missing_data_dir(tmp_path: pathlib.Path) -> None:
     cfg.data_dir = str(tmp_path / "no_such_dir")
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         _build(cfg)
+
+
+# --------------------------------------------------------------------------- a single .txt file
+
+
+@pytest.mark.parametrize("eval_fraction", [0.01, 0.05, 0.5])
+def test_single_txt_file_holds_out_its_last_tokens(tmp_path: pathlib.Path, eval_fraction) -> None:
+    """One .txt file is one document (txt_split='file', the default): fewer than
+    1 / eval_fraction documents, so the last ceil(eval_fraction * tokens) tokens are held out
+    and the rest trains. Before, the file went whole to one side: no held-out data, or (its
+    hash below eval_fraction, e.g. after raising eval_fraction) an empty training set."""
+    text = "\n".join(_documents(600))
+    path = tmp_path / "book.txt"
+    path.write_text(text)
+    ds = _build(_config(tmp_path, [path], eval_fraction=eval_fraction), global_batch_size=2)
+    ids = ds.tokenizer.encode_batch([text])[0]
+    stream = np.asarray([*ids, ds.tokenizer.eos_id])
+    held = math.ceil(eval_fraction * stream.size)
+    assert (ds.num_train_tokens, ds.num_eval_tokens) == (stream.size - held, held)
+    np.testing.assert_array_equal(ds.eval_rows(None), data.pack(stream[-held:], 16))
+    trains_on = {tuple(r[:-1]) for r in data.pack(stream[:-held], 16)}
+    assert {tuple(r) for _ in range(5) for r in next(ds.train)["inputs"]} <= trains_on
+    assert len(ds.eval_batches(1)) == 1
+
+
+def test_few_documents_hold_out_by_tokens_many_by_document(tmp_path: pathlib.Path) -> None:
+    """The switch is at 1 / eval_fraction documents: 9 documents at eval_fraction 0.1 split by
+    tokens (the tail of the corpus), 400 by document hash (whole documents)."""
+    tok = tokenizer_lib.train_bpe(_documents(400), VOCAB)
+    few = _documents(9)
+    train, held = data.tokenize_to_streams(few, tok, 0.1)
+    stream = np.concatenate([np.asarray([*ids, tok.eos_id]) for ids in tok.encode_batch(few)])
+    np.testing.assert_array_equal(np.concatenate([train, held]), stream)
+    assert held.size == math.ceil(0.1 * stream.size)
+    many = _documents(400)
+    train, held = data.tokenize_to_streams(many, tok, 0.1)
+    expected = [d for d in many if data.is_eval_document(d, 0.1)]
+    encoded = [np.asarray([*ids, tok.eos_id]) for ids in tok.encode_batch(expected)]
+    np.testing.assert_array_equal(held, np.concatenate(encoded))
+
+
+def test_streamed_single_txt_file_names_the_options_that_work(tmp_path: pathlib.Path) -> None:
+    """Streaming holds out whole documents: with one document a side would be empty (training
+    skipped every document, forever): one line naming the two options that work."""
+    path = tmp_path / "book.txt"
+    path.write_text("\n".join(_documents(50)))
+    with pytest.raises(ValueError, match=r"1 document\(s\) are too few for data.eval_fraction=0.5"):
+        _build(_config(tmp_path, [path], eval_fraction=0.5, stream_files=True))
+    split = _config(tmp_path, [path], eval_fraction=0.5, stream_files=True, txt_split="blank_lines")
+    path.write_text("\n\n".join(_documents(50)))
+    assert len(_build(split, global_batch_size=2).eval_batches(1)) == 1
+
+
+def test_single_txt_file_trains_with_the_default_data_keys(tmp_path: pathlib.Path) -> None:
+    """The trainer on one .txt file with data.txt_split and data.eval_fraction (0.01) at their
+    defaults: 2 steps, held-out loss at steps 0 and 2 from the file's last 1% of tokens."""
+    from tests.train_fixtures import tiny_config, write_corpus
+    from train import main as main_lib
+
+    config = tiny_config(tmp_path, num_steps=2, eval_every=2, checkpoint_every=2, eval_batches=1)
+    defaults = data_config()
+    config.data.paths = [str(write_corpus(tmp_path / "one", documents=1000))]
+    config.data.txt_split, config.data.eval_fraction = defaults.txt_split, defaults.eval_fraction
+    assert (config.data.txt_split, config.data.eval_fraction) == ("file", 0.01)
+    result = main_lib.train_and_evaluate(config, tmp_path / "run")
+    assert result["step"] == 2 and (result["first_eval_step"], result["eval_step"]) == (0, 2)
+    assert math.isfinite(result["train_loss"]) and result["eval_loss"] < result["first_eval_loss"]

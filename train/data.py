@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import pathlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -45,8 +46,10 @@ from train import tokenizer as tokenizer_lib
 
 Batch = dict[str, np.ndarray]
 SOURCES = ("default", "files", "tfds")
-# Bump when the token-stream layout changes, so stale caches are not reused.
-_STREAM_VERSION = "stream-v1"
+# Bump when the token-stream layout changes, so stale caches are not reused. v2: a corpus of
+# fewer than 1 / eval_fraction documents holds out by tokens (v1 cached an empty held-out
+# stream for a single .txt file).
+_STREAM_VERSION = "stream-v2"
 # Documents tokenized per call: bounds memory while letting the Rust encoder use all cores.
 _ENCODE_CHUNK = 4096
 # Batches prepared ahead of the training step, in a background thread.
@@ -258,12 +261,17 @@ def tokenize_to_streams(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokenizes documents into (train, eval) streams, each document followed by EOS.
 
-    If no document hashes into the held-out split (tiny corpora), the train document with the
-    smallest hash is moved there, so evaluation always has data when ``eval_fraction > 0``.
+    Documents are held out by hash (about ``eval_fraction`` of them). With fewer than
+    ``1 / eval_fraction`` documents (e.g. one .txt file, which is one document with
+    ``txt_split='file'``) a document split cannot hold out about that fraction: the last
+    ``ceil(eval_fraction * tokens)`` tokens of the corpus are held out instead. If no document
+    hashes into the held-out split otherwise, the train document with the smallest hash is
+    moved there, so evaluation always has data when ``eval_fraction > 0``.
     """
     dtype = _token_dtype(tok.vocab_size)
     parts: dict[bool, list[np.ndarray]] = {False: [], True: []}
     smallest: tuple[int, int] | None = None  # (hash, index into train parts)
+    in_order: list[np.ndarray] = []  # every document, in corpus order (no copies)
 
     def flush(chunk: list[str]) -> None:
         nonlocal smallest
@@ -276,6 +284,7 @@ def tokenize_to_streams(
             if not held_out and eval_fraction > 0 and (smallest is None or h < smallest[0]):
                 smallest = (h, len(parts[False]))
             parts[held_out].append(arr)
+            in_order.append(arr)
 
     chunk: list[str] = []
     for doc in documents:
@@ -285,12 +294,16 @@ def tokenize_to_streams(
             chunk = []
     if chunk:
         flush(chunk)
-    if eval_fraction > 0 and not parts[True] and smallest is not None and len(parts[False]) > 1:
-        parts[True].append(parts[False].pop(smallest[1]))
 
     def concat(arrays: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(arrays) if arrays else np.zeros((0,), dtype)
 
+    if eval_fraction > 0 and eval_fraction * len(in_order) < 1:
+        stream = concat(in_order)
+        cut = stream.size - min(math.ceil(eval_fraction * stream.size), stream.size)
+        return stream[:cut], stream[cut:]
+    if eval_fraction > 0 and not parts[True] and smallest is not None and len(parts[False]) > 1:
+        parts[True].append(parts[False].pop(smallest[1]))
     return concat(parts[False]), concat(parts[True])
 
 
@@ -670,6 +683,16 @@ def _streaming_datasets(
     eval_fraction = _check_eval_fraction(cfg)
     # With a separate held-out split every document of the training split is trained on.
     held_out_fraction = 0.0 if spec.stream_eval is not None else eval_fraction
+    documents = len(spec.stream) if isinstance(spec.stream, corpus_lib.FileDocuments) else None
+    if held_out_fraction > 0 and documents is not None and held_out_fraction * documents < 1:
+        # Held out by document hash, a document at a time: with so few, one side may get
+        # none (and training would skip every document, forever).
+        raise ValueError(
+            f"data.stream_files=True holds out whole documents, and {documents} document(s) "
+            f"are too few for data.eval_fraction={eval_fraction:g} (a .txt file is one document "
+            "with data.txt_split='file'): set data.stream_files=False (holds out the corpus's "
+            "last tokens) or data.txt_split='blank_lines' (a document per paragraph)"
+        )
     dataset = streaming_train_dataset(
         spec.stream,
         tok,
