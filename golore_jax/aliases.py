@@ -646,7 +646,11 @@ _ONLINE_FIELDS = frozenset(f.name for f in dataclasses.fields(Online))
 
 
 def _spelled(group: str, fields: dict[str, Any]) -> str:
-    return f"golore_jax.{group}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+    def short(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 48 else f"{type(v).__name__}(...)"
+
+    return f"golore_jax.{group}({', '.join(f'{k}={short(v)}' for k, v in fields.items())})"
 
 
 def _take(flat: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:

@@ -79,7 +79,8 @@ def default_projector_optimizer(
     ``get_optim`` does not override.
 
     >>> import golore_jax as gl
-    >>> tx = gl.osd_adamw(1e-3, projector_optimizer=default_projector_optimizer(1.0 / 50))
+    >>> online = gl.Online(rank=8, projector_optimizer=default_projector_optimizer(1.0 / 50))
+    >>> tx = gl.osd_adamw(1e-3, online=online)
     """
     return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 
