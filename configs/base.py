@@ -146,8 +146,9 @@ def data_config() -> ml_collections.ConfigDict:
     """``data``: the corpus and tokenizer (``train/data.py``), every field with its default."""
     return ml_collections.ConfigDict(
         {
-            # 'default' (offline GCIDE dictionary corpus), 'files' (paths) or 'tfds' (e.g. C4,
-            # streamed).
+            # 'default' (offline GCIDE dictionary corpus), 'files' (paths), 'tfds' (e.g. C4,
+            # streamed) or 'sampled' (an endless trigram source fitted on GCIDE, with a known
+            # loss floor: train/sampled.py).
             "source": "default",
             # Files or directories of .txt / .jsonl / .parquet (source='files').
             "paths": [],
@@ -183,6 +184,10 @@ def data_config() -> ml_collections.ConfigDict:
             "cache_dir": ml_collections.FieldReference(None, field_type=str),
             # Cached sources: read at most this many megabytes of corpus text (None: all of it).
             "max_corpus_mb": ml_collections.FieldReference(None, field_type=float),
+            # source='sampled' (train/sampled.py): rows sampled on the fly from a trigram
+            # source fitted on the default corpus; a two-token context seen fewer than this
+            # many times is pruned (its bigram line is used).
+            "ngram_min_count": 4,
         }
     )
 
@@ -226,6 +231,12 @@ def llama_config(
     config.data.vocab_size = vocab
     config.optimizer = optimizer_config()
     config.step = step_config()
+    # Mechanism metrics (train/mechanism.py), off by default. grad_noise_every: every this many
+    # steps (a multiple of log_every) the gradient is taken as the mean of the two half-batches'
+    # and metrics.jsonl gets each matrix's noise and signal (unbiased estimates of ||g - G||^2
+    # and ||G||^2); subspace_overlap: at each subspace refresh, ||P_old^T P_new||_F^2 / r per
+    # matrix. Both need the plain full-gradient step (not step.layerwise / step.relora).
+    config.mechanism = ml_collections.ConfigDict({"grad_noise_every": 0, "subspace_overlap": False})
     # Mesh axis sizes; -1 takes all remaining devices. data x fsdp x tensor = device count.
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.seq_len = 256

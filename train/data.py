@@ -42,10 +42,11 @@ import numpy as np
 
 from train import atomic
 from train import corpus as corpus_lib
+from train import sampled as sampled_lib
 from train import tokenizer as tokenizer_lib
 
 Batch = dict[str, np.ndarray]
-SOURCES = ("default", "files", "tfds")
+SOURCES = ("default", "files", "tfds", "sampled")
 # Bump when the token-stream layout changes, so stale caches are not reused. v2: a corpus of
 # fewer than 1 / eval_fraction documents holds out by tokens (v1 cached an empty held-out
 # stream for a single .txt file).
@@ -77,6 +78,7 @@ FIELDS = (
     "eval_fraction",
     "cache_dir",
     "max_corpus_mb",
+    "ngram_min_count",
 )
 
 
@@ -145,7 +147,7 @@ def corpus_spec(cfg: ml_collections.ConfigDict) -> CorpusSpec:
 
         return documents
 
-    if cfg.source == "default":
+    if cfg.source in ("default", "sampled"):  # 'sampled' fits its source on this corpus
         files = corpus_lib.default_corpus_files()  # Fails early if the package is missing.
         version = corpus_lib.default_corpus_version()
         return CorpusSpec(
@@ -311,14 +313,19 @@ def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
     atomic.write(path, lambda f: np.save(f, array), binary=True)
 
 
+def _stream_key(cfg: ml_collections.ConfigDict, spec: CorpusSpec, tok: tokenizer_lib.Tokenizer):
+    eval_fraction = _check_eval_fraction(cfg)
+    return hashlib.sha256(
+        f"{_STREAM_VERSION}|{spec.identity}|{tok.identity}|{eval_fraction}".encode()
+    ).hexdigest()[:20]
+
+
 def load_or_tokenize(
     cfg: ml_collections.ConfigDict, spec: CorpusSpec, tok: tokenizer_lib.Tokenizer
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns the (train, eval) token streams, from the cache when present (memory-mapped)."""
     eval_fraction = _check_eval_fraction(cfg)
-    key = hashlib.sha256(
-        f"{_STREAM_VERSION}|{spec.identity}|{tok.identity}|{eval_fraction}".encode()
-    ).hexdigest()[:20]
+    key = _stream_key(cfg, spec, tok)
     base = cache_root(cfg) / "tokens"
     train_path, eval_path = base / f"{key}.train.npy", base / f"{key}.eval.npy"
     if train_path.is_file() and eval_path.is_file():
@@ -570,6 +577,10 @@ class Datasets:
     # Token counts of the cached pipeline (None when streaming: the corpus is never counted).
     num_train_tokens: int | None = None
     num_eval_tokens: int | None = None
+    # source='sampled': the least expected loss of a row (nats; train/sampled.py) and the
+    # source's own loss on the first n held-out rows (the oracle: paired with the model's).
+    loss_floor: float | None = None
+    oracle_loss: Callable[[int], float] | None = None
 
     @property
     def num_eval_batches(self) -> int:
@@ -627,11 +638,15 @@ def build_datasets(
     slc = host_slice(global_batch_size, process_index, process_count)
     cfg = resolve_config(data_config)
     _check_eval_fraction(cfg)
+    if cfg.source == "sampled":  # before the tokenizer is trained
+        _check_sampled(cfg)
     spec = corpus_spec(cfg)
     tok = build_tokenizer(cfg, spec)
     if model_vocab_size is not None:
         check_vocab(tok.vocab_size, model_vocab_size)
-    if spec.stream is not None:
+    if cfg.source == "sampled":
+        datasets = _sampled_datasets(cfg, spec, tok, seq_len, global_batch_size, seed, slc)
+    elif spec.stream is not None:
         datasets = _streaming_datasets(
             cfg, spec, tok, seq_len, global_batch_size, seed, slc, process_index, process_count
         )
@@ -736,4 +751,85 @@ def _streaming_datasets(
         global_batch_size=global_batch_size,
         process_slice=slc,
         description=description,
+    )
+
+
+# Held-out rows of the sampled source that ``eval_rows(None)`` returns (it is endless).
+SAMPLED_EVAL_ROWS = 4096
+
+
+def sampled_train_dataset(
+    source: sampled_lib.TrigramSource,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    rows: slice,
+) -> grain.IterDataset:
+    """Endless batches sampled from ``source``: global batch ``j`` is rows
+    ``[j B, (j + 1) B)`` of training stream 0 under ``seed``, this host samples its ``rows`` of
+    it. The grain position is the batch index, so a restored run samples the same rows."""
+    mine = np.arange(rows.start, rows.stop, dtype=np.int64)
+
+    def batch(j: int) -> Batch:
+        indices = int(j) * global_batch_size + mine
+        return _to_batch(source.sample_rows(seed, sampled_lib.TRAIN_STREAM, indices, seq_len + 1))
+
+    batches = grain.MapDataset.range(0, 2**62).map(batch)
+    return _prefetched(batches.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+def _check_sampled(cfg: ml_collections.ConfigDict) -> None:
+    count = cfg.ngram_min_count
+    if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+        raise ValueError(f"data.ngram_min_count must be an integer >= 1, got {count!r}")
+
+
+def _sampled_datasets(cfg, spec, tok, seq_len, global_batch_size, seed, slc) -> Datasets:
+    train_stream, eval_stream = load_or_tokenize(cfg, spec, tok)
+    source = sampled_lib.load_or_fit(
+        cache_root(cfg),
+        _stream_key(cfg, spec, tok),
+        lambda: np.concatenate([np.asarray(train_stream), np.asarray(eval_stream)]),
+        vocab_size=tok.vocab_size,
+        eos_id=tok.eos_id,
+        min_count=int(cfg.ngram_min_count),
+    )
+    floor = sampled_lib.load_or_floor(cache_root(cfg), source, seq_len + 1)
+    dataset = sampled_train_dataset(
+        source, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed, rows=slc
+    )
+    cached: dict[int, np.ndarray] = {}
+
+    def eval_rows(n: int | None) -> np.ndarray:
+        n = SAMPLED_EVAL_ROWS if n is None else n
+        if n not in cached:
+            cached[n] = source.sample_rows(
+                sampled_lib.EVAL_SEED, sampled_lib.EVAL_STREAM, np.arange(n), seq_len + 1
+            )
+        return cached[n]
+
+    def oracle_loss(n: int) -> float:
+        return float(-np.mean(source.token_log_probs(eval_rows(n))))
+
+    description = (
+        f"trigram source sampled on the fly ({sampled_lib.SOURCE_VERSION}; fitted on "
+        f"{spec.description}, {train_stream.shape[0] + eval_stream.shape[0]:,} tokens; "
+        f"{source.num_contexts:,} trigram contexts seen >= {cfg.ngram_min_count} times, "
+        f"{source.col3.shape[0]:,} trigram / {source.col2.shape[0]:,} bigram entries, "
+        f"D3 {source.d3:.3f} D2 {source.d2:.3f}): vocab {tok.vocab_size}, rows of {seq_len} "
+        f"(+1) starting at EOS, loss floor {floor['floor']:.4f} nats/token (last position "
+        f"{floor['last_position']:.4f}); held out: stream {sampled_lib.EVAL_STREAM} seed "
+        f"{sampled_lib.EVAL_SEED}"
+    )
+    return Datasets(
+        tokenizer=tok,
+        vocab_size=tok.vocab_size,
+        train=TrainIterator(dataset, batches_per_epoch=None),
+        eval_rows=eval_rows,
+        global_batch_size=global_batch_size,
+        process_slice=slc,
+        description=description,
+        loss_floor=float(floor["floor"]),
+        oracle_loss=oracle_loss,
     )

@@ -28,6 +28,7 @@ from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import layerwise as layerwise_lib
 from train import loop as loop_lib
+from train import mechanism as mechanism_lib
 from train import model as model_lib
 from train import optimizer as optimizer_lib
 from train import relora as relora_lib
@@ -60,6 +61,9 @@ class Trainer:
     abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore target
     # The model's weights of a state: its params, or W0 + P A in a ReLoRA-like run.
     weights: Callable[[TrainState], Any]
+    # (halves, overlap) -> the jitted measuring step (train/mechanism.py); None for the
+    # layer-wise and ReLoRA-like steps.
+    measure: Callable[[bool, bool], Callable] | None = None
 
 
 def validate_config(config: Any) -> None:
@@ -75,6 +79,7 @@ def validate_config(config: Any) -> None:
             f"{config.model.max_seq_len}"
         )
     optimizer_lib.validate(config.optimizer, num_steps=config.num_steps, step=config.step)
+    mechanism_lib.validate(config)
     if config.step.stochastic_rounding and config.model.param_dtype != "bfloat16":
         raise ConfigError(
             "config.step.stochastic_rounding=True needs config.model.param_dtype="
@@ -277,7 +282,36 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         param_paths,
         abstract_state,
         _in_context(mesh, jit_weights) if adapters else (lambda state: state.params),
+        None
+        if layerwise or adapters
+        else _measuring_steps(mesh, loss_fn, tx, apply_updates, state_sharding, batch_sharding),
     )
+
+
+def _measuring_steps(mesh, loss_fn, tx, apply_updates, state_sharding, batch_sharding):
+    """(halves, overlap) -> the full-gradient step that also measures (train/mechanism.py),
+    jitted on first use like the plain one."""
+    update = functools.partial(step_lib.update_step, tx=tx, apply_updates=apply_updates)
+
+    @functools.cache
+    def measuring(halves: bool, overlap: bool) -> Callable:
+        fn = functools.partial(
+            mechanism_lib.measured_step,
+            loss_fn=loss_fn,
+            apply=update,
+            halves=halves,
+            overlap=overlap,
+        )
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
+            jitted = jax.jit(
+                fn,
+                in_shardings=(state_sharding, batch_sharding),
+                out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
+                donate_argnums=0,
+            )
+        return _in_context(mesh, jitted)
+
+    return measuring
 
 
 def _in_context(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
@@ -365,9 +399,17 @@ def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
         logging.info("starting from scratch: %s", datasets.description)
         return trainer.init(jax.random.key(config.seed))
 
+    floor = datasets.loss_floor  # data.source='sampled': the least expected loss
+    if floor is not None:
+        logging.info("loss floor of the sampled source: %.4f nats/token", floor)
+        oracle = datasets.oracle_loss(len(eval_batches) * config.batch_size)
+
     def evaluate_state(state):
         loss = evaluate(trainer, trainer.weights(state), eval_batches)
-        return {"eval_loss": loss, "eval_ppl": math.exp(loss)}
+        record = {"eval_loss": loss, "eval_ppl": math.exp(loss)}
+        if floor is not None:  # the source's own loss on the same held-out rows, and the floor
+            record.update(eval_floor=floor, eval_oracle=oracle, eval_excess=loss - oracle)
+        return record
 
     def train_record(step, window, seconds):
         last = window[-1]
@@ -376,12 +418,23 @@ def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
             "grad_norm": float(last["grad_norm"]),
             "learning_rate": float(schedule(step - 1)),
             "tokens_per_s": len(window) * tokens_per_step / seconds,
+            **(scheduler.record_fields(window) if scheduler else {}),
         }
+
+    train_step, scheduler = trainer.train_step, None
+    mech = config.mechanism
+    if mech.grad_noise_every or mech.subspace_overlap:
+        train_step = scheduler = mechanism_lib.Scheduler(
+            trainer.train_step,
+            trainer.measure,
+            grad_noise_every=mech.grad_noise_every,
+            update_every=config.optimizer.subspace.update_every if mech.subspace_overlap else None,
+        )
 
     program = loop_lib.Program(
         init=init,
         abstract_state=trainer.abstract_state,
-        train_step=trainer.train_step,
+        train_step=train_step,
         next_batch=lambda: to_global(next(datasets.train), trainer.batch_sharding),
         data_position=datasets.train.get_state,
         set_data_position=datasets.train.set_state,

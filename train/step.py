@@ -98,6 +98,28 @@ def guarded(
     return new_state, metrics
 
 
+def update_step(
+    state: TrainState,
+    loss: jax.Array,
+    grads: Any,
+    *,
+    tx: optax.GradientTransformation,
+    apply_updates: ApplyUpdates | None = None,
+) -> tuple[TrainState, dict]:
+    """The full-gradient step's update of ``state`` by ``grads`` through ``tx``, guarded
+    (:func:`train_step` after its gradient; ``train/mechanism.py`` reuses it)."""
+
+    def apply(operands):
+        params, opt_state, adapters = operands
+        applier = optax.apply_updates
+        if apply_updates is not None:
+            applier = lambda p, u: apply_updates(p, u, state.step)  # noqa: E731
+        params, opt_state = apply_gradients(tx.update, grads, opt_state, params, applier)
+        return params, opt_state, adapters
+
+    return guarded(state, loss, grads, apply)
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -112,16 +134,7 @@ def train_step(
     (:func:`train.optimizer.update_applier`); default ``optax.apply_updates``.
     """
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
-
-    def apply(operands):
-        params, opt_state, adapters = operands
-        applier = optax.apply_updates
-        if apply_updates is not None:
-            applier = lambda p, u: apply_updates(p, u, state.step)  # noqa: E731
-        params, opt_state = apply_gradients(tx.update, grads, opt_state, params, applier)
-        return params, opt_state, adapters
-
-    return guarded(state, loss, grads, apply)
+    return update_step(state, loss, grads, tx=tx, apply_updates=apply_updates)
 
 
 def eval_step(params: Any, batch: dict, *, loss_fn: LossFn) -> dict:
