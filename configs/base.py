@@ -83,8 +83,22 @@ def subspace_config() -> ml_collections.ConfigDict:
             # Operand dtype of the per-step projection matmuls P^T G and P N ("bfloat16":
             # cheaper on GPUs, fp32 accumulation; moments and bases stay fp32).
             "projection_dtype": "float32",
-            # Storage dtype of the bases P / Q ("bfloat16" halves them; decomposed in fp32).
+            # Storage dtype of the bases P / Q ("bfloat16" halves them; "int4": 4-bit codes
+            # two a byte with an fp32 scale per 64 rows of a column, 1/7 of fp32; decomposed
+            # in fp32, decoded for each use: golore_jax.basis_storage).
             "basis_dtype": "float32",
+            # Lazy, layer-adaptive refresh (galore, hybrid, importance; golore_jax.subspace.
+            # LazyRefresh): at a scheduled refresh a matrix that is not due skips its
+            # decomposition. A decomposed matrix whose new basis overlaps the previous one
+            # (||P_old^T P_new||_F^2 / r, the mean squared cosine of the principal angles) by
+            # >= lazy_threshold lazy_patience times in a row has its interval (in refreshes)
+            # multiplied by lazy_growth, up to lazy_max_period (0: no cap). 0.0: off (every
+            # matrix at every refresh); > 1 never triggers. The hybrid's random phase keeps
+            # its schedule. metrics.jsonl then logs refreshes_done / refreshes_scheduled.
+            "lazy_threshold": 0.0,
+            "lazy_patience": 2,
+            "lazy_growth": 2,
+            "lazy_max_period": 0,
         }
     )
 

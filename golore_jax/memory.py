@@ -1,4 +1,5 @@
-"""Optimizer-state size: measured on a state, and in closed form for a param tree."""
+"""Optimizer-state size: measured on a state, and in closed form for a param tree (floats;
+the bases' bytes under each ``basis_dtype``, INT4 included)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from golore_jax import basis_storage
 from golore_jax.planning import MaskArg, RankRule, subspace_layouts
 
 
@@ -51,3 +53,47 @@ def subspace_state_floats(
         else:
             total += lay.state_floats(moments)
     return total
+
+
+def optimizer_state_bytes(state: Any) -> int:
+    """Bytes held by the numeric arrays of an optimizer state (floats, ints and the uint8 codes
+    of INT4 bases or 8-bit moments; PRNG keys excluded).
+
+    >>> import optax
+    >>> optimizer_state_bytes(optax.adam(1e-3).init({"w": jnp.zeros((4, 6))}))  # + the count
+    196
+    """
+    return sum(
+        math.prod(jnp.shape(x)) * jnp.dtype(jnp.result_type(x)).itemsize
+        for x in jax.tree_util.tree_leaves(state)
+        if jnp.issubdtype(jnp.result_type(x), jnp.number)
+        or jnp.issubdtype(jnp.result_type(x), jnp.bool_)
+    )
+
+
+def subspace_basis_bytes(
+    params: Any,
+    *,
+    rank: RankRule,
+    mask: MaskArg = None,
+    side: str = "gradient",
+    basis_dtype: Any = None,
+    moments: int = 2,
+) -> int:
+    """Closed form of the bytes of ``scale_by_subspace(basis_dtype=...)``'s bases: per
+    projected leaf ``d x r`` entries of 4 (fp32), 2 (bf16) or, for ``"int4"``,
+    ``d * ceil(r / 2)`` code bytes plus an fp32 scale per 64 rows of a column
+    (:func:`golore_jax.basis_storage.basis_nbytes`). ``moments`` is read by ``side="state"``.
+
+    >>> shapes = {"w": jax.ShapeDtypeStruct((4096, 11008), jnp.float32)}
+    >>> [subspace_basis_bytes(shapes, rank=1024, basis_dtype=d) // 2**20
+    ...  for d in (None, jnp.bfloat16, "int4")]  # MiB
+    [16, 8, 2]
+    """
+    layouts = subspace_layouts(params, rank=rank, mask=mask, side=side, moments=moments)
+    storage = basis_storage.storage_of(basis_dtype)
+    return sum(
+        basis_storage.basis_nbytes(lay.basis_shape, storage)
+        for lay in layouts.values()
+        if lay is not None
+    )

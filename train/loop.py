@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
+import golore_jax as gl
 from train import atomic, console
 from train import checkpoint as checkpoint_lib
 from train import distributed as distributed_lib
@@ -197,6 +198,15 @@ class Result:
     stopped_by_signal: bool
 
 
+def refresh_counts(state: Any) -> dict[str, int]:
+    """``refreshes_done`` / ``refreshes_scheduled`` (matrices decomposed / leaf refreshes
+    scheduled so far) of an optimizer with a lazy subspace refresh; nothing without one."""
+    counts = gl.subspace.refresh_counts(getattr(state, "opt_state", None))
+    if counts is None:
+        return {}
+    return {"refreshes_done": int(counts[0]), "refreshes_scheduled": int(counts[1])}
+
+
 def _is_eval(record: dict) -> bool:
     return any(k.startswith("eval_") for k in record)
 
@@ -270,6 +280,7 @@ def run(config: Any, workdir: pathlib.Path, program: Program) -> Result:
                 now = time.perf_counter()
                 fields = program.train_record(step, window, now - last_time)
                 record = {"step": step, **fields, "skipped": int(state.skipped)}
+                record.update(refresh_counts(state))
                 last_time, window = now, []
                 history.append(record)
                 _write(metrics_file, writer, record)

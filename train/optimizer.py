@@ -36,7 +36,7 @@ OPTIMIZERS = (
 )
 INNERS = ("adamw", "adamw8bit", "msgd")
 PROJECTION_DTYPES = ("float32", "bfloat16")  # config.optimizer.subspace.projection_dtype
-BASIS_DTYPES = ("float32", "bfloat16")  # config.optimizer.subspace.basis_dtype
+BASIS_DTYPES = ("float32", "bfloat16", "int4")  # config.optimizer.subspace.basis_dtype
 # The names whose transform keeps a basis P per matrix (a projector chooses it).
 RELORA_OPTIMIZERS = ("galore", "golore", "hybrid", "importance")
 # Optimizers that update stacked layers' kernels as they are (elementwise AdamW), or refuse them
@@ -167,6 +167,54 @@ def _check_subspace(opt: Any) -> None:
         )
     if opt.name in RELORA_OPTIMIZERS:
         _one_of(sub.projector, tuple(SVD_PROJECTORS), "optimizer.subspace.projector")
+    _check_lazy(opt)
+
+
+# The names whose subspaces come from the gradient, where a lazy refresh can save work.
+LAZY_OPTIMIZERS = ("galore", "hybrid", "importance")
+
+
+def _check_lazy(opt: Any) -> None:
+    """``optimizer.subspace.lazy_*``: the lazy, layer-adaptive refresh (0 threshold: off)."""
+    sub = opt.subspace
+    threshold = sub.lazy_threshold
+    _require(
+        isinstance(threshold, int | float) and math.isfinite(threshold) and threshold >= 0,
+        "optimizer.subspace.lazy_threshold",
+        threshold,
+        "a finite number >= 0 (0: off; above 1 never triggers)",
+    )
+    for key, low in (("lazy_patience", 1), ("lazy_growth", 2), ("lazy_max_period", 0)):
+        value = sub[key]
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"optimizer.subspace.{key}",
+            value,
+            f"an int >= {low}",
+        )
+    if threshold and opt.name not in LAZY_OPTIMIZERS:
+        reason = (
+            ": GoLore's random subspaces keep their schedule (a random subspace overlaps the "
+            "previous one by ~rank/dim, so the rule never fires)"
+            if opt.name == "golore"
+            else ""
+        )
+        raise ConfigError(
+            f"config.optimizer.subspace.lazy_threshold={threshold} applies to "
+            f"optimizer.name in {LAZY_OPTIMIZERS}, not {opt.name!r}{reason}; set it to 0"
+        )
+
+
+def lazy_refresh(sub: Any) -> gl.subspace.LazyRefresh | None:
+    """``optimizer.subspace.lazy_*`` as the library's option (None when the threshold is 0)."""
+    if not sub.lazy_threshold:
+        return None
+    return gl.subspace.LazyRefresh(
+        threshold=float(sub.lazy_threshold),
+        patience=sub.lazy_patience,
+        growth=sub.lazy_growth,
+        max_period=sub.lazy_max_period or None,
+    )
 
 
 def _check_sparse(opt: Any) -> None:
@@ -239,6 +287,11 @@ def validate_step(step: Any, opt: Any) -> None:
         raise ConfigError(
             f"config.step.relora=True needs a basis projector, config.optimizer.name one of "
             f"{RELORA_OPTIMIZERS}, got {opt.name!r}"
+        )
+    if opt.subspace.basis_dtype == "int4":
+        raise ConfigError(
+            "config.step.relora=True needs config.optimizer.subspace.basis_dtype 'float32' or "
+            "'bfloat16', got 'int4' (the adapters read the bases as matrices)"
         )
     if opt.subspace.side == "state":
         raise ConfigError(
@@ -347,6 +400,8 @@ def _basis(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int)
         basis_dtype=sub.basis_dtype,
         side=sub.side,
     )
+    if lazy_refresh(sub) is not None:  # passed only when on (the default call is unchanged)
+        common["lazy_refresh"] = lazy_refresh(sub)
     if inner.name == "msgd":
         return gl.galore_sgd(schedule, momentum=inner.momentum, **common)
     return gl.galore_adamw(
