@@ -374,9 +374,19 @@ def _full(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int):
     )
 
 
+def _inner(opt: Any) -> optax.GradientTransformation:
+    """``optimizer.inner`` as the optax transformation each family runs inside its subspace."""
+    inner = opt.inner
+    if inner.name == "adamw":
+        return optax.scale_by_adam(b1=inner.b1, b2=inner.b2, eps=inner.eps)
+    if inner.name == "adamw8bit":
+        return gl.scale_by_adam_8bit(b1=inner.b1, b2=inner.b2, eps=inner.eps)
+    return optax.trace(decay=inner.momentum)
+
+
 def _basis(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int):
-    """galore / golore / hybrid / importance: a projector chooses a basis per matrix."""
-    sub, inner = opt.subspace, opt.inner
+    """galore / golore / hybrid / importance: ``gl.galore``, a projector choosing each basis."""
+    sub = opt.subspace
     svd_phase = SVD_PROJECTORS[sub.projector]()
     projector = {
         "importance": gl.projectors.importance_svd(),
@@ -384,81 +394,63 @@ def _basis(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int)
         "golore": gl.projectors.random(),
         "hybrid": gl.golore_projector(sub.golore_fraction, num_steps, before=svd_phase),
     }[opt.name]
-    common = dict(
+    subspace = gl.Subspace(
         rank=sub.rank,
         update_every=sub.update_every,
         scale=sub.scale,
-        weight_decay=opt.weight_decay,
-        weight_decay_mask=_matrices,
         projector=projector,
-        momentum_projection=sub.momentum_projection,
+        side=sub.side,
         seed=sub.seed,
-        refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
+        momentum_projection=sub.momentum_projection,
+        # MSGD's trace has no second moment to rotate
+        second_moment="keep" if opt.inner.name == "msgd" else sub.second_moment,
+        lazy_refresh=lazy_refresh(sub),
+    )
+    execution = gl.Execution(
         batch_refresh=sub.batch_refresh,
         refresh_batch_size=sub.refresh_batch_size or None,
+        refresh_sharding=PartitionSpec(MESH_AXES) if num_devices > 1 else None,
         projection_dtype=sub.projection_dtype,
         basis_dtype=sub.basis_dtype,
-        side=sub.side,
     )
-    if lazy_refresh(sub) is not None:  # passed only when on (the default call is unchanged)
-        common["lazy_refresh"] = lazy_refresh(sub)
-    if inner.name == "msgd":
-        return gl.galore_sgd(schedule, momentum=inner.momentum, **common)
-    return gl.galore_adamw(
+    return gl.galore(
         schedule,
-        b1=inner.b1,
-        b2=inner.b2,
-        eps=inner.eps,
-        second_moment=sub.second_moment,
-        quantized_moments=inner.name == "adamw8bit",
-        **common,
+        _inner(opt),
+        subspace,
+        execution=execution,
+        weight_decay=opt.weight_decay,
+        weight_decay_mask=_matrices,
     )
-
-
-def _inner_kwargs(opt: Any) -> dict[str, Any]:
-    inner = opt.inner
-    if inner.name == "adamw":
-        return dict(b1=inner.b1, b2=inner.b2, eps=inner.eps)
-    return dict(momentum=inner.momentum)
 
 
 def _sparse(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int):
-    """gasare / gosare (Algorithm 5): a sparse support per matrix instead of a basis."""
-    sub = opt.subspace
-    alias = {
-        ("gasare", "adamw"): gl.gasare_adamw,
-        ("gasare", "msgd"): gl.gasare_sgd,
-        ("gosare", "adamw"): gl.gosare_adamw,
-        ("gosare", "msgd"): gl.gosare_sgd,
-    }[opt.name, opt.inner.name]
-    density = opt.sparse.density
-    sparsity = {"density": density} if density is not None else {"k": _sparse_k(sub.rank)}
-    return alias(
-        schedule,
+    """gasare / gosare (Algorithm 5): ``gl.gasare``, a sparse support per matrix."""
+    sub, density = opt.subspace, opt.sparse.density
+    sparse = gl.Sparse(
+        density=density,
+        k=_sparse_k(sub.rank) if density is None else None,
         update_every=sub.update_every,
-        seed=sub.seed,
         scale=sub.scale,
-        weight_decay=opt.weight_decay,
-        weight_decay_mask=_matrices,
-        **sparsity,
-        **_inner_kwargs(opt),
+        selector="topk" if opt.name == "gasare" else "random",
+        seed=sub.seed,
+    )
+    return gl.gasare(
+        schedule, _inner(opt), sparse, weight_decay=opt.weight_decay, weight_decay_mask=_matrices
     )
 
 
 def _online(opt: Any, schedule: optax.Schedule, num_steps: int, num_devices: int):
-    """osd: Online Subspace Descent (arXiv 2408.12857), the basis learnt by its own AdamW."""
+    """osd: ``gl.osd``, Online Subspace Descent (arXiv 2408.12857), the basis learnt by its own
+    AdamW."""
     sub = opt.subspace
-    alias = gl.osd_adamw if opt.inner.name == "adamw" else gl.osd_sgd
-    lr = opt.online.projector_learning_rate
-    return alias(
-        schedule,
+    online = gl.Online(
         rank=sub.rank,
-        side=sub.side,
-        projector_optimizer=gl.online_pca.default_projector_optimizer(lr),
         scale=sub.scale,
-        weight_decay=opt.weight_decay,
-        weight_decay_mask=_matrices,
-        **_inner_kwargs(opt),
+        side=sub.side,
+        projector_optimizer=gl.default_projector_optimizer(opt.online.projector_learning_rate),
+    )
+    return gl.osd(
+        schedule, _inner(opt), online, weight_decay=opt.weight_decay, weight_decay_mask=_matrices
     )
 
 
