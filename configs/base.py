@@ -252,7 +252,12 @@ def llama_config(
     # matrix. Both need the plain full-gradient step (not step.layerwise / step.relora).
     config.mechanism = ml_collections.ConfigDict({"grad_noise_every": 0, "subspace_overlap": False})
     # Mesh axis sizes; -1 takes all remaining devices. data x fsdp x tensor = device count.
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # axis_types: 'auto' (XLA propagates shardings from the params', state's and batch's) or
+    # 'explicit' (jax.sharding.AxisType.Explicit: shardings are part of the arrays' types; the
+    # optimizer runs on them, the model's forward/backward inside jax.sharding.auto_axes).
+    config.mesh = ml_collections.ConfigDict(
+        {"data": -1, "fsdp": 1, "tensor": 1, "axis_types": "auto"}
+    )
     config.seq_len = 256
     config.batch_size = 128  # global, over all devices and hosts
     config.num_steps = 10_000

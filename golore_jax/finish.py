@@ -16,6 +16,8 @@ from typing import Any
 
 import optax
 
+from golore_jax.planning import require_static
+
 
 def decay_and_learning_rate(
     learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.0, weight_decay_mask: Any = None
@@ -26,6 +28,14 @@ def decay_and_learning_rate(
     Decay acts on the full weights after the subspace step, as in GaLore. ``weight_decay`` may
     be traced (``optax.inject_hyperparams``), then the decay is always kept.
     """
+    # A mask function under optax.inject_hyperparams is called as a schedule (an array here).
+    require_static("golore_jax", "weight_decay_mask", weight_decay_mask)
+    if isinstance(weight_decay_mask, bool):  # what such a schedule returns for most masks
+        raise TypeError(
+            "golore_jax: weight_decay_mask must be a tree of bools or a function of params, got "
+            f"{weight_decay_mask!r} (under optax.inject_hyperparams a mask function is called as "
+            "a schedule: pass static_args=('weight_decay_mask',))"
+        )
     parts = []
     if not isinstance(weight_decay, int | float) or weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))

@@ -162,25 +162,45 @@ def projected_rows(g: jax.Array, layout: MatrixLayout) -> jax.Array:
     return g if layout.side == LEFT else g.T
 
 
-def _matmul(a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
-    """``a @ b`` with operands in ``dtype`` (None: as given), accumulated and returned in fp32."""
+def _matmul(a: jax.Array, b: jax.Array, dtype: Any, out_sharding: Any = None) -> jax.Array:
+    """``a @ b`` with operands in ``dtype`` (None: as given), accumulated and returned in fp32;
+    ``out_sharding`` names the result's sharding on a mesh with Explicit axes (needed when the
+    contracting dims are sharded)."""
     if dtype is not None:
         a, b = a.astype(dtype), b.astype(dtype)
-    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+    if out_sharding is None:
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32, out_sharding=out_sharding)
 
 
-def project(g: jax.Array, basis: jax.Array, layout: MatrixLayout, dtype: Any = None) -> jax.Array:
+def project(
+    g: jax.Array,
+    basis: jax.Array,
+    layout: MatrixLayout,
+    dtype: Any = None,
+    out_sharding: Any = None,
+) -> jax.Array:
     """``R = P^T G`` on the left, ``R = G Q`` on the right (Algorithm 1); operands in ``dtype``
-    (None: as given), result in fp32."""
-    return _matmul(basis.T, g, dtype) if layout.side == LEFT else _matmul(g, basis, dtype)
+    (None: as given), result in fp32 (with ``out_sharding`` on an Explicit mesh)."""
+    if layout.side == LEFT:
+        return _matmul(basis.T, g, dtype, out_sharding)
+    return _matmul(g, basis, dtype, out_sharding)
 
 
 def back_project(
-    n: jax.Array, basis: jax.Array, layout: MatrixLayout, dtype: Any = None
+    n: jax.Array,
+    basis: jax.Array,
+    layout: MatrixLayout,
+    dtype: Any = None,
+    out_sharding: Any = None,
 ) -> jax.Array:
     """``P N`` on the left, ``N Q^T`` on the right, reshaped to the leaf's shape; operands in
-    ``dtype`` (None: as given), result in fp32."""
-    full = _matmul(basis, n, dtype) if layout.side == LEFT else _matmul(n, basis.T, dtype)
+    ``dtype`` (None: as given), result in fp32. ``out_sharding`` (Explicit meshes): the
+    sharding of the ``rows x cols`` product, for a 2-D leaf the param's."""
+    if layout.side == LEFT:
+        full = _matmul(basis, n, dtype, out_sharding)
+    else:
+        full = _matmul(n, basis.T, dtype, out_sharding)
     return full.reshape(layout.shape)
 
 

@@ -34,8 +34,8 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from golore_jax import _explicit, partitioning
 from golore_jax import layout as layout_lib
-from golore_jax import partitioning
 from golore_jax import projectors as projectors_lib
 from golore_jax import refresh as refresh_lib
 from golore_jax.layout import MatrixLayout
@@ -90,6 +90,8 @@ def pca_loss(basis: jax.Array, g_rows: jax.Array) -> jax.Array:
 
     A zero or non-finite gradient gives ``Ĝ = 0`` (zero loss and zero gradient).
     """
+    # Explicit meshes: the loss on whole matrices (its gradient comes back in basis' sharding).
+    basis, g_rows = _explicit.unsharded(basis), _explicit.unsharded(g_rows)
     norm = jnp.linalg.norm(g_rows)
     ok = jnp.isfinite(norm) & (norm > 0)
     g_hat = jnp.where(ok, g_rows / jnp.where(ok, norm, 1.0), 0.0)
@@ -98,8 +100,8 @@ def pca_loss(basis: jax.Array, g_rows: jax.Array) -> jax.Array:
 
 def orthonormalize(basis: jax.Array) -> jax.Array:
     """The Q factor of ``basis = Q R`` with ``diag(R) >= 0`` (closest to ``basis`` in spirit)."""
-    q, r = jnp.linalg.qr(basis)
-    return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)[None, :]
+    q, r = jnp.linalg.qr(_explicit.unsharded(basis))  # QR needs its operand unsharded
+    return _explicit.like(q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)[None, :], basis)
 
 
 def _rows_of(g: jax.Array, lay: MatrixLayout) -> jax.Array:
@@ -197,14 +199,14 @@ def scale_by_online_subspace(
 
     def init_fn(params):
         layouts, treedef = plan(params)
-        bases = treedef.unflatten(zero_bases(layouts))
+        leaves = treedef.flatten_up_to(params)
+        shardings = _explicit.leaf_shardings(leaves, layouts)
+        bases = treedef.unflatten(zero_bases(layouts, jnp.float32, shardings))
         return ScaleByOnlineSubspaceState(
             count=jnp.zeros([], jnp.int32),
             bases=bases,
             projector_state=projector_optimizer.init(bases),
-            inner_state=inner.init(
-                treedef.unflatten(low_rank_like(treedef.flatten_up_to(params), layouts))
-            ),
+            inner_state=inner.init(treedef.unflatten(low_rank_like(leaves, layouts, shardings))),
         )
 
     def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
@@ -217,8 +219,15 @@ def scale_by_online_subspace(
             return [
                 b
                 if lay is None
-                else refresh_lib.guarded_choice(
-                    initial_svd, jax.random.key(0), _rows_of(chooser[i], lay), b, state.count
+                else _explicit.like(
+                    refresh_lib.guarded_choice(
+                        initial_svd,
+                        jax.random.key(0),
+                        _explicit.unsharded(_rows_of(chooser[i], lay)),
+                        _explicit.unsharded(b),
+                        state.count,
+                    ),
+                    b,
                 )
                 for i, (b, lay) in enumerate(zip(bases, layouts, strict=True))
             ]
@@ -228,7 +237,18 @@ def scale_by_online_subspace(
         )
 
         out, inner_state = update_in_subspace(
-            inner, treedef, grads, layouts, bases, state.inner_state, params, scale, extra_args
+            inner,
+            treedef,
+            grads,
+            layouts,
+            bases,
+            state.inner_state,
+            params,
+            scale,
+            extra_args,
+            shardings=_explicit.leaf_shardings(
+                grads if params is None else treedef.flatten_up_to(params), layouts
+            ),
         )
 
         def pca_step(operands):

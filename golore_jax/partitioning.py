@@ -105,19 +105,31 @@ def basis_specs(bases: Any, inner_state: Any, context: SpecContext) -> tuple[Any
             low_rank_out.append(spec)
             continue
         shape = tuple(leaf.shape)
-        k, lay = _layout_of(shape, tuple(basis.shape), moment)
-        spec_entries = entries(spec, len(shape))
-        rows, cols = merged(spec_entries[:k]), merged(spec_entries[k:])
-        rank = basis.shape[1]
-        if lay.side == layout_lib.LEFT:
-            basis_out.append(PartitionSpec(rows, None))
-            rank_entry = rows if _divides(rows, rank, mesh_axis_sizes) else None
-            low_rank_out.append(PartitionSpec(rank_entry, cols))
-        else:
-            basis_out.append(PartitionSpec(cols, None))
-            rank_entry = cols if _divides(cols, rank, mesh_axis_sizes) else None
-            low_rank_out.append(PartitionSpec(rows, rank_entry))
+        _, lay = _layout_of(shape, tuple(basis.shape), moment)
+        basis_spec, low_rank_spec = matrix_specs(shape, spec, lay, mesh_axis_sizes)
+        basis_out.append(basis_spec)
+        low_rank_out.append(low_rank_spec)
     return treedef.unflatten(basis_out), treedef.unflatten(low_rank_out)
+
+
+def matrix_specs(
+    shape: tuple[int, ...],
+    spec: PartitionSpec,
+    lay: layout_lib.MatrixLayout,
+    mesh_axis_sizes: Mapping[str, int] | None,
+) -> tuple[PartitionSpec, PartitionSpec]:
+    """``(basis spec, low-rank spec)`` of one projected leaf of ``shape`` with param ``spec``,
+    seen as a matrix by ``lay``: the rule of this module's docstring, which the subspace
+    transforms also apply to the params' types on meshes with Explicit axes."""
+    # Rows are shape[:k]: the first k whose product is lay.rows (size-1 dims are never sharded).
+    k = next(i for i in range(1, len(shape)) if math.prod(shape[:i]) == lay.rows)
+    spec_entries = entries(spec, len(shape))
+    rows, cols = merged(spec_entries[:k]), merged(spec_entries[k:])
+    if lay.side == layout_lib.LEFT:
+        rank_entry = rows if _divides(rows, lay.rank, mesh_axis_sizes) else None
+        return PartitionSpec(rows, None), PartitionSpec(rank_entry, cols)
+    rank_entry = cols if _divides(cols, lay.rank, mesh_axis_sizes) else None
+    return PartitionSpec(cols, None), PartitionSpec(rows, rank_entry)
 
 
 def _low_rank_shapes(inner_state: Any, treedef: Any, n: int) -> list[tuple[int, ...] | None]:

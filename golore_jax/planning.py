@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from golore_jax import layout as layout_lib
@@ -223,9 +224,22 @@ def is_positive_int(value: Any) -> bool:
 
 def require_positive_int(owner: str, name: str, value: Any, optional: bool = False) -> None:
     """Raises at construction unless ``value`` is a positive int (or None if ``optional``)."""
+    require_static(owner, name, value)
     if not (is_positive_int(value) or (optional and value is None)):
         allowed = "a positive int or None" if optional else "a positive int"
         raise ValueError(f"{owner}: {name} must be {allowed}, got {value!r}")
+
+
+def require_static(owner: str, name: str, value: Any) -> None:
+    """Raises a one-line error naming the ``static_args`` to pass when a structural argument
+    arrives as an array: ``optax.inject_hyperparams`` turns every int / float argument into a
+    (traced) array, and calls every callable one as a schedule (a dtype such as
+    ``jnp.bfloat16``, a mask function), unless it is listed in ``static_args``."""
+    if isinstance(value, jax.Array | np.ndarray):  # tracers are jax.Arrays too
+        raise TypeError(
+            f"{owner}: {name} must be a Python value, got an array {type(value).__name__} (under "
+            f"optax.inject_hyperparams, pass static_args=({name!r},))"
+        )
 
 
 def check_update_leaves(updates: Any, layouts: list, bases: list) -> None:
@@ -266,18 +280,33 @@ def require_finite(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
 
 
-def zero_bases(layouts: list[MatrixLayout | None], dtype: Any = jnp.float32) -> list[Any]:
+def _zeros(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.Array:
+    # out_sharding only on Explicit meshes: elsewhere the same program as before.
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jnp.zeros(shape, dtype, out_sharding=sharding)
+
+
+def zero_bases(
+    layouts: list[MatrixLayout | None], dtype: Any = jnp.float32, shardings: Any = None
+) -> list[Any]:
     """A zero ``(d, r)`` basis per projected leaf, ``optax.MaskedNode()`` for the others: the
-    bases before the first refresh."""
+    bases before the first refresh. ``shardings``: per leaf, None or the ``(basis, low-rank,
+    full)`` shardings of :func:`golore_jax._explicit.matrix_shardings` (Explicit meshes)."""
+    shardings = shardings or [None] * len(layouts)
     return [
-        optax.MaskedNode() if lay is None else jnp.zeros(lay.basis_shape, dtype) for lay in layouts
+        optax.MaskedNode() if lay is None else _zeros(lay.basis_shape, dtype, s and s[0])
+        for lay, s in zip(layouts, shardings, strict=True)
     ]
 
 
-def low_rank_like(leaves: list[Any], layouts: list[MatrixLayout | None]) -> list[Any]:
+def low_rank_like(
+    leaves: list[Any], layouts: list[MatrixLayout | None], shardings: Any = None
+) -> list[Any]:
     """What the inner transform is initialised on: an fp32 zero of the low-rank shape per
-    projected leaf, the leaf itself for the others."""
+    projected leaf, the leaf itself for the others (``shardings`` as in :func:`zero_bases`)."""
+    shardings = shardings or [None] * len(layouts)
     return [
-        leaf if lay is None else jnp.zeros(lay.low_rank_shape, jnp.float32)
-        for leaf, lay in zip(leaves, layouts, strict=True)
+        leaf if lay is None else _zeros(lay.low_rank_shape, jnp.float32, s and s[1])
+        for leaf, lay, s in zip(leaves, layouts, shardings, strict=True)
     ]

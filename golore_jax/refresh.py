@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
-from golore_jax import basis_storage
+from golore_jax import _explicit, basis_storage, partitioning
 from golore_jax import layout as layout_lib
 from golore_jax import projectors as projectors_lib
 from golore_jax.layout import MatrixLayout
@@ -143,6 +144,15 @@ def guarded_choice(
     return guarded(projector, key, projector_input(g, "rows"), previous, step, usable)
 
 
+def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    """``refresh_sharding`` on a stack of matrices: a sharding constraint (no mesh, Auto axes),
+    or on a mesh with Explicit axes a reshard of the stacked axis alone where its mesh axes
+    divide it (replicated otherwise), never of the decomposed dims."""
+    if _explicit.sharding_of(x) is None:
+        return lax.with_sharding_constraint(x, sharding)
+    return _explicit.reshard_to(x, _explicit.stacked_spec(sharding, x.shape[0], x.ndim, x))
+
+
 def _decompose(choose, keys, x, previous, step, usable, members, due) -> jax.Array:
     """The vmapped, guarded projector call of one batch; with ``due``, skipped (the previous
     bases returned) when none of ``members`` is due."""
@@ -222,28 +232,44 @@ def refresh_bases(
             g = jnp.stack(
                 [
                     layout_lib.projected_rows(
-                        layout_lib.as_matrix(sources[i].astype(jnp.float32), layouts[i]),
+                        # Explicit meshes: each matrix whole on every device (a decomposition
+                        # needs its dims unsharded), then split by refresh_sharding below.
+                        _explicit.unsharded(
+                            layout_lib.as_matrix(sources[i].astype(jnp.float32), layouts[i])
+                        ),
                         layouts[i],
                     )
                     for i in group
                 ]
             )
             if sharding is not None:
-                g = lax.with_sharding_constraint(g, sharding)
+                g = _constrain(g, sharding)
             inputs.append(projector_input(g, kind))
             usable.append(jax.vmap(usable_gradient)(g))
+        if len(inputs) > 1:  # Explicit meshes: groups split unalike are joined whole
+            inputs = [_explicit.unsharded(a) for a in inputs]
+            usable = [_explicit.unsharded(a) for a in usable]
         x = jnp.concatenate(inputs) if len(inputs) > 1 else inputs[0]
-        previous = jnp.stack([basis_storage.load_basis(bases[i]) for i in members])
-        if sharding is not None:
-            x = lax.with_sharding_constraint(x, sharding)
-            previous = lax.with_sharding_constraint(previous, sharding)
+        previous = jnp.stack(
+            [_explicit.unsharded(basis_storage.load_basis(bases[i])) for i in members]
+        )
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
             key, jnp.asarray(members, jnp.uint32)
         )
         usable = jnp.concatenate(usable)
+        if sharding is not None:
+            x = _constrain(x, sharding)
+            previous = _constrain(previous, sharding)
+            stacked = _explicit.sharding_of(x)
+            if stacked is not None:  # every batched operand of the vmap split alike
+                lead = PartitionSpec(*partitioning.entries(stacked.spec, 1)[:1])
+                keys, usable = (_explicit.reshard_to(a, lead) for a in (keys, usable))
         chosen = _decompose(choose, keys, x, previous, step, usable, members, due)
         for j, i in enumerate(members):
-            new[i] = _kept(chosen[j], bases[i], basis_dtype, due, i)
+            # Back in the state's sharding (both lax.cond branches then agree).
+            new[i] = jax.tree.map(
+                _explicit.like, _kept(chosen[j], bases[i], basis_dtype, due, i), bases[i]
+            )
         previous_chosen = chosen
     return new
 

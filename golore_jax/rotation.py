@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
+from jax.sharding import PartitionSpec
 
+from golore_jax import _explicit
 from golore_jax import layout as layout_lib
 from golore_jax.layout import MatrixLayout
 
@@ -35,6 +37,7 @@ FIRST = "first"  # a first moment (a mean of gradients): rotates like the gradie
 SECOND = "second"  # a second moment (a mean of squared gradients)
 MOMENT_KINDS = (FIRST, SECOND)
 SECOND_MOMENT_POLICIES = ("keep", "project", "reset")
+_REPLICATED = PartitionSpec()
 
 _MOMENTS: dict[type, dict[str, str]] = {}
 
@@ -100,8 +103,21 @@ def rotate_moments(
     and a reset would zero them).
     """
     f32 = jnp.float32
+    # On a mesh with Explicit axes the small r x r change is replicated (its d-long contraction
+    # sums over the bases' sharded rows) and each rotated moment keeps its own sharding;
+    # elsewhere _explicit's helpers return their input (the same program as before).
     changes = [
-        None if lay is None else n.astype(f32).T @ o.astype(f32)
+        None
+        if lay is None
+        else jnp.matmul(
+            n.astype(f32).T,
+            o.astype(f32),
+            **(
+                {}
+                if _explicit.sharding_of(n) is None
+                else {"out_sharding": _explicit.named(n, _REPLICATED)}
+            ),
+        )
         for lay, o, n in zip(layouts, old, new, strict=True)
     ]
 
@@ -110,7 +126,7 @@ def rotate_moments(
             leaves = treedef.flatten_up_to(tree)
             return treedef.unflatten(
                 [
-                    x if lay is None else rotate(x, c, lay).astype(x.dtype)
+                    x if lay is None else _explicit.like(rotate(x, c, lay).astype(x.dtype), x)
                     for x, c, lay in zip(leaves, changes, layouts, strict=True)
                 ]
             )

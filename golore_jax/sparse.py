@@ -34,7 +34,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from golore_jax import partitioning, rotation
+from golore_jax import _explicit, partitioning, rotation
 from golore_jax.planning import as_key, require_finite, require_positive_int, resolve_mask
 from golore_jax.tail import update_through
 
@@ -143,7 +143,7 @@ def refresh_indices(
     for i, c in enumerate(counts):
         if c is None:
             continue
-        g = chooser[i]
+        g = _explicit.unsharded(chooser[i])  # top_k needs its (flattened) operand unsharded
         candidate = select_indices(selector, jax.random.fold_in(key, i), g.astype(jnp.float32), c)
         if selector == "topk":
             ok = jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
@@ -171,13 +171,18 @@ def remap_state(
 
 
 def gather(g: jax.Array, idx: jax.Array) -> jax.Array:
-    """``S * G`` in compressed form: the fp32 values of ``g`` at ``idx``."""
-    return g.reshape(-1)[idx].astype(jnp.float32)
+    """``S * G`` in compressed form: the fp32 values of ``g`` at ``idx`` (on a mesh with
+    Explicit axes, gathered from the whole ``g``: flat positions cross its shards)."""
+    return _explicit.unsharded(g).reshape(-1)[idx].astype(jnp.float32)
 
 
-def scatter(values: jax.Array, idx: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The dense array that is ``values`` at ``idx`` and 0 elsewhere."""
-    return jnp.zeros(math.prod(shape), values.dtype).at[idx].set(values).reshape(shape)
+def scatter(
+    values: jax.Array, idx: jax.Array, shape: tuple[int, ...], like: Any = None
+) -> jax.Array:
+    """The dense array that is ``values`` at ``idx`` and 0 elsewhere (with the sharding type
+    of ``like`` on a mesh with Explicit axes)."""
+    dense = jnp.zeros(math.prod(shape), values.dtype).at[idx].set(values).reshape(shape)
+    return dense if like is None else _explicit.like(dense, like)
 
 
 def scale_by_sparse_subspace(
@@ -279,16 +284,16 @@ def scale_by_sparse_subspace(
         def compress(idx):
             return lambda g: gather(g, idx)
 
-        def expand(idx, shape):
-            return lambda n: scatter(n, idx, shape)
+        def expand(idx, g):
+            return lambda n: scatter(n, idx, g.shape, g)
 
-        selected = [(c, idx, g.shape) for c, idx, g in zip(counts, new_indices, grads, strict=True)]
+        selected = list(zip(counts, new_indices, grads, strict=True))
         out, inner_state = update_through(
             inner,
             treedef,
             grads,
             [None if c is None else compress(idx) for c, idx, _ in selected],
-            [None if c is None else expand(idx, shape) for c, idx, shape in selected],
+            [None if c is None else expand(idx, g) for c, idx, g in selected],
             inner_state,
             params,
             scale,

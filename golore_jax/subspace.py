@@ -29,8 +29,8 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec
 
+from golore_jax import _explicit, partitioning, rotation
 from golore_jax import layout as layout_lib
-from golore_jax import partitioning, rotation
 from golore_jax import projectors as projectors_lib
 from golore_jax import refresh as refresh_lib
 from golore_jax.basis_storage import INT4, Int4Basis, for_use, int4_specs, storage_of, zero_basis
@@ -505,14 +505,15 @@ def scale_by_subspace(
 
     def init_fn(params):
         layouts, treedef = plan(params)
+        leaves = treedef.flatten_up_to(params)
+        # Explicit meshes: bases and low-rank moments sharded by the params' types.
+        shardings = _explicit.leaf_shardings(leaves, layouts)
         return ScaleBySubspaceState(
             lazy=_init_lazy(lazy_refresh, layouts, treedef),
             count=jnp.zeros([], jnp.int32),
             key=as_key(seed),
-            bases=treedef.unflatten(_zero_bases(layouts, stored_basis_dtype)),
-            inner_state=inner.init(
-                treedef.unflatten(low_rank_like(treedef.flatten_up_to(params), layouts))
-            ),
+            bases=treedef.unflatten(_zero_bases(layouts, stored_basis_dtype, shardings)),
+            inner_state=inner.init(treedef.unflatten(low_rank_like(leaves, layouts, shardings))),
         )
 
     def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
@@ -599,6 +600,9 @@ def scale_by_subspace(
             scale,
             extra_args,
             projection_dtype,
+            _explicit.leaf_shardings(
+                grads if params is None else treedef.flatten_up_to(params), layouts
+            ),
         )
         new_state = ScaleBySubspaceState(
             count=optax.safe_increment(state.count),

@@ -23,8 +23,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from golore_jax import _explicit
 from golore_jax import layout as layout_lib
 from golore_jax.layout import MatrixLayout
+
+
+def _without_rank(spec: Any, lay: MatrixLayout) -> Any:
+    """A low-rank spec with its rank dim unsharded (``r x n`` on the left, ``m x r`` right)."""
+    rows, cols = tuple(spec) + (None,) * (2 - len(spec))
+    return type(spec)(None, cols) if lay.side == layout_lib.LEFT else type(spec)(rows, None)
 
 
 def update_through(
@@ -70,31 +77,51 @@ def update_in_subspace(
     scale: float,
     extra_args: dict[str, Any],
     projection_dtype: Any = None,
+    shardings: list[Any] | None = None,
 ) -> tuple[list[jax.Array], Any]:
     """``R = P^T G``, ``N = inner(R)``, ``scale * P N`` in the param dtype, leaf by leaf.
 
     Leaves without a layout go through ``inner`` at full shape. Shared by the transforms whose
     subspace is a basis (SVD/random refreshes here, online PCA in :mod:`golore_jax.online_pca`).
     The two matmuls take their operands in ``projection_dtype`` (None: fp32) and accumulate in
-    fp32; ``R`` and ``N`` are fp32.
+    fp32; ``R`` and ``N`` are fp32. ``shardings``: per leaf, None or its ``(basis, low-rank,
+    matrix)`` shardings on a mesh with Explicit axes (:mod:`golore_jax._explicit`): ``R`` gets
+    the low-rank moments' sharding and ``P N`` the param's.
     """
     operand_dtype = jnp.float32 if projection_dtype is None else projection_dtype
+    shardings = shardings or [None] * len(layouts)
 
-    def compress(basis, lay):
+    def compress(basis, lay, s):
         return lambda g: layout_lib.project(
-            layout_lib.as_matrix(g.astype(operand_dtype), lay), basis, lay, operand_dtype
+            layout_lib.as_matrix(g.astype(operand_dtype), lay),
+            basis,
+            lay,
+            operand_dtype,
+            None if s is None else s[1],
         )
 
-    def expand(basis, lay):
-        return lambda n: layout_lib.back_project(n, basis, lay, operand_dtype)
+    def expand(basis, lay, s, g):
+        if s is None:
+            return lambda n: layout_lib.back_project(n, basis, lay, operand_dtype)
+        # N's rank dim may share a mesh axis with P's rows: gather it first (as Auto meshes do).
+        return lambda n: _explicit.like(
+            layout_lib.back_project(
+                _explicit.reshard_to(n, _without_rank(s[1].spec, lay)),
+                basis,
+                lay,
+                operand_dtype,
+                s[2],
+            ),
+            g,
+        )
 
-    pairs = list(zip(bases, layouts, strict=True))
+    triples = list(zip(bases, layouts, shardings, grads, strict=True))
     return update_through(
         inner,
         treedef,
         grads,
-        [None if lay is None else compress(b, lay) for b, lay in pairs],
-        [None if lay is None else expand(b, lay) for b, lay in pairs],
+        [None if lay is None else compress(b, lay, s) for b, lay, s, _ in triples],
+        [None if lay is None else expand(b, lay, s, g) for b, lay, s, g in triples],
         inner_state,
         params,
         scale,

@@ -4,7 +4,8 @@
 [--layerwise] [--int8]`` prints one JSON object; tests/test_train.py (the plain step),
 tests/test_layerwise.py (``--layerwise``: the layer-wise step on stacked layers) and
 tests/test_int8_weights.py (``--layerwise --int8``: with int8-stored layers) run it in a
-subprocess (the device count is fixed when jax starts).
+subprocess (the device count is fixed when jax starts); ``--explicit``: the plain step with
+``mesh.axis_types='explicit'`` on the one-device and 2x2x2 meshes (tests/test_train.py).
 """
 
 from __future__ import annotations
@@ -89,16 +90,24 @@ def _int8_specs(state: Any) -> dict:
     }
 
 
-def run(tmp: pathlib.Path, steps: int = 3, *, layerwise: bool = False, int8: bool = False) -> dict:
+def run(
+    tmp: pathlib.Path,
+    steps: int = 3,
+    *,
+    layerwise: bool = False,
+    int8: bool = False,
+    explicit: bool = False,
+) -> dict:
     config = tiny_config(tmp, **(LAYERWISE if layerwise else {}))
+    if explicit:  # mesh.axis_types='explicit' (the plain step): the one-device and 2x2x2 meshes
+        config.mesh.axis_types = "explicit"
     datasets = data_lib.build_datasets(
         config.data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=0
     )
     batches = [next(datasets.train) for _ in range(steps)]
     out = {"devices": jax.device_count(), "losses": {}, "specs": {}}
-    cases = [
-        (name, shape, {}) for name, shape in (LAYERWISE_MESHES if layerwise else MESHES).items()
-    ]
+    meshes = LAYERWISE_MESHES if layerwise or explicit else MESHES
+    cases = [(name, shape, {}) for name, shape in meshes.items()]
     if int8:
         cases = [(f"int8_{name}", shape, INT8) for name, shape in LAYERWISE_MESHES.items()]
     elif layerwise:
@@ -126,6 +135,11 @@ if __name__ == "__main__":
     flags = sys.argv[2:]
     print(
         json.dumps(
-            run(pathlib.Path(sys.argv[1]), layerwise="--layerwise" in flags, int8="--int8" in flags)
+            run(
+                pathlib.Path(sys.argv[1]),
+                layerwise="--layerwise" in flags,
+                int8="--int8" in flags,
+                explicit="--explicit" in flags,
+            )
         )
     )

@@ -223,3 +223,108 @@ def test_alias_is_one_chain_of_core_and_tail(name):
     state = _make(name).init(_tree(0))
     assert isinstance(state, tuple) and len(state) == 3
     assert isinstance(state[1], optax.AddDecayedWeightsState)
+
+
+# --- Explicit-axis meshes, shard_map and inject_hyperparams (issue 30) -----------------------
+
+
+@functools.cache
+def _explicit_sharding_results() -> dict:
+    """tests/explicit_sharding_check.py over every alias in a process with 8 fake CPU devices
+    (one compiled update per alias per mesh; about a minute on one core)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.child_env import eight_devices_env
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.explicit_sharding_check"],
+        env=eight_devices_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# Error model of a sharded update against the one-device update: the same fp32 operations with
+# the sums of the projections (P^T G, P N over d <= 6) and of the decomposition's inputs split
+# across devices, so only their summation order changes: at most ~n u per sum (u = 2^-24, n <= 6)
+# in each of the ~10 sums an update's entry passes through over three steps, amplified in the
+# basis by ||G|| / (spectral gap) <= ~10 for these fixed Gaussian gradients, i.e. <= 1e-5 of the
+# update's norm (Adam's m / sqrt(v) keeps relative errors: both carry the same rounding). GaSare
+# gathers and scatters exact values, so its updates are bit-identical. Measured: <= 1.3e-7.
+SHARDED_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("case", ["explicit_2x2", "explicit_2x2x2", "mixed", "shard_map"])
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_explicit_sharding_equals_one_device(name, case):
+    """On Explicit-axis meshes (2x2; data x fsdp x tensor 2x2x2 with the trainer's fsdp x tensor
+    layout), a mixed Explicit/Auto mesh and inside a shard_map over ``data``, ``jit(tx.init)``
+    and three ``jit(tx.update)`` steps (two refreshes) give the single-device updates, and every
+    state leaf has the sharding ``state_partition_specs`` derives from the params' specs."""
+    result = _explicit_sharding_results()
+    assert result["devices"] == 8
+    got = result[name][case]
+    assert "error" not in got, got
+    assert got["relative"] <= SHARDED_RTOL, got
+    assert got["init_specs"] == [] and got["update_specs"] == [], got
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_inject_hyperparams_as_optax_users_write_it(name):
+    """``optax.inject_hyperparams(alias)(learning_rate=..., **row)`` without ``static_args``
+    (structural options are not numbers or callables, so they stay static) gives the alias's
+    updates; the injected learning rate is a hyperparameter that scales them.
+
+    Error model: the same operations, but the numeric arguments (learning rate, b1, b2, eps,
+    momentum, weight decay) arrive as fp32 arrays instead of Python floats. Python computes
+    ``1 - b2`` in double; injected, ``b2 = 0.999`` is first rounded to fp32, so Adam's bias
+    correction ``1 - b2^t`` carries a relative error up to ``u b2 / (1 - b2)`` = 6e-5
+    (u = 2^-24), half of it through ``sqrt(v)``: <= 3e-5 of each update (measured 7.7e-6);
+    ``1 - b1`` and the others add ~1e-6."""
+    params = _tree(0)
+    injected = optax.inject_hyperparams(getattr(gl, name))(
+        learning_rate=LEARNING_RATE, **ALIASES[name]
+    )
+    update = jax.jit(injected.update)
+    got, state = _run(injected, params, update=update)
+    want, _ = _run(_make(name), params, update=_jitted(name))
+    chex.assert_trees_all_close(got, want, rtol=3e-5, atol=1e-9)
+    assert set(state.hyperparams) >= {"learning_rate"}
+    for key, value in state.hyperparams.items():  # only numbers became hyperparameters
+        assert jnp.ndim(value) == 0, key
+    state.hyperparams["learning_rate"] = jnp.asarray(2 * LEARNING_RATE)
+    doubled, _ = update(_tree(10 + STEPS), state, params)
+    half, _ = update(
+        _tree(10 + STEPS),
+        state._replace(
+            hyperparams={**state.hyperparams, "learning_rate": jnp.asarray(LEARNING_RATE)}
+        ),
+        params,
+    )
+    chex.assert_trees_all_close(doubled, jax.tree.map(lambda x: 2 * x, half), rtol=1e-6)
+
+
+def test_inject_hyperparams_names_the_static_args_it_needs():
+    """A mask function is called by ``inject_hyperparams`` as a schedule: the one-line error
+    names the ``static_args`` that keep it a function."""
+    name = "galore_adamw"
+    params = _tree(0)
+    injected = optax.inject_hyperparams(getattr(gl, name))(
+        learning_rate=LEARNING_RATE,
+        weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+        **ALIASES[name],
+    )
+    with pytest.raises(TypeError, match=r"static_args=\('weight_decay_mask',\)"):
+        injected.init(params)
+    fixed = optax.inject_hyperparams(getattr(gl, name), static_args=("weight_decay_mask",))(
+        learning_rate=LEARNING_RATE,
+        weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+        **ALIASES[name],
+    )
+    _run(fixed, params, steps=1, update=jax.jit(fixed.update))

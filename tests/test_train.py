@@ -63,10 +63,14 @@ def test_resume_is_exact_across_refresh_and_hybrid_switch(tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
 
 
-def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
-    """Meshes (8,1,1), (2,4,1), (2,2,2) give the losses of 1 device; params AND state sharded."""
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+def test_eight_fake_devices_match_one_and_shard_state(tmp_path, axis_types):
+    """Meshes (8,1,1), (2,4,1), (2,2,2) give the losses of 1 device; params AND state sharded.
+    ``mesh.axis_types='explicit'`` (Explicit axes; the 1-device and 2x2x2 meshes, to keep it
+    cheap): the same losses and the same shardings, now the arrays' types."""
+    flags = ["--explicit"] if axis_types == "explicit" else []
     out = subprocess.run(
-        [sys.executable, "-m", "tests.multidevice_check", str(tmp_path)],
+        [sys.executable, "-m", "tests.multidevice_check", str(tmp_path), *flags],
         env=eight_devices_env(),
         cwd=ROOT,
         capture_output=True,
@@ -76,7 +80,7 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
     reference = result["losses"]["1"]
-    for name in ("8x1x1", "2x4x1", "2x2x2"):
+    for name in [n for n in ("8x1x1", "2x4x1", "2x2x2") if n in result["losses"]]:
         # fp32 compute; only the order of cross-device reductions differs.
         assert result["losses"][name] == pytest.approx(reference, rel=1e-5), name
     specs = result["specs"]["2x2x2"]
@@ -90,6 +94,23 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path):
     # Right-projected down_proj (128 x 64): Q spans cols (fsdp), the m x r moment keeps rows.
     assert specs["down_basis"] == "P('fsdp', None)"
     assert specs["down_mu"] == "P('tensor', 'fsdp')"
+
+
+def test_mesh_axis_types_are_checked(tmp_path):
+    """``mesh.axis_types``: 'auto' or 'explicit', and 'explicit' only for the plain step; the
+    mesh gets the axis types asked for."""
+    config = tiny_config(tmp_path)
+    main_lib.validate_config(config)
+    config.mesh.axis_types = "manual"
+    with pytest.raises(ValueError, match=r"config.mesh.axis_types must be one of \['auto', "):
+        main_lib.validate_config(config)
+    config.mesh.axis_types = "explicit"
+    main_lib.validate_config(config)
+    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "axis_types": "explicit"})
+    assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}
+    config.step.layerwise = True
+    with pytest.raises(ValueError, match="axis_types='explicit' runs the plain full-gradient"):
+        main_lib.validate_config(config)
 
 
 def test_bad_mesh_raises_before_compiling():

@@ -78,6 +78,18 @@ def validate_config(config: Any) -> None:
             f"config.seq_len={config.seq_len} exceeds config.model.max_seq_len="
             f"{config.model.max_seq_len}"
         )
+    explicit = sharding_lib.axis_type(config.mesh) == jax.sharding.AxisType.Explicit
+    if explicit and (
+        config.step.layerwise
+        or config.step.relora
+        or config.model.scan_layers
+        or config.model.weight_storage != "float"
+    ):
+        raise ConfigError(
+            "config.mesh.axis_types='explicit' runs the plain full-gradient step: it needs "
+            "step.layerwise=False, step.relora=False, model.scan_layers=False and "
+            "model.weight_storage='float' (use 'auto' for those)"
+        )
     optimizer_lib.validate(config.optimizer, num_steps=config.num_steps, step=config.step)
     mechanism_lib.validate(config)
     if config.step.stochastic_rounding and config.model.param_dtype != "bfloat16":
@@ -191,6 +203,7 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     param_paths = [
         jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_shapes)
     ]
+    float_param_sharding = param_sharding
     if int8:
         param_shapes = weight_storage_lib.encode_shapes(param_shapes)
         param_sharding = weight_storage_lib.encode_shardings(param_sharding)
@@ -215,8 +228,16 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     )
     batch_sharding = sharding_lib.batch_sharding(mesh)
 
+    explicit = sharding_lib.is_explicit(mesh)
+
+    def init_params(key):
+        return nn.unbox(model.init(key, dummy)["params"])
+
+    if explicit:  # model code under auto_axes; params (and so the state) get explicit types
+        init_params = jax.sharding.auto_axes(init_params, out_sharding=float_param_sharding)
+
     def init(key):
-        params = nn.unbox(model.init(key, dummy)["params"])
+        params = init_params(key)
         opt_state = tx.init(params)
         if int8:
             params = weight_storage_lib.encode(params)
@@ -230,6 +251,11 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
     if int8:
         decode = functools.partial(weight_storage_lib.decode, dtype=model_config.param_dtype)
         loss_fn = layerwise_lib.make_loss_fn(model_config, cross_entropy, decode)
+    if explicit:
+        # The model places its activations with logical sharding constraints (Auto-axis
+        # code); on an Explicit mesh its forward/backward runs inside auto_axes, while the
+        # optimizer update runs on the params' and state's explicit types.
+        loss_fn = sharding_lib.auto_axes_loss(loss_fn)
     if layerwise:
         train_step = layerwise_lib.make_train_step(
             model_config, layer_tx, cross_entropy, apply_updates, decode

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from golore_jax.partitioning import state_partition_specs
 from train.errors import ConfigError
@@ -65,10 +65,29 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+
+
+def axis_type(mesh_config: Any) -> AxisType:
+    """``config.mesh.axis_types`` (``auto`` when absent) as a ``jax.sharding.AxisType``."""
+    name = mesh_config.get("axis_types", "auto") if hasattr(mesh_config, "get") else "auto"
+    if name not in AXIS_TYPES:
+        raise ConfigError(
+            f"config.mesh.axis_types must be one of {sorted(AXIS_TYPES)}, got {name!r}"
+        )
+    return AXIS_TYPES[name]
+
+
+def is_explicit(mesh: Mesh) -> bool:
+    """Whether the mesh's axes are Explicit (shardings in the arrays' types)."""
+    return AxisType.Explicit in tuple(mesh.axis_types)
+
+
 def make_mesh(mesh_config: Any, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_config, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    kind = axis_type(mesh_config)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(kind,) * len(MESH_AXES))
 
 
 def _mesh_axis_size(mesh: Mesh, axes: Any) -> int:
@@ -154,3 +173,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def auto_axes_loss(loss_fn: Any) -> Any:
+    """``loss_fn(params, batch) -> scalar`` run with the mesh's Explicit axes as Auto ones
+    (``jax.sharding.auto_axes``): model code written for Auto meshes (logical sharding
+    constraints) runs unchanged; its scalar loss comes back replicated, and its gradient in
+    the params' explicit types."""
+    return jax.sharding.auto_axes(loss_fn, out_sharding=PartitionSpec())
