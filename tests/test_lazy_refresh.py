@@ -4,6 +4,9 @@ its specs, the layer-wise paths, and the trainer's optimizer.subspace.lazy_* key
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -16,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 import golore_jax as gl
 from golore_jax.partitioning import state_partition_specs
 from golore_jax.subspace import LazyRefresh, refresh_counts, scale_by_subspace
+from tests.child_env import eight_devices_env
 from tests.train_fixtures import tiny_config
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
@@ -23,6 +27,8 @@ from train import main as main_lib
 from train import optimizer as optimizer_lib
 from train import sharding as sharding_lib
 from train.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _random_grads(params, step):
@@ -363,3 +369,29 @@ def test_relora_refuses_int4_bases(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"step.relora=True needs .*basis_dtype .* got 'int4'"):
         optimizer_lib.validate(config.optimizer, step=config.step)
+
+
+def test_eight_fake_devices_match_one_device(tmp_path):
+    """The layer-wise step with INT4 bases and the lazy refresh on a 2x2x2 mesh: the losses of
+    1 device (fp32; only the order of cross-device reductions differs: rel 1e-5), the same
+    decompositions skipped, the INT4 codes sharded like an fp32 basis (rows over fsdp) behind
+    the layer axis, the scales replicated (64 rows: one block, not whole blocks per device)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.lazy_int4_devices_check", str(tmp_path)],
+        env=eight_devices_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    assert result["losses"]["2x2x2"] == pytest.approx(result["losses"]["1"], rel=1e-5)
+    assert result["counts"]["2x2x2"] == result["counts"]["1"]
+    done, scheduled = result["counts"]["1"]
+    assert scheduled == 3 * 14 and done < scheduled  # refreshes at steps 0, 2, 4
+    specs = result["specs"]["2x2x2"]
+    assert specs["q_codes"] == "P(None, 'fsdp', None)"
+    assert specs["q_scales"] == "P(None, None, None)"
+    assert specs["down_codes"] == "P(None, 'fsdp', None)"
+    assert specs["period"] == "P(None,)"
