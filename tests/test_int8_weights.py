@@ -26,13 +26,15 @@ from train import weight_storage
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERWISE = {"step.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True}
-# The 16 GB recipe's options (int4 bases and the lazy refresh are issue 31's other items).
+# The 16 GB recipe's options: int8 layers, bf16 rest with stochastic rounding, int4 bases, the
+# lazy refresh (threshold 0.5 of the overlap ||P_old^T P_new||_F^2 / r), 8-bit moments, remat.
 RECIPE = {
     **LAYERWISE,
     "model.weight_storage": "int8",
     "model.param_dtype": "bfloat16",
     "step.stochastic_rounding": True,
-    "optimizer.subspace.basis_dtype": "bfloat16",
+    "optimizer.subspace.basis_dtype": "int4",
+    "optimizer.subspace.lazy_threshold": 0.5,
     "optimizer.inner.name": "adamw8bit",
     "model.remat": True,
 }
@@ -207,10 +209,11 @@ def test_fused_int8_step_follows_a_full_gradient_reference(tmp_path):
 
 
 def test_int8_recipe_trains_and_resume_is_exact(tmp_path):
-    """All the memory options together (int8 layers, bf16 rest with stochastic rounding, bf16
-    bases, 8-bit moments, remat, layer-wise): the loss falls; saving at step 3 (orbax: codes
-    and scales) and restoring into the trainer's abstract state, then 3 more steps, gives the
-    uninterrupted run's losses and params bit for bit (refreshes at 0, 2, 4)."""
+    """All the memory options together (int8 layers, bf16 rest with stochastic rounding, int4
+    bases, the lazy refresh, 8-bit moments, remat, layer-wise; the hybrid GaLore/GoLore): the
+    loss falls; saving at step 3 (orbax: codes and scales) and restoring into the trainer's
+    abstract state, then 3 more steps, gives the uninterrupted run's losses and params bit for
+    bit (refreshes scheduled at 0, 2, 4)."""
     config = tiny_config(tmp_path, **RECIPE)
     trainer = _trainer(config)
     batches = [main_lib.to_global(b, trainer.batch_sharding) for b in _batches(config, 6)]
@@ -303,3 +306,40 @@ def test_eight_fake_devices_match_one_with_int8_layers(tmp_path):
 def test_bad_int8_config_raises(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         main_lib.validate_config(tiny_config(tmp_path, **overrides))
+
+
+def _compiled_temp_bytes(num_layers: int, tmp_path) -> tuple[int, int, int]:
+    """The int8 trainer step's compiled scratch bytes (params and state are donated in/out
+    buffers, not scratch), one decoded bf16 layer's bytes and one saved layer input's bytes."""
+    config = tiny_config(tmp_path, **RECIPE)
+    config.model.num_layers, config.batch_size = num_layers, 2
+    trainer = _trainer(config)
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (config.batch_size, config.seq_len), jnp.int32, sharding=trainer.batch_sharding
+        )
+        for k in ("inputs", "targets")
+    }
+    compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+    codes = [
+        w.codes
+        for w in jax.tree.leaves(
+            trainer.abstract_state.params["model"]["layers"],
+            is_leaf=lambda x: isinstance(x, precision.Int8Weight),
+        )
+        if isinstance(w, precision.Int8Weight)
+    ]
+    layer_bf16 = sum(c.size * 2 for c in codes) // num_layers
+    input_bytes = config.batch_size * config.seq_len * config.model.hidden_size * 4
+    return compiled.memory_analysis().temp_size_in_bytes, layer_bf16, input_bytes
+
+
+def test_no_float_copy_of_all_layers_exists(tmp_path):
+    """Four more int8 layers add to the compiled step's scratch no more than their four saved
+    inputs (fp32 compute here: 16 KiB each) plus 1 KiB per layer, where one decoded bf16 layer
+    is 80 KiB: the decode (forward, recompute, update) holds one layer at a time, never the
+    stack."""
+    temp4, layer_bf16, input_bytes = _compiled_temp_bytes(4, tmp_path)
+    temp8, _, _ = _compiled_temp_bytes(8, tmp_path)
+    assert layer_bf16 > 4 * (input_bytes + 1024)  # the bound below tells the two apart
+    assert temp8 - temp4 <= 4 * (input_bytes + 1024), (temp8, temp4, input_bytes, layer_bf16)
