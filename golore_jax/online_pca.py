@@ -48,6 +48,7 @@ from golore_jax.planning import (
     require_positive_int,
     zero_bases,
 )
+from golore_jax.state_shapes import shape_checker
 from golore_jax.tail import update_in_subspace
 
 # OSD's code steps P with lr = 1 / update_proj_gap; 200 is GaLore's C4 gap (ALGORITHMS.md).
@@ -209,7 +210,11 @@ def scale_by_online_subspace(
             inner_state=inner.init(treedef.unflatten(low_rank_like(leaves, layouts, shardings))),
         )
 
+    # A leaf whose shape changed since init: one line naming it (checked when tracing).
+    check_shapes = shape_checker("scale_by_online_subspace", init_fn)
+
     def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
+        check_shapes(updates, state)
         layouts, treedef = plan(updates)
         grads = treedef.flatten_up_to(updates)
         chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec
 
 from golore_jax import _explicit, partitioning, rotation
 from golore_jax.planning import as_key, require_finite, require_positive_int, resolve_mask
+from golore_jax.state_shapes import shape_checker
 from golore_jax.tail import update_through
 
 SELECTORS = ("topk", "random")
@@ -262,7 +263,11 @@ def scale_by_sparse_subspace(
             inner_state=inner.init(treedef.unflatten(values)),
         )
 
+    # A leaf whose shape changed since init: one line naming it (checked when tracing).
+    check_shapes = shape_checker("scale_by_sparse_subspace", init_fn)
+
     def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
+        check_shapes(updates, state)
         counts, treedef = plan(updates)
         grads = treedef.flatten_up_to(updates)
         chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)

@@ -54,6 +54,7 @@ from golore_jax.planning import (
     zero_bases,
 )
 from golore_jax.rotation import SECOND_MOMENT_POLICIES
+from golore_jax.state_shapes import shape_checker
 from golore_jax.tail import update_in_subspace, update_through
 
 __all__ = [
@@ -516,6 +517,9 @@ def scale_by_subspace(
             inner_state=inner.init(treedef.unflatten(low_rank_like(leaves, layouts, shardings))),
         )
 
+    # A leaf whose shape changed since init: one line naming it (checked when tracing).
+    check_shapes = shape_checker("scale_by_subspace", init_fn)
+
     def update_fn(updates, state, params=None, *, subspace_grads=None, **extra_args):
         if extra_args.pop(LOW_RANK_ARG, False):
             if params is None:
@@ -526,6 +530,7 @@ def scale_by_subspace(
             return _low_rank_step(
                 inner, layouts, treedef, scale, updates, state, params, extra_args
             )
+        check_shapes(updates, state)
         layouts, treedef = plan(updates)
         grads = treedef.flatten_up_to(updates)
         chooser = grads if subspace_grads is None else treedef.flatten_up_to(subspace_grads)
