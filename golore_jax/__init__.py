@@ -11,32 +11,10 @@ without deprecation).
 
 import warnings as _warnings
 
+from golore_jax import aliases as _aliases
 from golore_jax import layerwise, projectors
-from golore_jax.aliases import (
-    _DEPRECATED_NAMES,
-    Execution,
-    Online,
-    Sparse,
-    Subspace,
-    galore,
-    galore_adamw,
-    galore_sgd,
-    gasare,
-    gasare_adamw,
-    gasare_sgd,
-    golore_adamw,
-    golore_projector,
-    golore_sgd,
-    gosare_adamw,
-    gosare_sgd,
-    osd,
-    osd_adamw,
-    osd_sgd,
-    paper_msgd_hyperparams,
-    scale_by_galore,
-    scale_by_gasare,
-    scale_by_osd,
-)
+from golore_jax.aliases import *  # noqa: F403  (the optimizers and their options: aliases.__all__)
+from golore_jax.aliases import _DEPRECATED_NAMES
 from golore_jax.memory import optimizer_state_floats, subspace_state_floats
 from golore_jax.online_pca import ScaleByOnlineSubspaceState, default_projector_optimizer
 from golore_jax.partitioning import state_partition_specs
@@ -52,42 +30,21 @@ from golore_jax.subspace import (
 )
 
 __all__ = [
-    "Execution",
+    *_aliases.__all__,
     "LazyRefresh",
-    "Online",
     "ScaleByOnlineSubspaceState",
     "ScaleBySparseSubspaceState",
     "ScaleBySubspaceState",
-    "Sparse",
-    "Subspace",
     "apply_updates_stochastic",
     "count_moments",
     "default_mask",
     "default_projector_optimizer",
-    "galore",
-    "galore_adamw",
-    "galore_sgd",
-    "gasare",
-    "gasare_adamw",
-    "gasare_sgd",
-    "golore_adamw",
-    "golore_projector",
-    "golore_sgd",
-    "gosare_adamw",
-    "gosare_sgd",
     "layerwise",
     "low_rank_update",
     "optimizer_state_floats",
-    "osd",
-    "osd_adamw",
-    "osd_sgd",
-    "paper_msgd_hyperparams",
     "projectors",
     "refresh_counts",
     "scale_by_adam_8bit",
-    "scale_by_galore",
-    "scale_by_gasare",
-    "scale_by_osd",
     "state_partition_specs",
     "stochastic_round_to_bf16",
     "subspace_layouts",
