@@ -284,6 +284,7 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
 
     import golore_jax as gl
     from benchmarks.state_memory import model_param_shapes
+    from golore_jax.subspace import scale_by_subspace
 
     shape = FULL_MODELS[model_name]
     layers, rank = shape.layers, shape.rank
@@ -298,7 +299,7 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
         "subspace_iteration": gl.projectors.subspace_iteration(),
         "random": gl.projectors.random(),
     }[method]
-    tx = gl.scale_by_subspace(
+    tx = scale_by_subspace(
         optax.scale_by_adam(),
         rank=rank,
         update_every=10**6,

@@ -238,6 +238,7 @@ def table(tmp: pathlib.Path) -> None:
 
     import golore_jax as gl
     from golore_jax import layout, projectors
+    from golore_jax.subspace import scale_by_subspace
 
     rows: list[tuple[str, str, str, str]] = []
 
@@ -257,7 +258,7 @@ def table(tmp: pathlib.Path) -> None:
 
     def subspace(params=None, **kw):
         kw = {"update_every": 2, **kw}
-        return lambda: gl.scale_by_subspace(optax.scale_by_adam(), **kw).init(
+        return lambda: scale_by_subspace(optax.scale_by_adam(), **kw).init(
             bad_params if params is None else params
         )
 

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import golore_jax as gl
+from golore_jax.subspace import scale_by_subspace
 
 
 def _problem():
@@ -98,4 +99,4 @@ def test_bf16_bases_halve_the_basis_bytes():
 
 def test_bad_basis_dtype_is_rejected():
     with pytest.raises(ValueError, match="basis_dtype"):
-        gl.scale_by_subspace(optax.identity(), rank=2, update_every=1, basis_dtype="bf16")
+        scale_by_subspace(optax.identity(), rank=2, update_every=1, basis_dtype="bf16")

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 import golore_jax as gl
 from golore_jax import partitioning
 from golore_jax.partitioning import state_partition_specs
+from golore_jax.subspace import scale_by_subspace
 
 RANK = 2
 PARAMS = {
@@ -78,7 +79,7 @@ def test_plain_optax_state_specs_follow_params():
 
 def test_specs_for_a_custom_split_and_nested_wrappers():
     """Specs follow a non-default matrix_split and survive MultiSteps / inject_hyperparams."""
-    sub = gl.scale_by_subspace(
+    sub = scale_by_subspace(
         optax.trace(0.9),
         rank=RANK,
         update_every=3,

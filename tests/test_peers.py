@@ -13,6 +13,7 @@ import pytest
 
 import golore_jax as gl
 from golore_jax import layout
+from golore_jax.subspace import scale_by_subspace
 
 # Tall, wide and square leaves (and a vector, which neither library projects).
 SHAPES = {"tall": (12, 5), "wide": (5, 12), "square": (8, 8), "bias": (7,)}
@@ -58,7 +59,7 @@ def _ours_with_optax_side() -> optax.GradientTransformation:
         }
 
     def part(names, transposed):
-        return gl.scale_by_subspace(
+        return scale_by_subspace(
             optax.scale_by_adam(),
             rank=RANK,
             update_every=GAP,
@@ -81,7 +82,7 @@ def test_state_rule_is_optax_side_for_adam():
     assert gl.count_moments(optax.trace(0.9), {"w": jnp.zeros((3, 4))}) == 1
     assert gl.count_moments(optax.identity(), {"w": jnp.zeros((3, 4))}) == 0
     # and it is what scale_by_subspace builds (bases on the side optax keeps its projector)
-    tx = gl.scale_by_subspace(optax.scale_by_adam(), rank=RANK, update_every=GAP, side="state")
+    tx = scale_by_subspace(optax.scale_by_adam(), rank=RANK, update_every=GAP, side="state")
     ours = tx.init(_grads(0)).bases
     theirs = optax.contrib.scale_by_galore(RANK, GAP).init(_grads(0)).projector
     for k in ("tall", "wide", "square"):
@@ -122,7 +123,7 @@ def test_equals_optax_contrib_galore_step_for_step():
 
 def test_default_side_differs_from_optax_on_tall_and_wide():
     """The default ("gradient") rule is GaLore's: on tall/wide leaves it is not optax's."""
-    tx = gl.scale_by_subspace(optax.scale_by_adam(), rank=RANK, update_every=GAP)
+    tx = scale_by_subspace(optax.scale_by_adam(), rank=RANK, update_every=GAP)
     lays = gl.subspace_layouts(_grads(0), rank=RANK)
     assert lays["['tall']"].side == "right" and lays["['wide']"].side == "left"
     assert lays["['square']"].side == "left"
@@ -140,7 +141,7 @@ def test_default_side_differs_from_optax_on_tall_and_wide():
 def test_state_floats_closed_form_matches_the_state(side, inner, moments):
     """layout.state_floats / memory.subspace_state_floats equal the floats actually held."""
     params = _grads(0)
-    state = gl.scale_by_subspace(inner, rank=RANK, update_every=GAP, side=side).init(params)
+    state = scale_by_subspace(inner, rank=RANK, update_every=GAP, side=side).init(params)
     assert gl.optimizer_state_floats(state) == gl.subspace_state_floats(
         params, rank=RANK, moments=moments, side=side
     )
@@ -164,7 +165,7 @@ def test_state_rule_minimises_the_floats():
 
 def test_side_is_validated():
     with pytest.raises(ValueError, match=r"scale_by_subspace: side must be one of .* 'top'"):
-        gl.scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2, side="top")
+        scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2, side="top")
     with pytest.raises(ValueError, match="scale_by_online_subspace: side must be one of"):
         gl.online_pca.scale_by_online_subspace(optax.scale_by_adam(), rank=2, side="optax")
     with pytest.raises(ValueError, match="side must be one of"):
@@ -176,7 +177,7 @@ def test_forced_side_is_an_orthogonal_projection(side):
     """ "left"/"right" project that side of every leaf: the update of an identity inner at full
     rank on that side is the gradient itself; at lower rank it is P P^T G or G Q Q^T."""
     params = _grads(0)
-    tx = gl.scale_by_subspace(optax.identity(), rank=RANK, update_every=GAP, side=side)
+    tx = scale_by_subspace(optax.identity(), rank=RANK, update_every=GAP, side=side)
     upd, state = tx.update(params, tx.init(params))
     for k in ("tall", "wide", "square"):
         b = state.bases[k]
@@ -386,7 +387,7 @@ def test_partition_specs_follow_the_side_of_a_square_leaf(side, basis_spec, mome
     from golore_jax import partitioning
 
     params = {"sq": jnp.zeros((8, 8), jnp.float32)}
-    tx = gl.scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2, side=side)
+    tx = scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2, side=side)
     state = jax.eval_shape(tx.init, params)
     specs = partitioning.state_partition_specs(state, params, {"sq": PartitionSpec("rows", "cols")})
     assert specs.bases["sq"] == PartitionSpec(*basis_spec)

@@ -11,8 +11,8 @@ import optax
 import pytest
 from absl.testing import parameterized
 
-import golore_jax as gl
 from golore_jax import layout, projectors
+from golore_jax.subspace import scale_by_subspace
 
 # Haar statistics: N draws of a (M, R) basis.
 N_DRAWS, M, R = 4000, 8, 3
@@ -102,7 +102,7 @@ class SVDUpdateTest(parameterized.TestCase):
         names = sorted(SVD_CASES)
         rng = np.random.default_rng(0)
         grads = {n: jnp.asarray(rng.standard_normal(SVD_CASES[n][0]), jnp.float32) for n in names}
-        tx = gl.scale_by_subspace(
+        tx = scale_by_subspace(
             optax.identity(),
             rank=lambda path, _: SVD_CASES[path[2:-2]][1],  # path is "['name']"
             update_every=5,
@@ -250,7 +250,7 @@ TAU = 3
 
 def _run_bases(projector, steps: int, shape=(5, 8), rank=2):
     """Runs scale_by_subspace(identity) on fresh Gaussian gradients; returns grads and bases."""
-    tx = gl.scale_by_subspace(
+    tx = scale_by_subspace(
         optax.identity(),
         rank=rank,
         update_every=TAU,
@@ -314,7 +314,7 @@ def test_bad_gradient_at_refresh_keeps_previous_basis(projector):
     SVD keeps the previous basis; the random projector ignores the gradient and refreshes.
     (An inf entry once hung LAPACK's SVD: this test would then never finish.)
     """
-    tx = gl.scale_by_subspace(
+    tx = scale_by_subspace(
         optax.identity(), rank=2, update_every=2, projector=projector, mask={"w": True}
     )
     shape = (4, 6)

@@ -15,8 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-import golore_jax as gl
 from golore_jax import projectors
+from golore_jax.subspace import scale_by_subspace
 from tests.jaxpr_walk import iter_equations
 
 RANK = 3
@@ -30,7 +30,7 @@ def _grads(seed: int = 0) -> dict:
 
 
 def _tx(projector, batch_refresh: bool = True, update_every: int = 1, batch_size=None):
-    return gl.scale_by_subspace(
+    return scale_by_subspace(
         optax.scale_by_adam(),
         rank=RANK,
         update_every=update_every,

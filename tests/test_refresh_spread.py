@@ -58,6 +58,7 @@ def _run_projector(projector_name: str) -> dict:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     import golore_jax as gl
+    from golore_jax.subspace import scale_by_subspace
 
     projector = {"gram_eigh": gl.projectors.gram_eigh, "svd": gl.projectors.svd}[projector_name]
     keys = jax.random.split(jax.random.key(0), LEAVES)
@@ -65,7 +66,7 @@ def _run_projector(projector_name: str) -> dict:
     mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("fsdp",))
 
     def build(refresh_sharding):
-        tx = gl.scale_by_subspace(
+        tx = scale_by_subspace(
             optax.scale_by_adam(),
             rank=RANK,
             update_every=10,

@@ -14,6 +14,7 @@ import pytest
 
 import golore_jax as gl
 from golore_jax import projectors, rotation
+from golore_jax.subspace import scale_by_subspace
 
 
 class DeclaredState(NamedTuple):
@@ -41,7 +42,7 @@ def _trace(decay: float, state_type: type) -> optax.GradientTransformation:
 
 
 def _updates(inner, momentum_projection, steps=5):
-    tx = gl.scale_by_subspace(
+    tx = scale_by_subspace(
         inner,
         rank=2,
         update_every=2,

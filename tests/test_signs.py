@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-import golore_jax as gl
 from golore_jax import projectors
+from golore_jax.subspace import scale_by_subspace
 
 RANK = 4
 
@@ -81,7 +81,7 @@ def test_bases_identical_jit_and_no_jit(projector):
     """scale_by_subspace's refreshed bases are the same under jit and eagerly, and the
     batched (vmapped) refresh gives each leaf the basis its own call gives."""
     params = {"a": _gradient(jax.random.key(1)), "b": _gradient(jax.random.key(2)).T}
-    tx = gl.scale_by_subspace(optax.scale_by_adam(), rank=RANK, update_every=2, projector=projector)
+    tx = scale_by_subspace(optax.scale_by_adam(), rank=RANK, update_every=2, projector=projector)
     state = tx.init(params)
     _, eager = tx.update(params, state)
     _, jitted = jax.jit(tx.update)(params, state)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import golore_jax as gl
 from golore_jax import layout, projectors
-from golore_jax.subspace import ScaleBySubspaceState
+from golore_jax.subspace import ScaleBySubspaceState, scale_by_subspace
 
 RNG_SEED = 0
 STEPS = 7  # with update_every=2: refreshes at steps 0, 2, 4, 6
@@ -51,7 +51,7 @@ def _trajectory(tx, grads_seq):
 
 def _subspace(inner, **kw):
     defaults = dict(rank=_full_rank, update_every=2, mask=MASK, allow_full_rank=True)
-    return gl.scale_by_subspace(inner, **{**defaults, **kw})
+    return scale_by_subspace(inner, **{**defaults, **kw})
 
 
 def _top_projection(g, r):
@@ -186,7 +186,7 @@ class MomentumProjectionTest(chex.TestCase):
     @parameterized.parameters((True, 3), (False, 3), (True, 4))
     def test_trace_momentum_projection(self, momentum_projection, count):
         """trace: at a refresh M = 0.9 C M_prev + R (C = P_new^T P_old); kept without MP."""
-        tx = gl.scale_by_subspace(
+        tx = scale_by_subspace(
             optax.trace(0.9),
             rank=HAND_RANK,
             update_every=3,
@@ -218,7 +218,7 @@ class MomentumProjectionTest(chex.TestCase):
     def test_adam_moments_at_refresh(self, second_moment):
         """scale_by_adam: mu <- C mu; nu <- (C*C) nu / 0 / nu for project / reset / keep."""
         b1, b2 = 0.9, 0.99
-        tx = gl.scale_by_subspace(
+        tx = scale_by_subspace(
             optax.scale_by_adam(b1=b1, b2=b2),
             rank=HAND_RANK,
             update_every=3,
@@ -285,9 +285,7 @@ def test_update_properties(m, n, data, update_every, steps, use_random):
     orthonormal; the state's float count equals the closed form."""
     rank = data.draw(st.integers(1, min(m, n) - 1), label="rank")
     proj = projectors.random() if use_random else projectors.svd()
-    tx = gl.scale_by_subspace(
-        optax.trace(0.5), rank=rank, update_every=update_every, projector=proj
-    )
+    tx = scale_by_subspace(optax.trace(0.5), rank=rank, update_every=update_every, projector=proj)
     params = {"w": jnp.zeros((m, n)), "bias": jnp.zeros((n,))}
     state = tx.init(params)
     closed = gl.subspace_state_floats(params, rank=rank, moments=1)
@@ -368,16 +366,16 @@ def test_bad_input_raises_with_leaf_path(kwargs, params, error, match):
     params = BAD_PARAMS if params is None else params
     with pytest.raises(error, match=match):
         kw = {"update_every": 2, **kwargs}
-        gl.scale_by_subspace(optax.scale_by_adam(), **kw).init(params)
+        scale_by_subspace(optax.scale_by_adam(), **kw).init(params)
 
 
 def test_full_rank_needs_allow_full_rank():
     """rank == min(m, n) is refused unless allow_full_rank=True."""
     with pytest.raises(ValueError, match="allow_full_rank"):
-        gl.scale_by_subspace(optax.identity(), rank=4, update_every=1).init(BAD_PARAMS)
-    state = gl.scale_by_subspace(
-        optax.identity(), rank=4, update_every=1, allow_full_rank=True
-    ).init(BAD_PARAMS)
+        scale_by_subspace(optax.identity(), rank=4, update_every=1).init(BAD_PARAMS)
+    state = scale_by_subspace(optax.identity(), rank=4, update_every=1, allow_full_rank=True).init(
+        BAD_PARAMS
+    )
     assert state.bases["layer"]["kernel"].shape == (4, 4)
 
 
@@ -402,7 +400,7 @@ def test_default_mask_selects_matrices_but_not_embeddings():
 class DtypeAndLargeBatchTest(chex.TestCase):
     def test_bf16_params_fp32_bases_bf16_updates(self):
         """bf16 params and grads: fp32 bases and moments, bf16 updates, no NaN, close to fp32."""
-        tx = gl.scale_by_subspace(optax.trace(0.9), rank=2, update_every=2, mask=MASK)
+        tx = scale_by_subspace(optax.trace(0.9), rank=2, update_every=2, mask=MASK)
         grads32 = _grad_sequence(steps=3)
         grads16 = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads32)
         params16 = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], jnp.bfloat16), grads16)
@@ -431,7 +429,7 @@ class DtypeAndLargeBatchTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_subspace_grads_choose_basis_updates_are_projected(self):
         """subspace_grads= picks the basis (its SVD), while the step projects `updates`."""
-        tx = gl.scale_by_subspace(optax.identity(), rank=2, update_every=3, mask=MASK)
+        tx = scale_by_subspace(optax.identity(), rank=2, update_every=3, mask=MASK)
         rng = np.random.default_rng(9)
         params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
         grads = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
@@ -460,7 +458,7 @@ class ProjectionDtypeTest(chex.TestCase):
         float32 is the default's exact update."""
 
         def run(**kw):
-            tx = gl.scale_by_subspace(
+            tx = scale_by_subspace(
                 optax.trace(0.5), rank=2, update_every=2, mask=MASK, scale=0.5, **kw
             )
             params = {k: jnp.zeros(sh) for k, sh in SHAPES.items()}
@@ -503,7 +501,7 @@ class ProjectionDtypeTest(chex.TestCase):
 
 def test_state_is_a_namedtuple_with_masked_nodes_for_unprojected_leaves():
     """bases hold (d, r) fp32 zeros before the first step and MaskedNode where not projected."""
-    tx = gl.scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2, mask=MASK)
+    tx = scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2, mask=MASK)
     state = tx.init({k: jnp.zeros(s) for k, s in SHAPES.items()})
     assert isinstance(state, ScaleBySubspaceState)
     assert state.bases["a"].shape == (4, 2) and state.bases["b"].shape == (4, 2)
@@ -525,9 +523,7 @@ class InSubspaceTest(chex.TestCase):
         scale * N with P (scale * N) == the plain update, and the same next state."""
         grads = _grad_sequence(steps=3)
         params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:]), grads)
-        tx = gl.scale_by_subspace(
-            optax.scale_by_adam(), rank=2, update_every=3, mask=MASK, scale=0.5
-        )
+        tx = scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=3, mask=MASK, scale=0.5)
 
         lays = gl.subspace_layouts(params, rank=2, mask=MASK)
         lays = {k: lays[f"['{k}']"] for k in SHAPES}
@@ -564,7 +560,7 @@ class InSubspaceTest(chex.TestCase):
 
     def test_errors_name_the_leaf(self):
         params = {"a": jnp.zeros((4, 6)), "c": jnp.zeros((5,))}
-        tx = gl.scale_by_subspace(optax.identity(), rank=2, update_every=3)
+        tx = scale_by_subspace(optax.identity(), rank=2, update_every=3)
         state = tx.init(params)
         with pytest.raises(ValueError, match="needs params"):
             gl.low_rank_update(tx, params, state, None)
