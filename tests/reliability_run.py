@@ -333,6 +333,10 @@ def table(tmp: pathlib.Path) -> None:
         ("data.paths: a directory with no data file", {"data.paths": [str(tmp / "cache")]}),
         *[(f"data.paths: {n} ({c!r})", {"data.paths": [str(tmp / n)]}) for n, c in files.items()],
         ("data.source='s3'", {"data.source": "s3"}),
+        (
+            "data.ngram_min_count=0, source='sampled'",
+            {"data.source": "sampled", "data.ngram_min_count": 0},
+        ),
         ("data.tokenizer: missing tokenizer.json", {"data.tokenizer": str(tmp / "missing.json")}),
         ("data.tokenizer: broken tokenizer.json", {"data.tokenizer": str(tmp / "bad.jsonl")}),
         ("data.vocab_size 512 > model.vocab_size 100", {"model.vocab_size": 100}),
@@ -390,6 +394,19 @@ def table(tmp: pathlib.Path) -> None:
         ("step.relora=True with optimizer.grad_clip=1", {"step.relora": True}),
         ("eval_batches=0", {"eval_batches": 0}),
         ("run_steps=0", {"run_steps": 0}),
+        (
+            "mechanism.grad_noise_every=3, log_every=2",
+            {"mechanism.grad_noise_every": 3, "log_every": 2},
+        ),
+        (
+            "mechanism.subspace_overlap=True with step.layerwise=True",
+            {
+                "mechanism.subspace_overlap": True,
+                "model.scan_layers": True,
+                "step.layerwise": True,
+                "optimizer.grad_clip": 0.0,
+            },
+        ),
         ("checkpoint_every=0", {"checkpoint_every": 0}),
         ("max_skipped=-1", {"max_skipped": -1}),
         ("coordinator_address='10.0.0.1' (no port)", {"coordinator_address": "10.0.0.1"}),
