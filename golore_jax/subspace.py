@@ -108,6 +108,11 @@ class LazyRefresh:
     ``r / d`` on average, so the rule could only trigger on a threshold below chance; a
     projector that never reads the gradient is refused, and the hybrid's random phase
     decomposes every leaf at every scheduled refresh.
+
+    Under :func:`golore_jax.layerwise.layerwise` each layer keeps its own schedule; with
+    ``layers_per_call > 1`` layers are vmapped together only while their counters agree, so
+    once their schedules differ the layers are updated one at a time (every step, not only
+    at refreshes).
     """
 
     threshold: float
