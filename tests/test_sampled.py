@@ -225,3 +225,18 @@ def test_bad_min_count_names_the_key(tmp_path):
     cfg.cache_dir = str(tmp_path)
     with pytest.raises(ValueError, match=r"data\.ngram_min_count"):
         data_lib.build_datasets(cfg, seq_len=8, global_batch_size=2, seed=0)
+
+
+def test_figure3_sampled_config_is_the_papers_recipe():
+    """configs/figure3_sampled.py passes the trainer's checks and is Appendix E's run."""
+    from configs import figure3_sampled
+    from train import main as main_lib
+
+    c = figure3_sampled.get_config()
+    main_lib.validate_config(c)
+    assert (c.data.source, c.num_steps, c.batch_size, c.seq_len) == ("sampled", 10_000, 128, 256)
+    assert (c.model.hidden_size, c.model.num_layers, c.model.vocab_size) == (512, 8, 32000)
+    sub = c.optimizer.subspace
+    assert (c.optimizer.learning_rate, sub.rank, sub.scale, sub.update_every) == (1e-3, 128, 1, 200)
+    assert (c.optimizer.inner.name, c.model.dtype) == ("adamw", "bfloat16")
+    assert c.mechanism.grad_noise_every % c.log_every == 0 and c.mechanism.subspace_overlap
