@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import tiny_config, write_corpus
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import loop as loop_lib
@@ -328,6 +328,7 @@ def table(tmp: pathlib.Path) -> None:
     }
     for name, content in files.items():
         (tmp / name).write_bytes(content)
+    single = write_corpus(tmp / "single")  # one .txt file: one document (txt_split='file')
     data_cases = [
         ("data.paths: missing file", {"data.paths": [str(tmp / "nope.jsonl")]}),
         ("data.paths: a directory with no data file", {"data.paths": [str(tmp / "cache")]}),
@@ -343,6 +344,10 @@ def table(tmp: pathlib.Path) -> None:
         ("data.eval_fraction=1.5", {"data.eval_fraction": 1.5}),
         ("data.eval_fraction=0.0001 (no held-out batch)", {"data.eval_fraction": 0.0001}),
         ("batch_size=100000 (more than the data)", {"batch_size": 100_000}),
+        (
+            "data.stream_files=True on one .txt file (one document)",
+            {"data.paths": [str(single)], "data.stream_files": True, "data.txt_split": "file"},
+        ),
     ]
     (tmp / "cache").mkdir(exist_ok=True)
     (tmp / "blocker").write_text("a file")
@@ -355,6 +360,7 @@ def table(tmp: pathlib.Path) -> None:
         ("batch_size=0", {"batch_size": 0}),
         ("num_steps=-1", {"num_steps": -1}),
         ("nonfinite='ignore'", {"nonfinite": "ignore"}),
+        ("log_level='loud'", {"log_level": "loud"}),
         ("mesh data=2 on 1 device", {"mesh.data": 2}),
         ("mesh data=-1, fsdp=-1", {"mesh.data": -1, "mesh.fsdp": -1}),
         (
