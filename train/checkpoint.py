@@ -15,22 +15,28 @@ checked before restoring.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import pathlib
 import socket
 import tempfile
+import time
 import zlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from train import atomic
+from train import atomic, supervise
 from train import distributed as distributed_lib
-from train.errors import CheckpointWriteError, ConfigError, WorkdirError
+from train.errors import (
+    CheckpointReadError,
+    ConfigError,
+    WorkdirError,
+    environment_os_error,
+    write_error,
+)
 
 CHECKSUMS = "crc32.json"
 # Config fields that must match between a checkpoint and the run that resumes it.
@@ -132,13 +138,14 @@ class WorkdirLock:
 
     def _acquire_here(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(3):
+        for attempt in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is None:
-                    continue  # removed or half-written by another starting run: retry
+                if holder is None:  # removed, or being written by another starting run
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
                 if holder["host"] == me["host"] and not _pid_alive(holder["pid"]):
                     logging.warning(
                         "%s: taking over the lock of pid %d on %s, which no longer runs",
@@ -157,7 +164,11 @@ class WorkdirLock:
                 f.write(json.dumps(me))
             self._held = True
             return
-        raise WorkdirError(f"could not lock workdir {self.path.parent} ({self.path})")
+        raise WorkdirError(
+            f"could not lock workdir {self.path.parent}: its lock file {self.path} {self._why()}"
+            f" (a run killed while writing it, or not ours); if no run uses this workdir, "
+            f"delete {self.path} and rerun"
+        )
 
     def _holder(self) -> dict[str, Any] | None:
         try:
@@ -165,6 +176,18 @@ class WorkdirLock:
             return {"pid": int(holder["pid"]), "host": str(holder["host"])}
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def _why(self) -> str:
+        """What is wrong with a lock file :meth:`_holder` cannot read."""
+        try:
+            text = self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "kept vanishing and reappearing (another run starting at the same time?)"
+        except OSError as e:
+            return f"cannot be read ({e.strerror})"
+        if not text.strip():
+            return "is empty"
+        return f"does not hold a pid and host ({text[:60]!r})"
 
     def release(self) -> None:
         if self._held:
@@ -187,21 +210,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by another user
         return True
     return True
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError an exception was raised from (orbax wraps them), if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-# A save that fails with these is the environment's fault, not the program's.
-ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class Checkpoints:
@@ -242,14 +250,18 @@ class Checkpoints:
             self._manager.wait_until_finished()
             if saved and jax.process_index() == 0:
                 self._write_checksums(step)
+            if saved:
+                supervise.report(checkpoint=step)  # the watcher's "resume from" (multi-process)
         except Exception as e:
-            cause = _os_error(e)
-            if cause is None or cause.errno not in ENVIRONMENT_ERRNOS:
+            cause = environment_os_error(e)  # orbax wraps OSErrors; tensorstore only says it
+            if cause is None:
                 raise
-            raise CheckpointWriteError(
-                f"saving step {step} to {self.directory} failed: {cause.strerror} "
-                f"({cause.filename or self.directory}); the checkpoints saved before "
-                f"({self.all_steps() or 'none'}) are intact"
+            raise write_error(
+                self.directory / str(step),
+                cause,
+                f"saving step {step} failed and nothing was lost: the checkpoints saved before "
+                f"({self.all_steps() or 'none'}) are intact; free space (or fix the "
+                "permission) and rerun the same command to resume",
             ) from e
         return saved
 
@@ -352,9 +364,11 @@ class Checkpoints:
             self._move_aside_all(steps[: len(errors)], resumed=step)
             return step, state, meta
         if errors:
-            raise RuntimeError(
-                f"no readable checkpoint in {self.directory} (nothing was moved or deleted; "
-                "move the directory away to start afresh): " + " | ".join(errors)
+            reasons = " | ".join(_shortened(error) for error in errors)
+            raise CheckpointReadError(
+                f"no readable checkpoint in {self.directory} (nothing was moved or deleted): "
+                f"{reasons}. Restore a copy of a checkpoint, or move {self.directory} away to "
+                "start afresh"
             )
         return None
 
@@ -385,6 +399,11 @@ class Checkpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _shortened(text: str, limit: int = 240) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def _crc32(path: pathlib.Path) -> int:

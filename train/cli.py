@@ -1,10 +1,13 @@
 """What the command-line entry points (``python -m train``, ``python -m train.finetune``) share:
-list-valued config keys on the command line, and one-line messages for the user's errors."""
+list-valued config keys on the command line, one-line messages for the user's errors with the
+exit status of their class (train/errors.py), SIGINT / SIGTERM before the loop
+(train/interrupts.py), and the watcher of a multi-process run (train/supervise.py)."""
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,7 +15,8 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
-from train.errors import ConfigError, UserError
+from train import errors, interrupts, supervise
+from train.errors import ConfigError, Interrupted, UserError
 
 
 class ListParser(flags.ArgumentParser):
@@ -59,16 +63,52 @@ def loaded_config(flag_values: flags.FlagValues, name: str = "config"):
 ONE_LINE_ERRORS = (UserError, FileNotFoundError)
 
 
+def _print_error(name: str, message: str) -> None:
+    message = " ".join(str(message).split())
+    print(f"error: {name}: {message}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Prints a user error as ``error: MESSAGE`` on stderr and exits with status 2; any other
-    exception (a bug) keeps its traceback."""
+    """Prints a user error as ``error: CLASS: MESSAGE`` on stderr and exits with its class's
+    status (train/errors.py); SIGINT / SIGTERM that stopped the run before its loop: one line,
+    status 130 / 143. Any other exception (a bug) keeps its traceback."""
     try:
         yield
     except ONE_LINE_ERRORS as e:
-        message = " ".join(str(e).split())
-        print(f"error: {type(e).__name__}: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _print_error(type(e).__name__, str(e))
+        sys.exit(errors.exit_code(e))
+    except KeyboardInterrupt as e:  # Interrupted, or a Ctrl-C before its handler was installed
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        _print_error(
+            "Interrupted",
+            f"{signal.Signals(signum).name} before training started (data preparation, "
+            "tokenizer training or compilation): nothing was saved and no partial cache file "
+            "kept; rerun the same command to start",
+        )
+        sys.exit(errors.exit_status_of_signal(signum))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a config file that cannot be loaded as one line (with
+    ``--config.x=`` overrides, ml_collections fails while parsing them, before ``main``)."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except OSError as e:
+        filename = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        name = f"--config={filename}: " if filename else ""
+        _print_error("ConfigError", f"{name}cannot load the config file ({e})")
+        sys.exit(errors.EXIT_CONFIG)
+
+
+def _stop_signals(config: Any) -> tuple[int, ...]:
+    """The signals that raise before the loop: with several processes SIGTERM is JAX's
+    preemption notice (it makes all of them stop together at the first step)."""
+    if config.get("distributed"):
+        return (signal.SIGINT,)
+    return (signal.SIGINT, signal.SIGTERM)
 
 
 def run_program(
@@ -82,7 +122,8 @@ def run_program(
 
     Runs ``program(config, workdir)`` with the XLA defaults and the quiet console of
     ``config.log_level`` (train/console.py: library INFO records go to WORKDIR/train.log),
-    prints ``summary(result)``; user errors print one line (exit status 2).
+    prints ``summary(result)``; user errors print one line and exit with their class's status
+    (train/errors.py); a run the loop stopped on SIGINT / SIGTERM exits with 130 / 143.
     """
     from absl import app
 
@@ -99,8 +140,16 @@ def run_program(
         xla_flags.apply_defaults()  # before the first device is touched
         with one_line_errors():
             config = loaded_config(flags.FLAGS)
+            if config.get("distributed") and not supervise.is_child():
+                # The watcher: runs this command as its child, says why JAX ended it.
+                sys.exit(supervise.run(config, flags.FLAGS.workdir))
+            if supervise.is_child():
+                supervise.die_with_parent()
             console.setup(config)
-            result = program(config, flags.FLAGS.workdir)
+            with interrupts.raising(_stop_signals(config)):
+                result = program(config, flags.FLAGS.workdir)
         print(summary(result))
+        if result.get("signal"):  # the loop saved the step and stopped on SIGINT / SIGTERM
+            sys.exit(errors.exit_status_of_signal(result["signal"]))
 
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

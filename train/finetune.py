@@ -501,6 +501,7 @@ def _finetune(
         "model_config": model_config,
         "params": params,
         "stopped_by_signal": run.stopped_by_signal,
+        "signal": run.signal,  # the stop's SIGINT / SIGTERM (None: not stopped by a signal)
     }
 
 

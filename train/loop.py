@@ -31,10 +31,16 @@ import jax
 import numpy as np
 
 import golore_jax as gl
-from train import atomic, console
+from train import atomic, console, interrupts, supervise
 from train import checkpoint as checkpoint_lib
 from train import distributed as distributed_lib
-from train.errors import ConfigError, WorkdirError
+from train.errors import (
+    ConfigError,
+    NonFiniteError,
+    WorkdirError,
+    environment_os_error,
+    write_error,
+)
 
 NONFINITE_POLICIES = ("skip", "stop")
 LOOP_KEYS_POSITIVE = ("num_steps", "log_every", "eval_every")
@@ -142,6 +148,7 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
+        interrupts.check()  # a signal a library swallowed before the loop (train/interrupts.py)
         for sig in distributed_lib.stop_signals():
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -196,6 +203,7 @@ class Result:
     history: list[dict]  # train records
     evals: list[dict]  # eval records
     stopped_by_signal: bool
+    signal: int | None = None  # the signal the run stopped on (it saved the step first)
 
 
 def refresh_counts(state: Any) -> dict[str, int]:
@@ -214,6 +222,7 @@ def _is_eval(record: dict) -> bool:
 def run(config: Any, workdir: pathlib.Path, program: Program) -> Result:
     """Runs (or resumes from the newest readable checkpoint) ``program`` to
     ``config.num_steps``, or ``config.run_steps`` more steps, or a stop request."""
+    interrupts.check()  # a signal swallowed during data preparation: stop before any file
     # The workdir is ours now: the command line's log file opens there (train/console.py).
     console.open_log_file(workdir, jax.process_index(), jax.process_count())
     checkpoints = checkpoint_lib.Checkpoints(
@@ -221,6 +230,9 @@ def run(config: Any, workdir: pathlib.Path, program: Program) -> Result:
     )
     # The newest readable checkpoint; unreadable newer ones are moved aside with a warning.
     restored = checkpoints.restore_latest(program.abstract_state, config)
+    supervise.report(
+        checkpoint=None if restored is None else restored[0], checkpoints=str(checkpoints.directory)
+    )
     latest = None
     if restored is None:
         state = program.init()
@@ -247,6 +259,7 @@ def run(config: Any, workdir: pathlib.Path, program: Program) -> Result:
         )
         for record in records:
             (evals if _is_eval(record) else history).append(record)
+    interrupts.check()  # a signal swallowed while compiling the init / first evaluation
     writer = _summary_writer(workdir)
     step = int(state.step)
     # Stop (after saving) when this invocation has run config.run_steps steps, e.g. to fit
@@ -254,7 +267,7 @@ def run(config: Any, workdir: pathlib.Path, program: Program) -> Result:
     stop_at = None if config.run_steps is None else step + config.run_steps
     stopped_by_signal = False
     progress = _progress(step, config.num_steps)
-    metrics_cm = metrics_path.open("a") if main else contextlib.nullcontext()
+    metrics_cm = _MetricsFile(metrics_path) if main else contextlib.nullcontext()
     with StopRequest() as stop, metrics_cm as metrics_file:
         if latest is None:
             record = {"step": 0, **initial_eval}
@@ -271,9 +284,8 @@ def run(config: Any, workdir: pathlib.Path, program: Program) -> Result:
                     for p, ok in zip(program.param_paths, metrics["leaf_finite"], strict=True)
                     if not ok
                 ]
-                raise FloatingPointError(
-                    f"non-finite loss or gradient at step {step} (leaves: {bad or ['loss']}); "
-                    f"the last checkpoint is step {checkpoints.latest_step()}"
+                raise NonFiniteError(
+                    _nonfinite_stop(step, bad, len(program.param_paths), checkpoints)
                 )
             if step % config.log_every == 0 or step == config.num_steps:
                 jax.block_until_ready(metrics["loss"])  # waits for the step: time it after this
@@ -288,15 +300,17 @@ def run(config: Any, workdir: pathlib.Path, program: Program) -> Result:
                     {k: f"{v:.4g}" for k, v in list(fields.items())[:2] if _is_number(v)}
                 )
                 if record["skipped"] > config.max_skipped:
-                    raise FloatingPointError(
-                        f"{record['skipped']} steps had non-finite loss or gradients "
-                        f"(config.max_skipped={config.max_skipped}); stopping"
+                    raise NonFiniteError(
+                        f"{record['skipped']} steps had a non-finite loss or gradient, more "
+                        f"than config.max_skipped={config.max_skipped}; "
+                        + _resume_hint(checkpoints)
                     )
             if step % config.eval_every == 0 or step == config.num_steps:
                 record = {"step": step, **program.evaluate(state)}
                 evals.append(record)
                 _write(metrics_file, writer, record)
             progress.update(1)
+            supervise.report(step=step)
             if step % config.checkpoint_every == 0 or step == config.num_steps:
                 checkpoints.save(step, state, meta())
             if step % config.eval_every == 0 or step % config.checkpoint_every == 0:
@@ -310,13 +324,42 @@ def run(config: Any, workdir: pathlib.Path, program: Program) -> Result:
                 )
                 stopped_by_signal = stop.signal is not None
                 break
+    interrupts.clear()  # the loop acted on a stop signal itself
     progress.close()
     checkpoints.close()
     if writer is not None:
         writer.close()
     if history and main:
         _loss_png(history, evals, workdir / "loss.png", *program.plot)
-    return Result(state, step, history, evals, stopped_by_signal)
+    return Result(state, step, history, evals, stopped_by_signal, stop.signal)
+
+
+def _resume_hint(checkpoints: checkpoint_lib.Checkpoints) -> str:
+    latest = checkpoints.latest_step()
+    if latest is None:
+        return (
+            "no checkpoint was saved: lower config.optimizer.learning_rate (or raise "
+            "config.max_skipped) and start again"
+        )
+    return (
+        f"the newest checkpoint, step {latest} in {checkpoints.directory}, is intact: lower "
+        "config.optimizer.learning_rate (or raise config.max_skipped) and rerun to resume from it"
+    )
+
+
+def _nonfinite_stop(
+    step: int, bad: list[str], leaves: int, checkpoints: checkpoint_lib.Checkpoints
+) -> str:
+    """One short line: the step, where (the loss, or the leaves: the first 2 named), what to do."""
+    if not bad or len(bad) == leaves:  # a non-finite loss makes every gradient non-finite
+        where = f"the loss (and all {leaves} gradients)" if bad else "the loss"
+    else:
+        shown = ", ".join(bad[:2]) + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")
+        where = f"the gradient of {len(bad)} of {leaves} leaves ({shown})"
+    return (
+        f"non-finite loss or gradient at step {step} in {where} (config.nonfinite='stop'); "
+        + _resume_hint(checkpoints)
+    )
 
 
 def _is_number(value: Any) -> bool:
@@ -381,23 +424,96 @@ def metrics_line(record: dict) -> str:
     return json.dumps(_strict(record), allow_nan=False) + "\n"
 
 
+# What a failed metrics / TensorBoard write leaves: everything written before it.
+_WRITE_FAILED = (
+    "nothing was lost: the checkpoints saved before are intact and metrics.jsonl keeps the "
+    "records up to the last step; free space (or fix the permission) and rerun the same "
+    "command to resume"
+)
+
+
+@contextlib.contextmanager
+def _writing(path: pathlib.Path):
+    """A write of the environment's making (disk full, read-only, quota) -> one-line
+    CheckpointWriteError naming ``path``, the OS error and the free space; others raise."""
+    try:
+        yield
+    except OSError as e:
+        cause = environment_os_error(e)
+        if cause is None:
+            raise
+        raise write_error(path, cause, _WRITE_FAILED) from e
+
+
 def _write(metrics_file, writer, record: dict) -> None:
     if metrics_file is None:  # not process 0
         return
-    metrics_file.write(metrics_line(record))
-    metrics_file.flush()
+    with _writing(pathlib.Path(metrics_file.name)):
+        metrics_file.write(metrics_line(record))
+        metrics_file.flush()
     if writer is not None:
-        for key, value in record.items():
-            if key != "step" and _is_number(value):
-                writer.add_scalar(key, value, record["step"])
+        with _writing(writer.path):
+            for key, value in record.items():
+                if key != "step" and _is_number(value):
+                    writer.add_scalar(key, value, record["step"])
+            writer.flush()
 
 
-def _summary_writer(workdir: pathlib.Path):
+class _MetricsFile:
+    """metrics.jsonl, appended one record per ``os.write`` (O_APPEND, unbuffered): a record
+    is on disk, or its write raised here, when :func:`_write` returns."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.name = str(path)
+        with _writing(path):
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def write(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+    def flush(self) -> None:
+        pass
+
+    def __enter__(self) -> _MetricsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._fd)
+
+
+class _Events:
+    """TensorBoard scalars written in this thread (tensorboardX's SummaryWriter writes from a
+    thread of its own, whose write error would end that thread and leave the queue to fill and
+    block): a failed write raises here, at the record that failed."""
+
+    def __init__(self, directory: pathlib.Path) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self._events = EventsWriter(str(directory / "events"))
+        self.path = pathlib.Path(self._events._file_name)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.summary import scalar
+
+        event = event_pb2.Event(summary=scalar(tag, value), wall_time=time.time(), step=step)
+        self._events.write_event(event)
+
+    def flush(self) -> None:
+        self._events.flush()
+
+    def close(self) -> None:
+        self._events.close()
+
+
+def _summary_writer(workdir: pathlib.Path) -> _Events | None:
     if jax.process_index() != 0:
         return None
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(str(workdir / "tensorboard"))
+    with _writing(workdir / "tensorboard"):
+        return _Events(workdir / "tensorboard")
 
 
 def _progress(start: int, total: int):

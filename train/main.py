@@ -26,6 +26,7 @@ import optax
 import golore_jax as gl
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
+from train import interrupts
 from train import layerwise as layerwise_lib
 from train import loop as loop_lib
 from train import mechanism as mechanism_lib
@@ -35,7 +36,7 @@ from train import relora as relora_lib
 from train import sharding as sharding_lib
 from train import step as step_lib
 from train import weight_storage as weight_storage_lib
-from train.errors import ConfigError, UserError
+from train.errors import ConfigError, DataError
 
 NONFINITE_POLICIES = ("skip", "stop")
 
@@ -237,10 +238,14 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         init_params = jax.sharding.auto_axes(init_params, out_sharding=float_param_sharding)
 
     def init(key):
-        params = init_params(key)
-        opt_state = tx.init(params)
-        if int8:
-            params = weight_storage_lib.encode(params)
+        if int8:  # layer by layer: the float stack never exists (train/weight_storage.py)
+            params = weight_storage_lib.init_params(model_config, key, dummy)
+            # The optimizer's state from the decoded weights: XLA drops the decode when the
+            # state needs only their shapes (the subspace optimizers' init does).
+            opt_state = tx.init(weight_storage_lib.decode(params, model_config.param_dtype))
+        else:
+            params = init_params(key)
+            opt_state = tx.init(params)
         return step_lib.init_state(params, opt_state, adapters.init(params) if adapters else None)
 
     def loss_fn(params, batch):
@@ -408,10 +413,9 @@ def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
             model_vocab_size=config.model.vocab_size,
         )
         eval_batches = datasets.eval_batches(config.eval_batches)
-    except ValueError as e:  # the data config or files: the user's to fix
-        if isinstance(e, UserError):
-            raise
-        raise ConfigError(str(e)) from e
+    except ValueError as e:  # the data config or files: the user's to fix (exit status 3)
+        raise DataError(str(e)) from e
+    interrupts.check()  # a Ctrl-C the tokenizer library swallowed (train/interrupts.py)
     trainer = build_trainer(config, mesh)
     logging.info(
         "attention: %s; XLA_FLAGS: %r",
@@ -471,6 +475,7 @@ def _train(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     run = loop_lib.run(config, workdir, program)
     return {
         "stopped_by_signal": run.stopped_by_signal,
+        "signal": run.signal,  # the stop's SIGINT / SIGTERM (None: not stopped by a signal)
         "step": run.step,
         "train_loss": run.history[-1]["loss"] if run.history else None,
         "eval_loss": run.evals[-1]["eval_loss"] if run.evals else None,
