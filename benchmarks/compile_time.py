@@ -20,6 +20,7 @@ tests/conftest.py's ``--xla_backend_optimization_level=0`` must not be set for f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -71,18 +72,19 @@ def update_optimizer(name: str, rank: int, update_every: int = 200):
     import golore_jax as gl
     from benchmarks import train_step
 
-    lr, common = 1e-3, dict(rank=rank, update_every=update_every, scale=0.25, weight_decay=0.0)
+    lr, sub = 1e-3, gl.Subspace(rank=rank, update_every=update_every, scale=0.25)
     if name in ("optax_adamw", "optax_galore"):
         baseline = "adamw" if name == "optax_adamw" else name
         return train_step.optax_baseline(baseline, rank, update_every, lr)
-    if name == "galore_adamw":
-        return gl.galore_adamw(lr, **common)
-    if name == "galore_adamw_gram":
-        return gl.galore_adamw(lr, projector=gl.projectors.gram_eigh(), **common)
+    projector = {
+        "galore_adamw_gram": gl.projectors.gram_eigh(),
+        "hybrid_adamw": gl.golore_projector(0.2, 10_000),
+    }.get(name)
+    if name in ("galore_adamw", "galore_adamw_gram", "hybrid_adamw"):
+        sub = dataclasses.replace(sub, projector=projector)
+        return gl.galore_adamw(lr, subspace=sub, weight_decay=0.0)
     if name == "golore_sgd":
-        return gl.golore_sgd(lr, **common)
-    if name == "hybrid_adamw":
-        return gl.golore_adamw(lr, golore_fraction=0.2, total_steps=10_000, **common)
+        return gl.golore_sgd(lr, subspace=sub, weight_decay=0.0)
     raise ValueError(f"--optimizers: unknown optimizer {name!r}; one of {UPDATE_OPTIMIZERS}")
 
 

@@ -63,7 +63,7 @@ def measure(name: str) -> dict:
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     adamw = gl.optimizer_state_floats(jax.eval_shape(optax.adamw(1e-3).init, params))
     galore = gl.optimizer_state_floats(
-        jax.eval_shape(gl.galore_adamw(1e-3, rank=rank).init, params)
+        jax.eval_shape(gl.galore_adamw(1e-3, subspace=gl.Subspace(rank=rank)).init, params)
     )
     closed = gl.subspace_state_floats(params, rank=rank)
     if closed != galore:

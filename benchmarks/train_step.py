@@ -100,13 +100,11 @@ def _optimizer(
     }[name]
     return gl.galore_adamw(
         lr,
-        rank=rank,
-        update_every=update_every,
-        scale=0.25,
+        subspace=gl.Subspace(rank=rank, update_every=update_every, scale=0.25, projector=projector),
+        execution=gl.Execution(
+            projection_dtype=projection_dtype, refresh_batch_size=refresh_batch_size
+        ),
         weight_decay=0.0,
-        projector=projector,
-        projection_dtype=projection_dtype,
-        refresh_batch_size=refresh_batch_size,
     )
 
 

@@ -211,14 +211,14 @@ def make_optimizer(
     subspace = dict(
         rank=config.rank, update_every=config.update_every, scale=config.scale, seed=seed
     )
-    sparse = dict(
+    sparse = gl.Sparse(
         k=sparse_k(config), update_every=config.update_every, scale=config.scale, seed=seed
     )
     # OSD steps P every iteration with lr 1 / update_proj_gap (the authors' code): tau here.
-    osd = dict(
+    online = gl.Online(
         rank=config.rank,
         scale=config.scale,
-        projector_optimizer=gl.online_pca.default_projector_optimizer(1.0 / config.update_every),
+        projector_optimizer=gl.default_projector_optimizer(1.0 / config.update_every),
     )
     if method in ("golore", "golore@50%"):
         fraction = 1.0 if method == "golore" else config.golore_fraction
@@ -236,16 +236,18 @@ def make_optimizer(
             return optax.with_extra_args_support(optax.adamw(lr, **adam))
         if method in ("gasare", "gosare"):
             alias = gl.gasare_adamw if method == "gasare" else gl.gosare_adamw
-            return alias(lr, **adam, **sparse)
+            return alias(lr, **adam, sparse=sparse)
         if method == "osd":
-            return gl.osd_adamw(lr, **adam, **osd)
+            return gl.osd_adamw(lr, **adam, online=online)
         return gl.galore_adamw(
             lr,
-            projector=projector,
-            momentum_projection=hp.momentum_projection,
-            second_moment=hp.second_moment,
+            subspace=gl.Subspace(
+                **subspace,
+                projector=projector,
+                momentum_projection=hp.momentum_projection,
+                second_moment=hp.second_moment,
+            ),
             **adam,
-            **subspace,
         )
 
     if optimizer == "msgd":
@@ -258,11 +260,12 @@ def make_optimizer(
         if method in ("gasare", "gosare"):
             # Algorithm 5's masked momentum: optax's trace, remapped at each mask change.
             alias = gl.gasare_sgd if method == "gasare" else gl.gosare_sgd
-            return alias(lr, momentum=hp["momentum"], **sparse)
+            return alias(lr, momentum=hp["momentum"], sparse=sparse)
         if method == "osd":
-            return gl.osd_sgd(lr, momentum=hp["momentum"], **osd)
+            return gl.osd_sgd(lr, momentum=hp["momentum"], online=online)
         # Momentum projection (equation (2)) is galore_sgd's default: the paper's MSGD has it.
-        return gl.galore_sgd(lr, momentum=hp["momentum"], projector=projector, **subspace)
+        sub = gl.Subspace(**subspace, projector=projector)
+        return gl.galore_sgd(lr, momentum=hp["momentum"], subspace=sub)
 
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
 

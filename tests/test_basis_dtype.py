@@ -32,15 +32,14 @@ def _problem():
     return params, grads
 
 
-def _optimizer(basis_dtype, **kwargs):
+def _optimizer(basis_dtype, **subspace):
     return gl.galore_adamw(
         1e-2,
-        rank=6,
-        update_every=3,
-        projector=gl.projectors.gram_eigh(),
-        basis_dtype=basis_dtype,
+        subspace=gl.Subspace(
+            rank=6, update_every=3, projector=gl.projectors.gram_eigh(), **subspace
+        ),
+        execution=gl.Execution(basis_dtype=basis_dtype),
         weight_decay=0.0,
-        **kwargs,
     )
 
 

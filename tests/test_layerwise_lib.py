@@ -48,7 +48,7 @@ def test_each_layer_runs_its_own_golore_with_its_own_key():
     """Layer i's state and update equal a GoLore run alone on layer i's slice with the key
     ``fold_in(key(seed), i)``: per-layer bases from per-layer streams (distinct layers get
     distinct random subspaces); the other params run their own copy with the seed's key."""
-    tx = gl.golore_adamw(0.1, rank=3, update_every=2, seed=7)
+    tx = gl.golore_adamw(0.1, subspace=gl.Subspace(rank=3, update_every=2, seed=7))
     params = _params()
     grads = jax.tree_util.tree_map(lambda p: jnp.cos(3.0 * p + 1.0), params)
     layerwise = gl.layerwise.layerwise(tx, PATH)
@@ -61,7 +61,7 @@ def test_each_layer_runs_its_own_golore_with_its_own_key():
 
     @jax.jit
     def alone(key, layer, layer_grads):  # one GoLore on one layer, seeded with key
-        tx = gl.golore_adamw(0.1, rank=3, update_every=2, seed=key)
+        tx = gl.golore_adamw(0.1, subspace=gl.Subspace(rank=3, update_every=2, seed=key))
         alone_state = tx.init(layer)
         for _ in range(3):
             want, alone_state = tx.update(layer_grads, alone_state, layer)
@@ -81,7 +81,7 @@ def test_each_layer_runs_its_own_golore_with_its_own_key():
         bases.append(basis)
     overlap = np.linalg.svd(np.asarray(bases[0]).T @ np.asarray(bases[1]), compute_uv=False)
     assert overlap.max() < 0.99  # two random 3-dim subspaces of R^12 are not the same
-    tx = gl.golore_adamw(0.1, rank=3, update_every=2, seed=7)
+    tx = gl.golore_adamw(0.1, subspace=gl.Subspace(rank=3, update_every=2, seed=7))
     rest_state = tx.init(rest)
     for _ in range(3):
         want, rest_state = jax.jit(tx.update)(rest_grads, rest_state, rest)
@@ -109,7 +109,7 @@ def test_clip_norm_clips_each_layer_and_the_rest_by_its_own_norm():
 
 
 def test_state_specs_put_the_layer_axis_before_the_layer_slice_specs():
-    tx = gl.galore_adamw(0.1, rank=3, update_every=2)
+    tx = gl.galore_adamw(0.1, subspace=gl.Subspace(rank=3, update_every=2))
     params = _params()
     param_specs = {
         "body": {"layers": {"w": P(None, "fsdp", "tensor"), "scale": P()}, "norm": P()},
@@ -127,18 +127,20 @@ def test_state_specs_put_the_layer_axis_before_the_layer_slice_specs():
         state_partition_specs(state, params, param_specs)
 
 
-def _hybrid(**kw):  # GaLore (gram eigh) until step 2, GoLore after
+def _hybrid(**subspace):  # GaLore (gram eigh) until step 2, GoLore after
     projector = gl.projectors.hybrid(switch_step=2, before=gl.projectors.gram_eigh())
-    return gl.galore_adamw(0.1, projector=projector, **kw)
+    return gl.galore_adamw(0.1, subspace=gl.Subspace(projector=projector, **subspace))
 
 
 LAYERS_PER_CALL_TXS = {
     "galore_gram": lambda: gl.galore_adamw(
-        0.1, rank=3, update_every=2, projector=gl.projectors.gram_eigh()
+        0.1, subspace=gl.Subspace(rank=3, update_every=2, projector=gl.projectors.gram_eigh())
     ),
-    "golore": lambda: gl.golore_adamw(0.1, rank=3, update_every=2, seed=5),
+    "golore": lambda: gl.golore_adamw(0.1, subspace=gl.Subspace(rank=3, update_every=2, seed=5)),
     "hybrid": lambda: _hybrid(rank=3, update_every=2, seed=5),
-    "galore_msgd": lambda: gl.galore_sgd(0.1, rank=3, update_every=2, momentum=0.9),
+    "galore_msgd": lambda: gl.galore_sgd(
+        0.1, subspace=gl.Subspace(rank=3, update_every=2), momentum=0.9
+    ),
 }
 
 

@@ -182,7 +182,7 @@ def test_a_tree_without_projected_leaves_runs_its_inner_alone():
     layers): the projector step has nothing to fit, and the update is the inner Adam's."""
     params = {"scale": jnp.ones((5,)), "bias": jnp.arange(3.0)}
     grads = {"scale": jnp.linspace(-1.0, 1.0, 5), "bias": jnp.array([0.5, -2.0, 1.0])}
-    tx = gl.osd_adamw(0.1, rank=2, update_every=1, weight_decay=0.0)
+    tx = gl.osd_adamw(0.1, online=gl.Online(rank=2, update_every=1), weight_decay=0.0)
     adam = optax.adam(0.1)
     state, adam_state = tx.init(params), adam.init(params)
     for _ in range(3):  # the projector step runs at counts 1 and 2

@@ -52,7 +52,7 @@ def _check_same_structure(specs, state):
 
 def test_galore_adamw_state_specs():
     """Bases (row|col, None), low-rank moments (None, col)|(row, None), others param/replicated."""
-    opt = gl.galore_adamw(1e-3, rank=RANK, update_every=5, weight_decay=0.1)
+    opt = gl.galore_adamw(1e-3, subspace=gl.Subspace(rank=RANK, update_every=5), weight_decay=0.1)
     state = jax.eval_shape(opt.init, PARAMS)
     specs = state_partition_specs(state, PARAMS, SPECS)
     _check_same_structure(specs, state)
@@ -102,7 +102,8 @@ def test_specs_for_a_custom_split_and_nested_wrappers():
 def test_low_rank_moments_shard_their_rank_dim_given_the_mesh():
     """Given the mesh axis sizes, a low-rank moment's rank dim takes the spec of the param dim
     it replaces (so FSDP shards the moments), where those axes divide the rank."""
-    state = jax.eval_shape(gl.galore_adamw(1e-3, rank=RANK, update_every=5).init, PARAMS)
+    sub = gl.Subspace(rank=RANK, update_every=5)
+    state = jax.eval_shape(gl.galore_adamw(1e-3, subspace=sub).init, PARAMS)
     mu = state_partition_specs(state, PARAMS, SPECS, {"x": 2, "y": 2})[0].inner_state.mu
     assert mu["wide"] == P("x", "y")  # left (r, n): r takes the rows' "x"
     assert mu["tall"] == P("x", "y")  # right (m, r): r takes the cols' "y"

@@ -167,9 +167,9 @@ def test_side_is_validated():
     with pytest.raises(ValueError, match=r"scale_by_subspace: side must be one of .* 'top'"):
         scale_by_subspace(optax.scale_by_adam(), rank=2, update_every=2, side="top")
     with pytest.raises(ValueError, match="scale_by_online_subspace: side must be one of"):
-        gl.online_pca.scale_by_online_subspace(optax.scale_by_adam(), rank=2, side="optax")
+        gl.scale_by_osd(optax.scale_by_adam(), gl.Online(rank=2, side="optax"))
     with pytest.raises(ValueError, match="side must be one of"):
-        gl.galore_adamw(1e-3, side="smaller")
+        gl.galore_adamw(1e-3, subspace=gl.Subspace(side="smaller"))
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

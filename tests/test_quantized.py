@@ -261,13 +261,13 @@ def test_exported() -> None:
     assert golore_jax.scale_by_adam_8bit is scale_by_adam_8bit
 
 
-def test_galore_adamw_quantized_moments_option() -> None:
-    """``galore_adamw(quantized_moments=True)`` runs the 8-bit inner (int8/uint8 codes in the
+def test_galore_with_the_8bit_adam_inner() -> None:
+    """``galore(lr, scale_by_adam_8bit())`` runs the 8-bit inner (int8/uint8 codes in the
     state) and its updates stay within 3e-2 of the fp32-moment alias on the same gradients."""
     params = {"w": jnp.zeros((128, 256))}  # low-rank (16, 256) = 4096 values: quantised
-    kw = {"rank": 16, "update_every": 4, "weight_decay": 0.0}
-    tx8 = golore_jax.galore_adamw(1e-2, quantized_moments=True, **kw)
-    txr = golore_jax.galore_adamw(1e-2, **kw)
+    sub = golore_jax.Subspace(rank=16, update_every=4)
+    tx8 = golore_jax.galore(1e-2, golore_jax.scale_by_adam_8bit(), sub)
+    txr = golore_jax.galore_adamw(1e-2, subspace=sub, weight_decay=0.0)
     s8, sr = tx8.init(params), txr.init(params)
     codes = [x for x in jax.tree_util.tree_leaves(s8) if x.dtype in (jnp.int8, jnp.uint8)]
     assert len(codes) == 2
