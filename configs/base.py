@@ -93,8 +93,9 @@ def subspace_config() -> ml_collections.ConfigDict:
             # (||P_old^T P_new||_F^2 / r, the mean squared cosine of the principal angles) by
             # >= lazy_threshold lazy_patience times in a row has its interval (in refreshes)
             # multiplied by lazy_growth, up to lazy_max_period (0: no cap). 0.0: off (every
-            # matrix at every refresh); > 1 never triggers. The hybrid's random phase keeps
-            # its schedule. metrics.jsonl then logs refreshes_done / refreshes_scheduled.
+            # matrix at every refresh); 2 never triggers (> 1 with float bases). The hybrid's
+            # random phase keeps its schedule. metrics.jsonl then logs refreshes_done /
+            # refreshes_scheduled.
             "lazy_threshold": 0.0,
             "lazy_patience": 2,
             "lazy_growth": 2,

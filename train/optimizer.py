@@ -182,7 +182,7 @@ def _check_lazy(opt: Any) -> None:
         isinstance(threshold, int | float) and math.isfinite(threshold) and threshold >= 0,
         "optimizer.subspace.lazy_threshold",
         threshold,
-        "a finite number >= 0 (0: off; above 1 never triggers)",
+        "a finite number >= 0 (0: off; 2 never triggers)",
     )
     for key, low in (("lazy_patience", 1), ("lazy_growth", 2), ("lazy_max_period", 0)):
         value = sub[key]
