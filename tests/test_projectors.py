@@ -37,6 +37,7 @@ def _all_draws() -> dict[str, np.ndarray]:
             "polar": projectors.haar_stiefel(key, (M, R), method="polar"),
             # QR of the Gaussian WITHOUT the sign fix (the non-Haar reference).
             "plain_qr": jnp.linalg.qr(z)[0],
+            "z": z,  # the Gaussian itself: its conditioning sets the polar factor's rounding
         }
 
     draws = jax.jit(lambda: jax.vmap(sample)(jax.random.split(jax.random.key(1234), N_DRAWS)))()
@@ -153,11 +154,27 @@ def haar_draws(request):
     return request.param, _draws(request.param)
 
 
+@pytest.mark.numerics
 def test_random_bases_are_orthonormal(haar_draws):
-    """Every draw has P^T P = I to 1e-5."""
-    _, p = haar_draws
+    """Every draw has P^T P = I to its fp32 rounding.
+
+    QR (Householder, backward stable): ``|P^T P - I| <= c M u`` (``u = 2^-24``), well inside
+    1e-5. The polar factor ``Z (Z^T Z)^{-1/2}`` forms the Gram matrix, so each of its fp32
+    products (``Z^T Z``: M terms; ``V diag(w^-1/2) V^T`` and ``Z @``: R each) errs by up to
+    its length times ``u`` relative to ``sigma_max(Z)^2`` and the inverse square root divides
+    by ``sigma_min(Z)^2``: ``(M + 2R) u kappa(Z)^2``, doubled for eigh's own backward error.
+    The worst of the 4000 draws (kappa 16) reaches 11.5 u kappa^2 = 1.2e-5 with LLVM's
+    optimisation on and 7.3e-6 without: a flat 1e-5 held only in one summation order.
+    """
+    method, p = haar_draws
     gram = np.einsum("nij,nik->njk", p, p)
-    np.testing.assert_allclose(gram, np.broadcast_to(np.eye(R), gram.shape), atol=1e-5)
+    error = np.abs(gram - np.eye(R)).max(axis=(1, 2))
+    if method == "qr":
+        bound = np.full(error.shape, 1e-5)
+    else:
+        s = np.linalg.svd(_draws("z"), compute_uv=False)
+        bound = 2 * (M + 2 * R) * 2.0**-24 * (s[:, 0] / s[:, -1]) ** 2
+    assert np.all(error <= bound), (error / bound).max()
 
 
 def test_random_mean_projection_is_isotropic(haar_draws):
