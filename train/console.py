@@ -33,7 +33,14 @@ LEVELS = {
 # Records held in memory until the log file opens (a run that stops before that keeps the
 # newest ones on the console only when they pass the console's level).
 _MAX_PENDING = 20_000
-_OURS = str(pathlib.Path(__file__).resolve().parent) + os.sep
+# The train package's directory as imported and resolved (a record's pathname is the code's
+# file name as imported, which may go through a symlink).
+_OURS = tuple(
+    {
+        str(pathlib.Path(__file__).parent) + os.sep,
+        str(pathlib.Path(__file__).resolve().parent) + os.sep,
+    }
+)
 
 
 def check_level(config: Any) -> int:
@@ -51,7 +58,7 @@ def log_file_name(process_index: int, process_count: int) -> str:
 
 
 def _ours(record: logging.LogRecord) -> bool:
-    return record.pathname.startswith(_OURS)
+    return record.pathname.startswith(_OURS)  # str.startswith takes a tuple
 
 
 class _ConsoleFilter(logging.Filter):
