@@ -20,6 +20,7 @@ import argparse
 import importlib
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -61,6 +62,12 @@ def compile_seconds(trainer: Any, batch: dict) -> tuple[Any, float]:
     return compiled, time.perf_counter() - t0
 
 
+def _progress(line: str) -> None:
+    """A progress line on stderr at once (a run cut short by its time limit still shows how
+    far it got and what each part took)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def run(model: str, rounds: int, update_every: int, seq: int, compiles: int) -> dict:
     import jax
 
@@ -71,10 +78,12 @@ def run(model: str, rounds: int, update_every: int, seq: int, compiles: int) -> 
             trainer, batch = build(model, mode, update_every, seq)
             compiled, seconds = compile_seconds(trainer, batch)
             compile_s[mode].append(seconds)
+            _progress(f"{mode}: compiled in {seconds:.1f} s")
             last[mode] = (trainer, compiled, batch)
     built = {}
     for mode, (trainer, compiled, batch) in last.items():
         built[mode] = (compiled, trainer.init(jax.random.key(0)), batch)
+        _progress(f"{mode}: state initialised")
     states = {mode: built[mode][1] for mode in MODES}
     times: dict[str, dict[str, list[float]]] = {m: {"refresh": [], "steady": []} for m in MODES}
     losses: dict[str, list[float]] = {m: [] for m in MODES}
@@ -88,6 +97,7 @@ def run(model: str, rounds: int, update_every: int, seq: int, compiles: int) -> 
                 if r > 0:
                     times[mode]["refresh" if i == 0 else "steady"].append(time.perf_counter() - t0)
                 losses[mode].append(loss)
+            _progress(f"round {r} {mode}: {losses[mode][-update_every:]}")
     row: dict[str, Any] = {
         "model": model,
         "device": jax.devices()[0].device_kind,
@@ -131,9 +141,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="llama_1b")
-    parser.add_argument("--rounds", type=int, default=6, help="rounds (the first untimed)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds (the first untimed)")
     parser.add_argument("--update-every", type=int, default=4)
-    parser.add_argument("--compiles", type=int, default=2, help="fresh compiles per mode")
+    parser.add_argument("--compiles", type=int, default=1, help="fresh compiles per mode")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

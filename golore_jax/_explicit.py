@@ -13,6 +13,20 @@ The state's shardings follow the params' types by the rule of
 :func:`golore_jax.partitioning.matrix_specs`, the same rule ``state_partition_specs`` applies
 to Auto meshes: a basis takes the spec of the param dim it spans, a low-rank moment that of
 the dim it keeps.
+
+>>> import jax.numpy as jnp
+>>> from jax.sharding import PartitionSpec as P
+>>> from golore_jax.layout import make_layout
+>>> g = jnp.ones((4, 8))
+>>> unsharded(g) is g, like(g, g) is g  # no mesh: the input itself
+(True, True)
+>>> mesh = jax.make_mesh((1,), ("fsdp",))  # Explicit axes (the default)
+>>> w = jax.device_put(g, NamedSharding(mesh, P("fsdp", None)))
+>>> basis, low_rank, _ = matrix_shardings(w, make_layout(w.shape, 2))  # P: 4 x 2, R: 2 x 8
+>>> basis.spec, low_rank.spec  # R's rank dim takes P's rows' axis (its size 1 divides r = 2)
+(P('fsdp', None), P('fsdp', None))
+>>> unsharded(w).sharding.spec
+P(None, None)
 """
 
 from __future__ import annotations
