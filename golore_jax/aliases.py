@@ -46,7 +46,7 @@ from golore_jax import projectors as projectors_lib
 from golore_jax import sparse as sparse_lib
 from golore_jax import subspace as subspace_lib
 from golore_jax.finish import decay_and_learning_rate
-from golore_jax.planning import MaskArg, RankRule
+from golore_jax.planning import MaskArg, RankRule, require_static
 from golore_jax.projectors import golore_projector
 from golore_jax.quantized import scale_by_adam_8bit
 
@@ -321,6 +321,8 @@ def galore_adamw(
     >>> updates["w"].shape, state[0].bases["w"].shape
     ((4, 6), (4, 2))
     """
+    # A dtype is callable: optax.inject_hyperparams would take it for a schedule.
+    require_static("galore_adamw", "mu_dtype", mu_dtype)
     base = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
     return galore(
         learning_rate,

@@ -310,21 +310,27 @@ def test_inject_hyperparams_as_optax_users_write_it(name):
     chex.assert_trees_all_close(doubled, jax.tree.map(lambda x: 2 * x, half), rtol=1e-6)
 
 
-def test_inject_hyperparams_names_the_static_args_it_needs():
-    """A mask function is called by ``inject_hyperparams`` as a schedule: the one-line error
-    names the ``static_args`` that keep it a function."""
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"mu_dtype": jnp.bfloat16},
+        {"weight_decay_mask": lambda p: jax.tree.map(lambda x: x.ndim > 1, p)},
+    ],
+    ids=["mu_dtype", "mask_function"],
+)
+def test_inject_hyperparams_names_the_static_args_it_needs(extra):
+    """A dtype or a mask function is callable, so ``inject_hyperparams`` calls it as a
+    schedule: the one-line error names the ``static_args`` that keep it as it is, and with
+    them the step runs."""
     name = "galore_adamw"
+    (key,) = extra
     params = _tree(0)
     injected = optax.inject_hyperparams(getattr(gl, name))(
-        learning_rate=LEARNING_RATE,
-        weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
-        **ALIASES[name],
+        learning_rate=LEARNING_RATE, **extra, **ALIASES[name]
     )
-    with pytest.raises(TypeError, match=r"static_args=\('weight_decay_mask',\)"):
+    with pytest.raises(TypeError, match=rf"static_args=\('{key}',\)"):
         injected.init(params)
-    fixed = optax.inject_hyperparams(getattr(gl, name), static_args=("weight_decay_mask",))(
-        learning_rate=LEARNING_RATE,
-        weight_decay_mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
-        **ALIASES[name],
+    fixed = optax.inject_hyperparams(getattr(gl, name), static_args=(key,))(
+        learning_rate=LEARNING_RATE, **extra, **ALIASES[name]
     )
     _run(fixed, params, steps=1, update=jax.jit(fixed.update))
