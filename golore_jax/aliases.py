@@ -46,9 +46,18 @@ from golore_jax import projectors as projectors_lib
 from golore_jax import sparse as sparse_lib
 from golore_jax import subspace as subspace_lib
 from golore_jax.finish import decay_and_learning_rate
-from golore_jax.planning import MaskArg, RankRule, require_static
+from golore_jax.layout import SIDE_RULES
+from golore_jax.planning import (
+    MaskArg,
+    RankRule,
+    is_positive_int,
+    require_finite,
+    require_positive_int,
+    require_static,
+)
 from golore_jax.projectors import golore_projector
 from golore_jax.quantized import scale_by_adam_8bit
+from golore_jax.rotation import SECOND_MOMENT_POLICIES
 
 __all__ = [
     "Execution",
@@ -76,6 +85,26 @@ __all__ = [
 ]
 
 _Transform = optax.GradientTransformationExtraArgs
+
+
+def _check_group(group: Any, **choices: tuple[Any, ...]) -> None:
+    """One-line errors at construction naming the group's field (``golore_jax.Subspace:
+    update_every must be a positive int, got 0``): the checks every group shares."""
+    owner = f"golore_jax.{type(group).__name__}"
+    fields = {f.name: getattr(group, f.name) for f in dataclasses.fields(group)}
+    for name in ("update_every", "refresh_batch_size", "orthonormalize_every"):
+        if name in fields:
+            require_positive_int(owner, name, fields[name], optional=name != "update_every")
+    if "rank" in fields and not (callable(fields["rank"]) or is_positive_int(fields["rank"])):
+        raise ValueError(
+            f"{owner}: rank must be a positive int or a function, got {fields['rank']!r}"
+        )
+    if "scale" in fields:
+        require_finite(owner, "scale", fields["scale"])
+    for name, allowed in choices.items():
+        value = fields[name]  # by type too: 1 is not True
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            raise ValueError(f"{owner}: {name} must be one of {allowed}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +151,14 @@ class Subspace:
     allow_full_rank: bool = False
     lazy_refresh: subspace_lib.LazyRefresh | None = None
 
+    def __post_init__(self):
+        _check_group(
+            self,
+            side=SIDE_RULES,
+            second_moment=SECOND_MOMENT_POLICIES,
+            momentum_projection=(None, True, False),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Execution:
@@ -145,6 +182,9 @@ class Execution:
     refresh_sharding: Any = None
     projection_dtype: Any = None
     basis_dtype: Any = None
+
+    def __post_init__(self):
+        _check_group(self, batch_refresh=(True, False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +215,16 @@ class Sparse:
     mask: Any = None
     seed: int | jax.Array = 0
     remap_moments: bool = True
+
+    def __post_init__(self):
+        _check_group(self, selector=sparse_lib.SELECTORS, remap_moments=(True, False))
+        if self.k is not None and self.density is not None:
+            raise ValueError(
+                f"golore_jax.Sparse: give k or density, not both (k={self.k!r}, "
+                f"density={self.density!r})"
+            )
+        if self.density is not None and not 0.0 < self.density < 1.0:
+            raise ValueError(f"golore_jax.Sparse: density must be in (0, 1), got {self.density!r}")
 
 
 _DEFAULT_DENSITY = 0.25
@@ -209,6 +259,9 @@ class Online:
     matrix_split: Callable[[str, tuple[int, ...]], int | None] | None = None
     projector_optimizer: optax.GradientTransformation | None = None
     orthonormalize_every: int | None = None
+
+    def __post_init__(self):
+        _check_group(self, side=SIDE_RULES)
 
 
 def _tail(

@@ -471,3 +471,25 @@ def test_state_to_numpy_through_key_data():
     want, _ = tx.update(_tree(2), state, params)  # step 2: a random refresh from the key
     got, _ = tx.update(_tree(2), restored, params)
     chex.assert_trees_all_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: gl.Subspace(rank=0), "golore_jax.Subspace: rank must be a positive int"),
+        (lambda: gl.Subspace(update_every=0), "golore_jax.Subspace: update_every must be"),
+        (lambda: gl.Subspace(scale=float("nan")), "golore_jax.Subspace: scale must be finite"),
+        (lambda: gl.Subspace(second_moment="drop"), "golore_jax.Subspace: second_moment must"),
+        (lambda: gl.Subspace(momentum_projection=1), "golore_jax.Subspace: momentum_projection"),
+        (lambda: gl.Execution(refresh_batch_size=0), "golore_jax.Execution: refresh_batch_size"),
+        (lambda: gl.Sparse(k=3, density=0.5), "golore_jax.Sparse: give k or density, not both"),
+        (lambda: gl.Sparse(density=1.5), r"golore_jax.Sparse: density must be in \(0, 1\)"),
+        (lambda: gl.Sparse(selector="top"), "golore_jax.Sparse: selector must be one of"),
+        (lambda: gl.Online(orthonormalize_every=0), "golore_jax.Online: orthonormalize_every"),
+    ],
+)
+def test_option_groups_name_the_bad_field(build, message):
+    """A bad option is a one-line error at construction naming the group and the field."""
+    with pytest.raises(ValueError, match=message) as info:
+        build()
+    assert "\n" not in str(info.value)
