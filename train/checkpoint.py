@@ -212,6 +212,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class _OrbaxErrorsToFile(logging.Filter):
+    """orbax's ERROR records about a save (a failed write reported by each of its threads, each
+    with a traceback) become INFO: the log file keeps them, the console shows our one line
+    (train/console.py shows a library's records from WARNING up)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_ORBAX_ERRORS_TO_FILE = _OrbaxErrorsToFile()
+
+
 class Checkpoints:
     """Saves every ``every`` steps, keeps the last ``keep``, restores the latest."""
 
@@ -239,6 +253,8 @@ class Checkpoints:
         """Saves ``step`` (forced: even off the interval); a step already saved is kept."""
         if step in self._manager.all_steps():
             return False
+        orbax_log = logging.getLogger("absl")
+        orbax_log.addFilter(_ORBAX_ERRORS_TO_FILE)
         try:
             saved = self._manager.save(
                 step,
@@ -255,7 +271,10 @@ class Checkpoints:
         except Exception as e:
             cause = environment_os_error(e)  # orbax wraps OSErrors; tensorstore only says it
             if cause is None:
+                orbax_log.removeFilter(_ORBAX_ERRORS_TO_FILE)
                 raise
+            # orbax's threads may still report the failed writes: they stay out of the way of
+            # our line (in the log file) until the process exits.
             raise write_error(
                 self.directory / str(step),
                 cause,
@@ -263,6 +282,7 @@ class Checkpoints:
                 f"({self.all_steps() or 'none'}) are intact; free space (or fix the "
                 "permission) and rerun the same command to resume",
             ) from e
+        orbax_log.removeFilter(_ORBAX_ERRORS_TO_FILE)
         return saved
 
     def _files(self, step: int) -> dict[str, pathlib.Path]:

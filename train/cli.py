@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import logging
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -54,7 +56,7 @@ def loaded_config(flag_values: flags.FlagValues, name: str = "config"):
     except OSError as e:
         raise ConfigError(
             f"--{name}={flag_values[name].config_filename}: cannot load the config file "
-            f"({' '.join(str(e).split())})"
+            f"({_load_error(e)})"
         ) from e
     return config
 
@@ -65,7 +67,19 @@ ONE_LINE_ERRORS = (UserError, FileNotFoundError)
 
 def _print_error(name: str, message: str) -> None:
     message = " ".join(str(message).split())
+    with contextlib.suppress(Exception):  # a progress bar left open: end its line first
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
     print(f"error: {name}: {message}", file=sys.stderr, flush=True)
+
+
+def _load_error(error: OSError) -> str:
+    """ml_collections' load failure, down to the OS error when there is one."""
+    text = " ".join(str(error).split())
+    match = re.search(r"\[Errno \d+\].*", text)
+    return match.group(0) if match else text
 
 
 @contextlib.contextmanager
@@ -89,6 +103,26 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(errors.exit_status_of_signal(signum))
 
 
+def _closed_loop(error: BaseException | None) -> bool:
+    """asyncio's "Event loop is closed", raised in callbacks tensorstore still delivers to the
+    loop of an orbax save that failed (dozens of tracebacks after a full disk's one line)."""
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_closed_loop_errors() -> None:
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(kind, value, traceback) -> None:
+        if not _closed_loop(value):
+            excepthook(kind, value, traceback)
+
+    def quiet_unraisablehook(unraisable) -> None:
+        if not _closed_loop(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a config file that cannot be loaded as one line (with
     ``--config.x=`` overrides, ml_collections fails while parsing them, before ``main``)."""
@@ -99,7 +133,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except OSError as e:
         filename = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
         name = f"--config={filename}: " if filename else ""
-        _print_error("ConfigError", f"{name}cannot load the config file ({e})")
+        _print_error("ConfigError", f"{name}cannot load the config file ({_load_error(e)})")
         sys.exit(errors.EXIT_CONFIG)
 
 
@@ -138,6 +172,10 @@ def run_program(
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         xla_flags.apply_defaults()  # before the first device is touched
+        _quiet_closed_loop_errors()
+        # A log file on a full disk must not print a traceback per record ("--- Logging error
+        # ---"): the write error that matters is reported as one line.
+        logging.raiseExceptions = False
         with one_line_errors():
             config = loaded_config(flags.FLAGS)
             if config.get("distributed") and not supervise.is_child():

@@ -22,6 +22,7 @@ and stops; :func:`check` at its start turns a signal swallowed before into Inter
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -43,9 +44,22 @@ def check() -> None:
         raise Interrupted(_pending)
 
 
+def _joined() -> bool:
+    """Whether this process has joined a multi-process run (jax.distributed)."""
+    try:
+        import jax
+
+        return jax.distributed.is_initialized()
+    except Exception:  # never raise from a signal handler but on purpose
+        return False
+
+
 def _handle(signum: int, frame) -> None:
     global _pending
     del frame
+    if signum == signal.SIGINT and _joined():
+        os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notice: all stop together
+        return
     first = _pending is None
     _pending = signum
     if first:  # a second Ctrl-C must not interrupt the cleanup the first one started
