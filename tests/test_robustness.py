@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -303,3 +304,53 @@ def test_a_half_written_lock_says_why_and_what_to_delete(tmp_path, content, why)
         f"delete {lock} and rerun"
     )
     assert lock.read_text() == content  # not ours to delete
+
+
+def test_disk_full_on_the_command_line_is_one_line(tmp_path):
+    """The workdir on a tmpfs with room for one checkpoint: the save of step 6 fails and the
+    terminal shows our two INFO lines, the progress bar and the error line, nothing else (it
+    showed orbax's ERROR records with tracebacks, asyncio's "Event loop is closed" tracebacks
+    and a "--- Logging error ---" per record of the log file on the full disk); exit status 4;
+    checkpoint 3 and nothing else kept."""
+    from tests.test_reliability import _du, _mount_tmpfs
+
+    config = _config_file(tmp_path, **{"optimizer.name": "golore"})
+    reference = tmp_path / "reference"
+    first = subprocess.run(
+        [
+            *(sys.executable, "-m", "train", f"--config={config}"),
+            f"--workdir={reference}",
+            "--config.run_steps=3",
+        ],
+        env=child_env(JAX_PLATFORMS="cpu"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    size = _du(reference)
+    workdir = tmp_path / "full"
+    if not _mount_tmpfs(workdir, size + size // 2):
+        pytest.skip("cannot mount a tmpfs here (tests/test_reliability.py injects ENOSPC)")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}"],
+            env=child_env(JAX_PLATFORMS="cpu"),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        steps = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(workdir)], check=False)
+    assert out.returncode == errors.EXIT_CHECKPOINT, out.stderr[-3000:]
+    lines = [x for x in re.split(r"[\r\n]+", out.stderr) if x.strip()]
+    shown = [x for x in lines if not re.match(r"^\s*\d+%\|", x)]
+    assert [x.split(":")[0] for x in shown] == ["attention", "starting from scratch", "error"]
+    assert shown[-1].startswith(
+        f"error: CheckpointWriteError: {workdir}/checkpoints/6: No space left on device "
+        "[Errno 28] ("
+    ), shown
+    assert steps[0] == "3" and all(not s.isdigit() for s in steps[1:])  # 6 never committed
