@@ -696,8 +696,6 @@ def paper_msgd_hyperparams(learning_rate: float, beta1: float) -> dict[str, floa
 
 _SUBSPACE_FIELDS = frozenset(f.name for f in dataclasses.fields(Subspace))
 _EXECUTION_FIELDS = frozenset(f.name for f in dataclasses.fields(Execution))
-_SPARSE_FIELDS = frozenset(f.name for f in dataclasses.fields(Sparse))
-_ONLINE_FIELDS = frozenset(f.name for f in dataclasses.fields(Online))
 
 
 def _spelled(group: str, fields: dict[str, Any]) -> str:
@@ -767,28 +765,24 @@ def _basis_call(name: str, dropin: Callable[..., _Transform], flat: dict, kwargs
     return lambda lr: dropin(lr, subspace=sub, **kwargs)
 
 
-def _sparse_call(name: str, dropin: Callable[..., _Transform], flat: dict, kwargs: dict):
-    given = dict(flat)
-    fields = _take(flat, _SPARSE_FIELDS)
-    if flat:
-        raise TypeError(f"{name}() got an unexpected keyword argument {next(iter(flat))!r}")
-    if kwargs.get("sparse") is not None:
-        raise TypeError(f"{name}: give sparse=Sparse(...) or the old keywords, not both")
-    if fields.get("k") is not None:
-        fields.pop("density", None)  # an explicit k replaced the default density
-    _warn_flat(name, given, f"golore_jax.{name}(..., sparse={_spelled('Sparse', fields)})")
-    return lambda lr: dropin(lr, sparse=Sparse(**fields), **kwargs)
+def _group_call(group: type, keyword: str) -> Callable:
+    """The new call for a sparse or online drop-in's flat keywords: its one option group."""
+    fields_of_group = frozenset(f.name for f in dataclasses.fields(group))
 
+    def translate(name: str, dropin: Callable[..., _Transform], flat: dict, kwargs: dict):
+        given = dict(flat)
+        fields = _take(flat, fields_of_group)
+        if flat:
+            raise TypeError(f"{name}() got an unexpected keyword argument {next(iter(flat))!r}")
+        if kwargs.get(keyword) is not None:
+            raise TypeError(f"{name}: give {keyword}=... or the old keywords, not both")
+        if fields.get("k") is not None:
+            fields.pop("density", None)  # an explicit k replaced the default density
+        spelled = _spelled(group.__name__, fields)
+        _warn_flat(name, given, f"golore_jax.{name}(..., {keyword}={spelled})")
+        return lambda lr: dropin(lr, **{keyword: group(**fields)}, **kwargs)
 
-def _online_call(name: str, dropin: Callable[..., _Transform], flat: dict, kwargs: dict):
-    given = dict(flat)
-    fields = _take(flat, _ONLINE_FIELDS)
-    if flat:
-        raise TypeError(f"{name}() got an unexpected keyword argument {next(iter(flat))!r}")
-    if kwargs.get("online") is not None:
-        raise TypeError(f"{name}: give online=Online(...) or the old keywords, not both")
-    _warn_flat(name, given, f"golore_jax.{name}(..., online={_spelled('Online', fields)})")
-    return lambda lr: dropin(lr, online=Online(**fields), **kwargs)
+    return translate
 
 
 def _accept_flat_keywords(dropin: Callable[..., _Transform], translate: Callable):
@@ -811,10 +805,12 @@ galore_adamw, galore_sgd, golore_adamw, golore_sgd = (
     for f in (galore_adamw, galore_sgd, golore_adamw, golore_sgd)
 )
 gasare_adamw, gasare_sgd, gosare_adamw, gosare_sgd = (
-    _accept_flat_keywords(f, _sparse_call)
+    _accept_flat_keywords(f, _group_call(Sparse, "sparse"))
     for f in (gasare_adamw, gasare_sgd, gosare_adamw, gosare_sgd)
 )
-osd_adamw, osd_sgd = (_accept_flat_keywords(f, _online_call) for f in (osd_adamw, osd_sgd))
+osd_adamw, osd_sgd = (
+    _accept_flat_keywords(f, _group_call(Online, "online")) for f in (osd_adamw, osd_sgd)
+)
 
 # Package-level 0.1 names -> (implementation, replacement); golore_jax.__getattr__ warns.
 _DEPRECATED_NAMES = {
