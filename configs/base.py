@@ -255,7 +255,8 @@ def llama_config(
     # Mesh axis sizes; -1 takes all remaining devices. data x fsdp x tensor = device count.
     # axis_types: 'auto' (XLA propagates shardings from the params', state's and batch's) or
     # 'explicit' (jax.sharding.AxisType.Explicit: shardings are part of the arrays' types; the
-    # optimizer runs on them, the model's forward/backward inside jax.sharding.auto_axes).
+    # optimizer runs on them, the model's forward/backward inside jax.sharding.auto_axes; the
+    # full-gradient step only: not step.layerwise, step.relora or int8 weight storage).
     config.mesh = ml_collections.ConfigDict(
         {"data": -1, "fsdp": 1, "tensor": 1, "axis_types": "auto"}
     )

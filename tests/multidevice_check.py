@@ -4,8 +4,9 @@
 [--layerwise] [--int8]`` prints one JSON object; tests/test_train.py (the plain step),
 tests/test_layerwise.py (``--layerwise``: the layer-wise step on stacked layers) and
 tests/test_int8_weights.py (``--layerwise --int8``: with int8-stored layers) run it in a
-subprocess (the device count is fixed when jax starts); ``--explicit``: the plain step with
-``mesh.axis_types='explicit'`` on the one-device and 2x2x2 meshes (tests/test_train.py).
+subprocess (the device count is fixed when jax starts); ``--explicit``: the plain step and
+the stacked full-gradient step with ``mesh.axis_types='explicit'``, each on the one-device and
+2x2x2 meshes (tests/test_train.py).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def run(
     explicit: bool = False,
 ) -> dict:
     config = tiny_config(tmp, **(LAYERWISE if layerwise else {}))
-    if explicit:  # mesh.axis_types='explicit' (the plain step): the one-device and 2x2x2 meshes
+    if explicit:  # mesh.axis_types='explicit': the one-device and 2x2x2 meshes
         config.mesh.axis_types = "explicit"
     datasets = data_lib.build_datasets(
         config.data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=0
@@ -112,6 +113,11 @@ def run(
         cases = [(f"int8_{name}", shape, INT8) for name, shape in LAYERWISE_MESHES.items()]
     elif layerwise:
         cases.append(("stacked_2_per_call_2x2x2", (2, 2, 2), STACKED_TWO_PER_CALL))
+    elif explicit:  # and the stacked full-gradient step (model.scan_layers, 2 layers a call)
+        cases += [
+            (f"stacked_2_per_call_{name}", shape, STACKED_TWO_PER_CALL)
+            for name, shape in LAYERWISE_MESHES.items()
+        ]
     for name, shape, overrides in cases:
         config.update_from_flattened_dict(overrides)
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
@@ -126,7 +132,8 @@ def run(
             )
             losses.append(float(metrics["loss"]))
         out["losses"][name] = losses
-        specs = _int8_specs if int8 else _layerwise_specs if layerwise else _specs
+        stacked = layerwise or config.model.scan_layers
+        specs = _int8_specs if int8 else _layerwise_specs if stacked else _specs
         out["specs"][name] = specs(state)
     return out
 

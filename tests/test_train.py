@@ -67,7 +67,8 @@ def test_resume_is_exact_across_refresh_and_hybrid_switch(tmp_path):
 def test_eight_fake_devices_match_one_and_shard_state(tmp_path, axis_types):
     """Meshes (8,1,1), (2,4,1), (2,2,2) give the losses of 1 device; params AND state sharded.
     ``mesh.axis_types='explicit'`` (Explicit axes; the 1-device and 2x2x2 meshes, to keep it
-    cheap): the same losses and the same shardings, now the arrays' types."""
+    cheap): the same losses and the same shardings, now the arrays' types; also for the
+    stacked full-gradient step (``model.scan_layers``, two layers per optimizer call)."""
     flags = ["--explicit"] if axis_types == "explicit" else []
     out = subprocess.run(
         [sys.executable, "-m", "tests.multidevice_check", str(tmp_path), *flags],
@@ -80,6 +81,13 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path, axis_types):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
     reference = result["losses"]["1"]
+    if axis_types == "explicit":  # the stacked full-gradient step (scan_layers) as well
+        stacked = result["losses"]["stacked_2_per_call_2x2x2"]
+        assert stacked == pytest.approx(result["losses"]["stacked_2_per_call_1"], rel=1e-5)
+        specs = result["specs"]["stacked_2_per_call_2x2x2"]
+        assert specs["q_basis"] == "P(None, 'fsdp', None)"
+        assert specs["q_mu"] == "P(None, 'fsdp', 'tensor')"
+        assert specs["q_mu_shard_shape"] == [2, 4, 32]  # 2 layers, r=8 over fsdp, 64 over tensor
     for name in [n for n in ("8x1x1", "2x4x1", "2x2x2") if n in result["losses"]]:
         # fp32 compute; only the order of cross-device reductions differs.
         assert result["losses"][name] == pytest.approx(reference, rel=1e-5), name
@@ -109,7 +117,7 @@ def test_mesh_axis_types_are_checked(tmp_path):
     mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "axis_types": "explicit"})
     assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}
     config.step.layerwise = True
-    with pytest.raises(ValueError, match="axis_types='explicit' runs the plain full-gradient"):
+    with pytest.raises(ValueError, match="axis_types='explicit' runs the full-gradient step"):
         main_lib.validate_config(config)
 
 

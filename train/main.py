@@ -81,15 +81,12 @@ def validate_config(config: Any) -> None:
         )
     explicit = sharding_lib.axis_type(config.mesh) == jax.sharding.AxisType.Explicit
     if explicit and (
-        config.step.layerwise
-        or config.step.relora
-        or config.model.scan_layers
-        or config.model.weight_storage != "float"
+        config.step.layerwise or config.step.relora or config.model.weight_storage != "float"
     ):
         raise ConfigError(
-            "config.mesh.axis_types='explicit' runs the plain full-gradient step: it needs "
-            "step.layerwise=False, step.relora=False, model.scan_layers=False and "
-            "model.weight_storage='float' (use 'auto' for those)"
+            "config.mesh.axis_types='explicit' runs the full-gradient step: it needs "
+            "step.layerwise=False, step.relora=False and model.weight_storage='float' (use "
+            "'auto' for those)"
         )
     optimizer_lib.validate(config.optimizer, num_steps=config.num_steps, step=config.step)
     mechanism_lib.validate(config)
