@@ -354,3 +354,59 @@ def test_disk_full_on_the_command_line_is_one_line(tmp_path):
         "[Errno 28] ("
     ), shown
     assert steps[0] == "3" and all(not s.isdigit() for s in steps[1:])  # 6 never committed
+
+
+def test_a_signal_a_library_swallows_is_raised_at_the_next_check():
+    """The tokenizers library and JAX's gc callback swallow the KeyboardInterrupt a signal
+    raises: the signal is remembered and raised again at the next phase boundary; the handlers
+    are restored afterwards."""
+    import os
+
+    from train import interrupts
+
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupts.raising():
+        try:  # a library that catches everything
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except BaseException:
+            pass
+        with pytest.raises(errors.Interrupted) as raised:
+            interrupts.check()
+    assert raised.value.exit_code == 143 and str(raised.value) == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+    interrupts.check()  # outside: nothing pending
+
+
+def test_sigterm_while_compiling_stops_with_nothing_saved(tmp_path):
+    """SIGTERM once the steps are built (the init and the first evaluation compile next): exit
+    status 143 and one line; no checkpoint, no metrics."""
+    config = _config_file(tmp_path)
+    workdir = tmp_path / "run"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}"],
+        env=child_env(JAX_PLATFORMS="cpu"),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        seen = []
+        for line in run.stderr:  # "attention: ..." is logged right after the steps are built
+            seen.append(line)
+            if line.startswith("attention:"):
+                run.send_signal(signal.SIGTERM)
+                break
+        _, rest = run.communicate(timeout=240)
+    finally:
+        run.kill()
+    output = "".join(seen) + rest
+    assert run.returncode == 143, output[-3000:]
+    assert _error_lines(output) == [
+        "error: Interrupted: SIGTERM before training started (data preparation, tokenizer "
+        "training or compilation): nothing was saved and no partial cache file kept; rerun "
+        "the same command to start"
+    ], output[-3000:]
+    assert not (workdir / "metrics.jsonl").exists()
+    assert not [p for p in (workdir / "checkpoints").glob("*")] if workdir.exists() else True

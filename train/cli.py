@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -100,7 +101,14 @@ def one_line_errors() -> Iterator[None]:
             "tokenizer training or compilation): nothing was saved and no partial cache file "
             "kept; rerun the same command to start",
         )
-        sys.exit(errors.exit_status_of_signal(signum))
+        # Unwinding removed what was half-written and released the lock. A compile (or a
+        # tokenizer) may still run in another thread: interpreter shutdown would end it with
+        # pthread_exit through C++ frames ("FATAL: exception not rethrown", SIGABRT), so the
+        # process ends here, after flushing the log file and the streams.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(errors.exit_status_of_signal(signum))
 
 
 def _closed_loop(error: BaseException | None) -> bool:

@@ -84,6 +84,7 @@ def raising(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Itera
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = previous_hook
+        _pending = None
 
 
 def _quiet_unraisable(previous):
