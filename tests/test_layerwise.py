@@ -21,6 +21,7 @@ import pytest
 
 import golore_jax as gl
 from configs import finetune_boolq
+from tests import numerics
 from tests.child_env import eight_devices_env
 from tests.train_fixtures import tiny_config
 from train import checkpoint as checkpoint_lib
@@ -33,6 +34,10 @@ from train import sharding as sharding_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERWISE = {"step.layerwise": True, "optimizer.grad_clip": 0.0, "model.scan_layers": True}
+# The smallest relative gap among the top r + 1 singular values of the projected gradients at
+# the refreshes, below which the tolerances of tests/numerics.py are not claimed (measured on
+# the tiny model's trajectories here: 8.7e-4).
+MIN_GAP = 1e-4
 
 
 def _batches(config, steps):
@@ -42,10 +47,12 @@ def _batches(config, steps):
     return [next(datasets.train) for _ in range(steps)]
 
 
-def _full_gradient_step(trainer):
+def _full_gradient_step(trainer, with_grads=False):
     """The plain step with the layer-wise trainer's own optimizer: the full gradient by
     ``jax.value_and_grad`` of ``model.apply``, then ``tx.update`` (golore_jax.layerwise's
-    ``update``: the same per-layer transform, layer after layer, on the full gradient)."""
+    ``update``: the same per-layer transform, layer after layer, on the full gradient).
+    ``with_grads``: also return the stacked layers' gradients (their spectra set the test's
+    tolerance)."""
 
     def step(state, batch):
         def loss_fn(params):
@@ -54,20 +61,41 @@ def _full_gradient_step(trainer):
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
-        return state._replace(
+        new_state = state._replace(
             params=optax.apply_updates(state.params, updates), opt_state=opt_state
-        ), loss
+        )
+        if with_grads:
+            return new_state, loss, grads["model"]["layers"]
+        return new_state, loss
 
     return step
 
 
-def _reference_step(trainer):
-    return jax.jit(_full_gradient_step(trainer))
+@pytest.fixture(scope="module")
+def fused_trainer(tmp_path_factory):
+    """Fused layer-wise trainers (momentum projection: see the first test) by optimizer name
+    and inner optimizer, each built and compiled once for this module: four tests step the
+    GaLore one."""
+    cache = {}
+
+    def get(name, inner=None):
+        if (name, inner) not in cache:
+            config = tiny_config(tmp_path_factory.mktemp("fused"), **LAYERWISE)
+            config.optimizer.name = name
+            if inner is not None:
+                config.optimizer.inner.name = inner
+            config.optimizer.subspace.momentum_projection = True
+            mesh = sharding_lib.make_mesh(config.mesh)
+            cache[name, inner] = config, main_lib.build_trainer(config, mesh)
+        return cache[name, inner]
+
+    return get
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("inner", ["adamw", "msgd"])
 @pytest.mark.parametrize("name", ["galore", "golore", "hybrid"])
-def test_fused_step_follows_the_full_gradient_step(tmp_path, name, inner):
+def test_fused_step_follows_the_full_gradient_step(fused_trainer, name, inner):
     """The fused backward-pass update against the plain step with the same optimizer.
 
     Reference: ``value_and_grad`` of the whole model, then the same per-layer transforms
@@ -75,53 +103,76 @@ def test_fused_step_follows_the_full_gradient_step(tmp_path, name, inner):
     state, so GoLore's per-layer PRNG streams (the layer index folded into the key) are the
     same in both: the comparison checks the fused backward, not a random draw. 5 steps with a
     refresh every 2 (steps 0, 2, 4: three refreshes), the hybrid switching at step 3; fp32, no
-    clipping; losses to rtol 1e-5 and the final params to 1e-4.
+    clipping.
+
+    Error model (tests/numerics.py). The two programs may sum each gradient in another order:
+    relative ``GRAD_RTOL = 1e-6``. They do on an AMD EPYC host, and here with LLVM's
+    optimisation on (``--xla_backend_optimization_level=1``: one element of the embedding,
+    [420, 36], moves 0.08% and fails the old elementwise 1e-4, as on that host). Carried
+    through the 5 steps: ``CARRIED_RTOL = 1e-4``. Each of the (at most 3) refreshes whose
+    decomposition reads the gradient (GaLore's eigh of ``G G^T``) adds a basis rotation of
+    ``GRAD_RTOL / gap``, ``gap`` the smallest relative gap among the top ``r + 1`` singular
+    values of a projected gradient (Adam's elementwise update is not invariant to a rotation
+    inside the subspace), measured on the reference's gradients (about 1e-3). Each leaf's
+    total update is compared by RMS, relative to that update (or the model's RMS update,
+    for a leaf whose gradient is cancellation-small), not elementwise: Adam divides each
+    element's moment by its own RMS, so an element whose gradient is cancellation-small moves
+    far while its leaf barely does. Losses: the updates' relative error times what the
+    updates moved the loss, plus fp32 rounding (1e-6). Measured at opt level 1: the worst
+    leaf 4.2e-5 of its update (an o_proj, GaLore) against the tolerance's 4e-3.
 
     ``momentum_projection=True``: without it, GaLore keeps the first moment in the old basis's
     coordinates, so the update after a refresh depends on the sign the decomposition gives each
     basis vector, and rounding-level differences in the gradient can flip one (seen here: the
     8th vector of a q_proj at the second refresh; the losses still agree to 1e-5, the params to
     ~20% of that leaf's update). Carrying the moment into the new basis makes the update
-    independent of those signs, so the params can be compared tightly.
+    independent of those signs.
     """
-    config = tiny_config(tmp_path, **LAYERWISE)
-    config.optimizer.name, config.optimizer.inner.name = name, inner
-    config.optimizer.subspace.momentum_projection = True
-    trainer = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
-    reference = _reference_step(trainer)
+    config, trainer = fused_trainer(name, inner)
+    rank = config.optimizer.subspace.rank
+    reference = jax.jit(_full_gradient_step(trainer, with_grads=True))
     state = trainer.init(jax.random.key(0))
     expected = jax.tree_util.tree_map(jnp.copy, state)  # the fused step donates its input
-    losses, reference_losses = [], []
-    for batch in _batches(config, 5):
+    start = jax.tree_util.tree_map(np.asarray, state.params)
+    losses, reference_losses, gaps = [], [], []
+    for step, batch in enumerate(_batches(config, 5)):
         batch = main_lib.to_global(batch, trainer.batch_sharding)
         state, metrics = trainer.train_step(state, batch)
-        expected, loss = reference(expected, batch)
+        expected, loss, grads = reference(expected, batch)
+        if step % config.optimizer.subspace.update_every == 0:  # a refresh: the SVD's input
+            kernels = [g for p, g in _with_paths(grads) if p.endswith("['kernel']")]
+            gaps.append(numerics.min_relative_gap(kernels, rank))
         assert bool(metrics["finite"]) and metrics["leaf_finite"].shape == (12,)
         losses.append(float(metrics["loss"]))
         reference_losses.append(float(loss))
-    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    gap = min(gaps)
+    assert gap >= MIN_GAP, gap  # the model's premise: no (near-)degenerate top-r spectrum
+    # GoLore's bases are random draws: no decomposition reads the gradient.
+    rtol = numerics.update_rtol(None if name == "golore" else gap, refreshes=3)
+    reference_losses = np.asarray(reference_losses)
+    loss_atol = 1e-6 * reference_losses + rtol * np.abs(reference_losses[0] - reference_losses)
+    np.testing.assert_array_less(np.abs(np.asarray(losses) - reference_losses), loss_atol)
     assert losses[-1] < losses[0]  # it trains
-    for got, want in zip(
-        jax.tree_util.tree_leaves(state.params),
-        jax.tree_util.tree_leaves(expected.params),
-        strict=True,
-    ):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    numerics.assert_updates_close(state.params, expected.params, start, rtol)
 
 
-def test_fused_galore_follows_the_plain_trainer_on_unstacked_layers(tmp_path):
+def _with_paths(tree):
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+@pytest.mark.numerics
+def test_fused_galore_follows_the_plain_trainer_on_unstacked_layers(tmp_path, fused_trainer):
     """GaLore (deterministic projector) layer by layer on the stacked model = the plain trainer
     on the same weights unstacked (scan_layers=False: one leaf per layer, updated from the full
-    gradient by the unchanged optimizer). 5 steps, refreshes at 0, 2, 4; losses to 1e-5."""
-    config = tiny_config(tmp_path, **LAYERWISE)
-    config.optimizer.name = "galore"
-    config.optimizer.subspace.momentum_projection = True  # see the test above
-    fused = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
+    gradient by the unchanged optimizer). 5 steps, refreshes at 0, 2, 4; the losses and each
+    leaf's update to the first test's error model."""
+    config, fused = fused_trainer("galore", "adamw")
     plain_config = tiny_config(tmp_path, **{"optimizer.grad_clip": 0.0})
     plain_config.optimizer.name = "galore"
     plain_config.optimizer.subspace.momentum_projection = True
     plain = main_lib.build_trainer(plain_config, sharding_lib.make_mesh(plain_config.mesh))
     state = fused.init(jax.random.key(0))
+    start = jax.tree_util.tree_map(np.asarray, state.params)
     copy = jax.tree_util.tree_map(jnp.copy, state.params)  # the fused step donates its input
     unstacked = {k: v for k, v in copy["model"].items() if k != "layers"}
     for i in range(config.model.num_layers):
@@ -144,13 +195,18 @@ def test_fused_galore_follows_the_plain_trainer_on_unstacked_layers(tmp_path):
         assert float(metrics["grad_norm"]) == pytest.approx(
             float(plain_metrics["grad_norm"]), rel=1e-5
         )
-    np.testing.assert_allclose(losses, plain_losses, rtol=1e-5)
-    np.testing.assert_allclose(
-        state.params["model"]["layers"]["mlp"]["down_proj"]["kernel"][1],
-        plain_state.params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"],
-        rtol=1e-4,
-        atol=1e-6,
-    )
+    # The error model of the first test, with its premise (the smallest gap of the projected
+    # gradients' spectra at the refreshes >= MIN_GAP), which it checks on this trajectory.
+    rtol = numerics.update_rtol(MIN_GAP, refreshes=3)
+    plain_losses = np.asarray(plain_losses)
+    loss_atol = 1e-6 * plain_losses + rtol * np.abs(plain_losses[0] - plain_losses)
+    np.testing.assert_array_less(np.abs(np.asarray(losses) - plain_losses), loss_atol)
+    model = plain_state.params["model"]
+    layers = [model[f"layers_{i}"] for i in range(config.model.num_layers)]
+    restacked = {k: v for k, v in model.items() if not k.startswith("layers_")}
+    restacked["layers"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
+    want = {"model": restacked, "lm_head": plain_state.params["lm_head"]}
+    numerics.assert_updates_close(state.params, want, start, rtol)
 
 
 def _host(x):
@@ -348,7 +404,9 @@ def test_finetune_refuses_layerwise():
 
 
 @pytest.mark.parametrize("layers_per_call", [1, 2])
-def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(tmp_path, layers_per_call):
+def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(
+    tmp_path, fused_trainer, layers_per_call
+):
     """``model.scan_layers=True`` with GaLore and the plain full-gradient step: the optimizer
     runs per layer (each layer's matrices projected, the stacked norms left alone), so with
     no clipping it is the fused layer-wise step's trajectory (4 steps, refreshes at 0 and 2,
@@ -363,10 +421,7 @@ def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(tmp_path, 
     config.optimizer.name = "galore"
     config.optimizer.subspace.momentum_projection = True  # signs: see the first test of this file
     plain = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
-    fused_config = tiny_config(tmp_path, **LAYERWISE)
-    fused_config.optimizer.name = "galore"
-    fused_config.optimizer.subspace.momentum_projection = True
-    fused = main_lib.build_trainer(fused_config, sharding_lib.make_mesh(fused_config.mesh))
+    _, fused = fused_trainer("galore", "adamw")
     assert isinstance(plain.tx.init(plain.abstract_state.params), gl.layerwise.LayerwiseState)
     state = plain.init(jax.random.key(0))
     fused_state = fused.init(jax.random.key(0))

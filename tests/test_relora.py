@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import numerics
 from tests.jaxpr_walk import iter_equations
 from tests.train_fixtures import tiny_config
 from train import main as main_lib
@@ -39,57 +40,99 @@ def _batches(config, n):
     ]
 
 
-def _run(config, batches):
+_KERNEL_GRADS = {}
+
+
+def _kernel_grads(model):
+    """The jitted gradients of the attention and MLP kernels (the projected matrices), compiled
+    once per model for this module's tests."""
+    if repr(model) not in _KERNEL_GRADS:
+
+        @jax.jit
+        def kernel_grads(params, batch):
+            def loss_fn(params):
+                logits = model.apply({"params": params}, batch["inputs"])
+                return main_lib.cross_entropy(logits, batch["targets"])
+
+            grads = jax.grad(loss_fn)(params)["model"]
+            return [
+                g
+                for p, g in jax.tree_util.tree_leaves_with_path(grads)
+                if jax.tree_util.keystr(p).endswith("['kernel']")
+            ]
+
+        _KERNEL_GRADS[repr(model)] = kernel_grads
+    return _KERNEL_GRADS[repr(model)]
+
+
+def _run(config, batches, gaps_rank=None):
+    """Train on ``batches``; returns the trainer, the initial params, the final state, the
+    losses and, with ``gaps_rank``, the smallest relative gap among the top ``gaps_rank + 1``
+    singular values of the projected kernels' gradients at the refresh steps."""
     mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
     trainer = main_lib.build_trainer(config, mesh)
     state = trainer.init(jax.random.key(config.seed))
-    losses = []
-    for batch in batches:
+    start = jax.tree_util.tree_map(np.asarray, state.params)
+
+    losses, gaps = [], []
+    for step, batch in enumerate(batches):
+        if gaps_rank is not None and step % config.optimizer.subspace.update_every == 0:
+            grads = _kernel_grads(trainer.model)(state.params, batch)
+            gaps.append(numerics.min_relative_gap(grads, gaps_rank))
         state, metrics = trainer.train_step(
             state, main_lib.to_global(batch, trainer.batch_sharding)
         )
         losses.append(float(metrics["loss"]))
-    return trainer, state, losses
+    return trainer, start, state, losses, gaps
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "name, inner",
     [("galore", "adamw"), ("galore", "msgd"), ("hybrid", "adamw"), ("golore", "msgd")],
 )
 def test_same_trajectory_as_the_plain_transform(tmp_path, name, inner):
     """8 steps with refreshes at 0, 3, 6 (and the hybrid's switch at step 4): the weights
-    W0 + P A equal the plain path's weights to fp32 round-off, and so do the losses."""
+    W0 + P A equal the plain path's weights and the losses agree, to the error model of
+    tests/numerics.py.
+
+    The two paths sum each gradient in another order (relative ``GRAD_RTOL = 1e-6``; carried
+    through the 8 steps, ``CARRIED_RTOL = 1e-4``); each SVD refresh (at most 3) adds a basis
+    rotation of ``GRAD_RTOL / gap``, ``gap`` the smallest relative gap among the top
+    ``r + 1`` singular values of a projected kernel's gradient (measured on the plain path's
+    gradients at the refreshes: 5e-4 to 4e-3 on these random tokens). Each leaf's total
+    update is compared by RMS, relative to that update (or the model's RMS update, for a leaf
+    whose gradient is cancellation-small), not elementwise: the embedding and lm_head rows of
+    rare tokens get near-zero gradients, whose round-off Adam's m / sqrt(v) turns into
+    changes of up to 8e-5 (lr 1e-2). Losses: the updates' relative error times what the
+    updates moved the loss, plus fp32 rounding (1e-6).
+    """
     overrides = {
         "optimizer.name": name,
         "optimizer.inner.name": inner,
         "optimizer.subspace.projector": "svd",
     }
     config = _config(tmp_path, **overrides)
+    rank = config.optimizer.subspace.rank
     batches = _batches(config, config.num_steps)
-    _, plain, plain_losses = _run(config, batches)
+    _, start, plain, plain_losses, gaps = _run(config, batches, gaps_rank=rank)
     relora_config = _config(tmp_path, **overrides, **{"step.relora": True})
-    trainer, relora, relora_losses = _run(relora_config, batches)
+    trainer, relora_start, relora, relora_losses, _ = _run(relora_config, batches)
 
-    np.testing.assert_allclose(relora_losses, plain_losses, rtol=1e-5)
-    weights = trainer.weights(relora)
-    for (path, got), want in zip(
-        jax.tree_util.tree_leaves_with_path(weights),
-        jax.tree_util.tree_leaves(plain.params),
-        strict=True,
-    ):
-        # Measured: <= 4e-7 on the projected kernels and the norms. The embedding and lm_head
-        # rows of rare tokens get near-zero gradients, whose round-off (the two paths sum in a
-        # different order) Adam's m / sqrt(v) turns into changes of up to 8e-5 (lr 1e-2):
-        # their atol is 1% of one step.
-        name = jax.tree_util.keystr(path)
-        atol = 1e-4 if ("embed_tokens" in name or "lm_head" in name) else 1e-6
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=name)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, relora_start, start)  # same W0
+    gap = min(gaps)
+    assert gap >= 1e-4, gap  # the model's premise: no (near-)degenerate top-r spectrum
+    rtol = numerics.update_rtol(None if name == "golore" else gap, refreshes=3)
+    plain_losses = np.asarray(plain_losses)
+    loss_atol = 1e-6 * plain_losses + rtol * np.abs(plain_losses[0] - plain_losses)
+    np.testing.assert_array_less(np.abs(np.asarray(relora_losses) - plain_losses), loss_atol)
+    numerics.assert_updates_close(trainer.weights(relora), plain.params, start, rtol)
     # The run really went through the low-rank path: A moved since the last refresh (step 6),
     # and W0 differs from the weights.
     coefs = [a for a in jax.tree_util.tree_leaves(relora.adapters)]
     assert coefs and all(float(jnp.abs(a).max()) > 0 for a in coefs)
     moved = jax.tree_util.tree_map(
-        lambda w, w0: float(jnp.abs(w - w0).max()), weights, relora.params
+        lambda w, w0: float(jnp.abs(w - w0).max()), trainer.weights(relora), relora.params
     )
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-5
 
