@@ -11,6 +11,8 @@ import inspect
 import pathlib
 import re
 
+import jax
+import optax
 import pytest
 
 import golore_jax as gl
@@ -21,6 +23,8 @@ TEXT = (ROOT / "ARCHITECTURE.md").read_text()
 # Backticked spans, and the lines of the code block (the application's diagram).
 SPANS = re.findall(r"`([^`\n]+)`", TEXT)
 DIAGRAM = "\n".join(re.findall(r"^```\n(.*?)^```$", TEXT, re.MULTILINE | re.DOTALL))
+# Libraries whose names a concept cell may use as they are.
+KNOWN = (jax, jax.lax, jax.numpy, optax, optax.GradientTransformation)
 IDENTIFIER = re.compile(r"^[A-Za-z_]\w*$")
 PATH = re.compile(r"^(?:[\w.-]+/)+[\w.-]*\.(?:py|md|sh|json)(?::\w+)?$")
 CONFIG = base.llama_config(8, 16, 2, 2, 64)
@@ -124,7 +128,8 @@ def test_every_library_module_has_a_row():
 )
 def test_table_identifiers_are_names_of_their_module(path, spans):
     """A plain identifier in a row's concept cell is a name of that module (a function, class
-    or constant, or a field of one of its classes), of ``golore_jax`` or a builtin;
+    or constant, or a field of one of its classes), of ``golore_jax``, of jax / optax (``init``,
+    ``eval_shape``) or a builtin;
     ``prefix_*`` matches at least one public name."""
     module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
     classes = [c for _, c in inspect.getmembers(module, inspect.isclass)]
@@ -134,6 +139,7 @@ def test_table_identifiers_are_names_of_their_module(path, spans):
             hasattr(module, span)
             or hasattr(gl, span)
             or hasattr(builtins, span)
+            or any(hasattr(lib, span) for lib in KNOWN)  # jax / optax names (`init`, `vmap`)
             or any(span in getattr(c, "__annotations__", {}) for c in classes)  # a field
         )
 
