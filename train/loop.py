@@ -209,7 +209,7 @@ class Result:
 def refresh_counts(state: Any) -> dict[str, int]:
     """``refreshes_done`` / ``refreshes_scheduled`` (matrices decomposed / leaf refreshes
     scheduled so far) of an optimizer with a lazy subspace refresh; nothing without one."""
-    counts = gl.subspace.refresh_counts(getattr(state, "opt_state", None))
+    counts = gl.refresh_counts(getattr(state, "opt_state", None))
     if counts is None:
         return {}
     return {"refreshes_done": int(counts[0]), "refreshes_scheduled": int(counts[1])}

@@ -205,11 +205,11 @@ def _check_lazy(opt: Any) -> None:
         )
 
 
-def lazy_refresh(sub: Any) -> gl.subspace.LazyRefresh | None:
+def lazy_refresh(sub: Any) -> gl.LazyRefresh | None:
     """``optimizer.subspace.lazy_*`` as the library's option (None when the threshold is 0)."""
     if not sub.lazy_threshold:
         return None
-    return gl.subspace.LazyRefresh(
+    return gl.LazyRefresh(
         threshold=float(sub.lazy_threshold),
         patience=sub.lazy_patience,
         growth=sub.lazy_growth,

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from golore_jax.partitioning import state_partition_specs
+import golore_jax as gl
 from train.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -138,7 +138,7 @@ def param_and_state_shardings(
     params_shapes = nn.unbox(boxed_params)
     param_specs = logical_to_mesh(logical)
     check_divisible(params_shapes, param_specs, mesh, "param")
-    state_specs = state_partition_specs(
+    state_specs = gl.state_partition_specs(
         opt_state_shapes, params_shapes, param_specs, dict(mesh.shape), stack_path=stack_path
     )
     return named(mesh, param_specs), named(mesh, state_specs)
