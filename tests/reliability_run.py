@@ -286,14 +286,22 @@ def table(tmp: pathlib.Path) -> None:
             subspace(rank=1, mask={"layer": {"kernel": True, "bias": False, "extra": True}}),
         ),
         ("paper_msgd_hyperparams(0.1, beta1=1.5)", lambda: gl.paper_msgd_hyperparams(0.1, 1.5)),
+        ("golore_projector(1.5, 100)", lambda: gl.golore_projector(1.5, 100)),
+        ("golore_projector(0.5, total_steps=None)", lambda: gl.golore_projector(0.5, None)),
         (
-            "golore_adamw(golore_fraction=1.5)",
-            lambda: gl.golore_adamw(1e-3, golore_fraction=1.5, total_steps=100),
+            "golore_adamw(subspace=Subspace(projector=...))",
+            lambda: gl.golore_adamw(1e-3, subspace=gl.Subspace(projector=projectors.svd())),
         ),
+        ("Subspace(update_every=0)", lambda: gl.Subspace(update_every=0)),
+        ("Subspace(side='smaller')", lambda: gl.Subspace(side="smaller")),
+        ("Execution(refresh_batch_size=0)", lambda: gl.Execution(refresh_batch_size=0)),
+        ("Sparse(k=3, density=0.5)", lambda: gl.Sparse(k=3, density=0.5)),
+        ("Online(orthonormalize_every=0)", lambda: gl.Online(orthonormalize_every=0)),
         (
-            "golore_sgd(golore_fraction=0.5, total_steps=None)",
-            lambda: gl.golore_sgd(1e-3, golore_fraction=0.5, total_steps=None),
+            "galore_adamw(subspace={'rank': 2}) (not a Subspace)",
+            lambda: gl.galore_adamw(1e-3, subspace={"rank": 2}),
         ),
+        ("galore_adamw(rnak=2) (a misspelt keyword)", lambda: gl.galore_adamw(1e-3, rnak=2)),
         ("layout.most_square_split((5,))", lambda: layout.most_square_split((5,))),
         ("projectors.random('householder')", lambda: projectors.random("householder")),
         ("projectors.hybrid(-1)", lambda: projectors.hybrid(-1)),
@@ -301,7 +309,7 @@ def table(tmp: pathlib.Path) -> None:
     int_params = {"w": jnp.ones((4, 6)), "ids": jnp.zeros((4, 6), jnp.int32)}
 
     def int_leaf_update(grads):
-        tx = gl.galore_adamw(1e-3, rank=2, update_every=2)
+        tx = gl.galore_adamw(1e-3, subspace=gl.Subspace(rank=2, update_every=2))
         return lambda: tx.update(grads, tx.init(int_params), int_params)
 
     float0 = jax.grad(

@@ -218,9 +218,9 @@ def test_state_memory_formula() -> None:
 def test_inside_scale_by_subspace_under_jit() -> None:
     shapes = {"w": (64, 128), "v": (96, 48)}
     params = {n: jnp.zeros(s) for n, s in shapes.items()}
-    kw = {"rank": 8, "update_every": 5}
-    tx8 = golore_jax.scale_by_subspace(scale_by_adam_8bit(block_size=64, min_size=0), **kw)
-    txr = golore_jax.scale_by_subspace(optax.scale_by_adam(), **kw)
+    sub = golore_jax.Subspace(rank=8, update_every=5, scale=1.0)
+    tx8 = golore_jax.scale_by_galore(scale_by_adam_8bit(block_size=64, min_size=0), sub)
+    txr = golore_jax.scale_by_galore(optax.scale_by_adam(), sub)
     s8, sr = tx8.init(params), txr.init(params)
     inner = s8.inner_state
     assert inner.mu_q["w"].codes.dtype == jnp.int8  # low-rank (8, 128): 1024 = 16 blocks of 64

@@ -592,7 +592,7 @@ def test_integer_leaves_get_a_one_line_error_naming_the_leaf():
     import golore_jax as gl
 
     params = {"w": jnp.ones((6, 8)), "ids": jnp.zeros((6, 8), jnp.int32)}
-    tx = gl.galore_adamw(1e-3, rank=2, update_every=2)
+    tx = gl.galore_adamw(1e-3, subspace=gl.Subspace(rank=2, update_every=2))
     state = tx.init(params)
     float_grads = {"w": jnp.ones((6, 8)), "ids": jnp.ones((6, 8))}
     float0_grads = jax.grad(
