@@ -91,6 +91,15 @@ def like(x: jax.Array, ref: Any) -> jax.Array:
     return reshard_to(x, sharding.spec, like=ref)
 
 
+def replicated_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` for a small result (an ``r x r`` change of basis) whose contraction may run
+    over sharded dims: on an Explicit mesh the result is replicated (a sum across devices),
+    elsewhere the plain product."""
+    if sharding_of(a) is None and sharding_of(b) is None:
+        return a @ b
+    return jnp.matmul(a, b, out_sharding=named(a if sharding_of(a) else b, PartitionSpec()))
+
+
 def like_tree(tree: Any, ref: Any) -> Any:
     """:func:`like` leaf by leaf (``ref`` a tree of the same structure)."""
     return jax.tree.map(like, tree, ref)

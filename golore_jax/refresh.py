@@ -173,7 +173,8 @@ def _kept(chosen: jax.Array, old: Any, basis_dtype: Any, due: Any, i: int) -> An
     stored = basis_storage.store_basis(chosen, basis_dtype)
     if due is None:
         return stored
-    return jax.tree.map(lambda n, o: jnp.where(due[i], n, o), stored, old)
+    # Explicit meshes: both select cases in the stored basis' sharding.
+    return jax.tree.map(lambda n, o: jnp.where(due[i], _explicit.like(n, o), o), stored, old)
 
 
 def refresh_bases(

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
-from jax.sharding import PartitionSpec
 
 from golore_jax import _explicit
 from golore_jax import layout as layout_lib
@@ -37,7 +36,6 @@ FIRST = "first"  # a first moment (a mean of gradients): rotates like the gradie
 SECOND = "second"  # a second moment (a mean of squared gradients)
 MOMENT_KINDS = (FIRST, SECOND)
 SECOND_MOMENT_POLICIES = ("keep", "project", "reset")
-_REPLICATED = PartitionSpec()
 
 _MOMENTS: dict[type, dict[str, str]] = {}
 
@@ -107,17 +105,7 @@ def rotate_moments(
     # sums over the bases' sharded rows) and each rotated moment keeps its own sharding;
     # elsewhere _explicit's helpers return their input (the same program as before).
     changes = [
-        None
-        if lay is None
-        else jnp.matmul(
-            n.astype(f32).T,
-            o.astype(f32),
-            **(
-                {}
-                if _explicit.sharding_of(n) is None
-                else {"out_sharding": _explicit.named(n, _REPLICATED)}
-            ),
-        )
+        None if lay is None else _explicit.replicated_matmul(n.astype(f32).T, o.astype(f32))
         for lay, o, n in zip(layouts, old, new, strict=True)
     ]
 

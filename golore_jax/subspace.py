@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from golore_jax import _explicit, partitioning, rotation
 from golore_jax import layout as layout_lib
@@ -186,9 +186,29 @@ def _zero_bases(layouts: list[MatrixLayout | None], storage: Any, *args: Any) ->
     """:func:`golore_jax.planning.zero_bases`, or INT4 zero bases under ``"int4"``."""
     if not isinstance(storage, str):  # a float dtype (storage_of gives a str for INT4 only)
         return zero_bases(layouts, storage, *args)
+    shardings = (args[0] if args else None) or [None] * len(layouts)
     return [
-        optax.MaskedNode() if lay is None else zero_basis(lay.basis_shape, INT4) for lay in layouts
+        optax.MaskedNode()
+        if lay is None
+        else _int4_sharded(zero_basis(lay.basis_shape, INT4), lay, s)
+        for lay, s in zip(layouts, shardings, strict=True)
     ]
+
+
+def _int4_sharded(basis: Int4Basis, lay: MatrixLayout, shardings: Any) -> Int4Basis:
+    """On a mesh with Explicit axes, an INT4 basis with the shardings
+    :func:`golore_jax.basis_storage.int4_specs` gives it (codes like the basis); as it is
+    elsewhere (``shardings`` None)."""
+    if shardings is None:
+        return basis
+    mesh = shardings[0].mesh
+    specs = int4_specs(shardings[0].spec, lay.basis_shape[0], dict(mesh.shape))
+    return jax.tree.map(
+        lambda x, spec: jax.sharding.reshard(x, NamedSharding(mesh, spec)),
+        basis,
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def _init_lazy(
@@ -259,7 +279,8 @@ def _next_lazy(
             streak_out.append(streak)
             continue
         f32 = jnp.float32
-        overlap = jnp.sum(jnp.square(new[i].astype(f32).T @ old[i].astype(f32))) / lay.rank
+        change = _explicit.replicated_matmul(new[i].astype(f32).T, old[i].astype(f32))
+        overlap = jnp.sum(jnp.square(change)) / lay.rank
         measured = due[i] & ~random_phase  # random draws are not measured
         streak = jnp.where(measured, jnp.where(overlap >= rule.threshold, streak + 1, 0), streak)
         grow = streak >= rule.patience

@@ -30,8 +30,9 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import golore_jax as gl
 from golore_jax.partitioning import entries, state_partition_specs
-from tests.test_alias_contract import ALIASES, STEPS, _make, _tree
+from tests.test_alias_contract import ALIASES, LEARNING_RATE, STEPS, _make, _tree
 
 E, A = AxisType.Explicit, AxisType.Auto
 CASES: dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[Any, ...], dict]] = {
@@ -45,6 +46,25 @@ CASES: dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[Any, ...], dict]]
     "mixed": ((2, 2), ("data", "model"), (E, A), {"a": P("data", "model"), "b": P("data")}),
     "shard_map": ((2, 2), ("data", "model"), (E, E), {"a": P(None, "model"), "b": P()}),
 }
+
+
+# Beyond the alias table: the state options with their own refresh paths (a lazy refresh's
+# skipped leaves and overlap; INT4-stored bases), refreshing at every step.
+EXTRA = {
+    "galore_adamw_lazy": lambda: gl.galore_adamw(
+        LEARNING_RATE,
+        subspace=gl.Subspace(rank=2, update_every=1, lazy_refresh=gl.LazyRefresh(0.5)),
+    ),
+    "galore_adamw_int4": lambda: gl.galore_adamw(
+        LEARNING_RATE,
+        subspace=gl.Subspace(rank=2, update_every=1),
+        execution=gl.Execution(basis_dtype="int4"),
+    ),
+}
+
+
+def _tx(name: str):
+    return EXTRA[name]() if name in EXTRA else _make(name)
 
 
 def _grads(t: int) -> dict:
@@ -86,7 +106,7 @@ def run_case(name: str, case: str, reference: list) -> dict:
     mesh = jax.make_mesh(
         shape, axes, axis_types=types, devices=jax.devices()[: int(np.prod(shape))]
     )
-    tx = _make(name)
+    tx = _tx(name)
     with jax.set_mesh(mesh):
         put = {k: NamedSharding(mesh, s) for k, s in specs.items()}
         params = jax.device_put(_tree(0), put)
@@ -120,7 +140,7 @@ def run_case(name: str, case: str, reference: list) -> dict:
 def run(names: list[str]) -> dict:
     out: dict[str, Any] = {"devices": jax.device_count()}
     for name in names:
-        tx = _make(name)
+        tx = _tx(name)
         params = _tree(0)
         state, reference = tx.init(params), []
         update = jax.jit(tx.update)
@@ -137,6 +157,6 @@ def run(names: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    names = sys.argv[1:] or list(ALIASES)
+    names = sys.argv[1:] or [*ALIASES, *EXTRA]
     jnp.zeros(())  # start the backend before printing anything
     print(json.dumps(run(names)))

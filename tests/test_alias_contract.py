@@ -260,13 +260,18 @@ def _explicit_sharding_results() -> dict:
 SHARDED_RTOL = 1e-5
 
 
+# tests/explicit_sharding_check.py's EXTRA rows: options with their own refresh paths.
+EXPLICIT_EXTRA = ("galore_adamw_int4", "galore_adamw_lazy")
+
+
 @pytest.mark.parametrize("case", ["explicit_2x2", "explicit_2x2x2", "mixed", "shard_map"])
-@pytest.mark.parametrize("name", sorted(ALIASES))
+@pytest.mark.parametrize("name", [*sorted(ALIASES), *EXPLICIT_EXTRA])
 def test_explicit_sharding_equals_one_device(name, case):
     """On Explicit-axis meshes (2x2; data x fsdp x tensor 2x2x2 with the trainer's fsdp x tensor
     layout), a mixed Explicit/Auto mesh and inside a shard_map over ``data``, ``jit(tx.init)``
     and three ``jit(tx.update)`` steps (two refreshes) give the single-device updates, and every
-    state leaf has the sharding ``state_partition_specs`` derives from the params' specs."""
+    state leaf has the sharding ``state_partition_specs`` derives from the params' specs. Also
+    a lazy refresh and INT4-stored bases (codes sharded like the basis)."""
     result = _explicit_sharding_results()
     assert result["devices"] == 8
     got = result[name][case]
