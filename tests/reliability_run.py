@@ -405,6 +405,18 @@ def table(tmp: pathlib.Path) -> None:
         ),
         ("step.layer_grad_clip=1 without step.layerwise", {"step.layer_grad_clip": 1.0}),
         ("step.layers_per_call=2, unstacked layers", {"step.layers_per_call": 2}),
+        ("model.weight_storage='int4'", {"model.weight_storage": "int4"}),
+        ("model.weight_storage='int8' without step.layerwise", {"model.weight_storage": "int8"}),
+        (
+            "model.weight_storage='int8', bf16 params, no stochastic rounding",
+            {
+                "model.weight_storage": "int8",
+                "model.scan_layers": True,
+                "step.layerwise": True,
+                "optimizer.grad_clip": 0.0,
+                "model.param_dtype": "bfloat16",
+            },
+        ),
         ("step.relora=True with optimizer.grad_clip=1", {"step.relora": True}),
         ("eval_batches=0", {"eval_batches": 0}),
         ("run_steps=0", {"run_steps": 0}),

@@ -308,9 +308,10 @@ def test_bad_int8_config_raises(tmp_path, overrides, match):
         main_lib.validate_config(tiny_config(tmp_path, **overrides))
 
 
-def _compiled_temp_bytes(num_layers: int, tmp_path) -> tuple[int, int, int]:
-    """The int8 trainer step's compiled scratch bytes (params and state are donated in/out
-    buffers, not scratch), one decoded bf16 layer's bytes and one saved layer input's bytes."""
+def _compiled_temp_bytes(num_layers: int, tmp_path) -> tuple[int, int, int, int]:
+    """The int8 trainer step's and init's compiled scratch bytes (params and state are
+    donated in/out buffers or outputs, not scratch), one decoded bf16 layer's bytes and one
+    saved layer input's bytes."""
     config = tiny_config(tmp_path, **RECIPE)
     config.model.num_layers, config.batch_size = num_layers, 2
     trainer = _trainer(config)
@@ -321,6 +322,7 @@ def _compiled_temp_bytes(num_layers: int, tmp_path) -> tuple[int, int, int]:
         for k in ("inputs", "targets")
     }
     compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+    init = trainer.init.lower(jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
     codes = [
         w.codes
         for w in jax.tree.leaves(
@@ -331,15 +333,32 @@ def _compiled_temp_bytes(num_layers: int, tmp_path) -> tuple[int, int, int]:
     ]
     layer_bf16 = sum(c.size * 2 for c in codes) // num_layers
     input_bytes = config.batch_size * config.seq_len * config.model.hidden_size * 4
-    return compiled.memory_analysis().temp_size_in_bytes, layer_bf16, input_bytes
+    return compiled.memory_analysis().temp_size_in_bytes, init, layer_bf16, input_bytes
 
 
 def test_no_float_copy_of_all_layers_exists(tmp_path):
     """Four more int8 layers add to the compiled step's scratch no more than their four saved
     inputs (fp32 compute here: 16 KiB each) plus 1 KiB per layer, where one decoded bf16 layer
     is 80 KiB: the decode (forward, recompute, update) holds one layer at a time, never the
-    stack."""
-    temp4, layer_bf16, input_bytes = _compiled_temp_bytes(4, tmp_path)
-    temp8, _, _ = _compiled_temp_bytes(8, tmp_path)
+    stack. The init's scratch grows by less than one such layer in all (it draws and quantizes
+    one layer at a time: a model.init then encode held the float stack, 19.7 GiB at 7B)."""
+    temp4, init4, layer_bf16, input_bytes = _compiled_temp_bytes(4, tmp_path)
+    temp8, init8, _, _ = _compiled_temp_bytes(8, tmp_path)
+    assert init8 - init4 < layer_bf16, (init8, init4, layer_bf16)
     assert layer_bf16 > 4 * (input_bytes + 1024)  # the bound below tells the two apart
     assert temp8 - temp4 <= 4 * (input_bytes + 1024), (temp8, temp4, input_bytes, layer_bf16)
+
+
+def test_the_16gb_recipe_config_validates(tmp_path):
+    """configs/recipe_7b_16gb.py (README "Memory") passes the trainer's checks with every
+    option on, and keeps the global clip's bound with one clip per layer group."""
+    from configs import recipe_7b_16gb
+
+    config = recipe_7b_16gb.get_config()
+    config.lock()
+    main_lib.validate_config(config)
+    assert config.model.weight_storage == "int8"
+    assert config.optimizer.subspace.basis_dtype == "int4"
+    assert config.optimizer.subspace.lazy_threshold > 0
+    groups = config.model.num_layers + 1
+    assert config.step.layer_grad_clip == pytest.approx(1 / groups**0.5)

@@ -369,7 +369,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.export.dtype must be one of {EXPORT_DTYPES}, got {config.export.dtype!r}"
         )
     optimizer_lib.validate(config.optimizer, num_steps=config.num_steps)
-    storage = config.model.get("weight_storage", "float")
+    storage = config.model.weight_storage
     if storage != "float":
         raise ConfigError(
             f"config.model.weight_storage={storage!r} is a pre-training option (the layer-wise "

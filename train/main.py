@@ -110,7 +110,7 @@ def validate_config(config: Any) -> None:
             "config.step.layerwise=True needs config.model.scan_layers=True (it scans "
             "over the stacked layers)"
         )
-    storage = config.model.get("weight_storage", "float")
+    storage = config.model.weight_storage
     if storage not in weight_storage_lib.STORAGES:
         raise ConfigError(
             f"config.model.weight_storage={storage!r}; expected one of "
@@ -235,10 +235,14 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         init_params = jax.sharding.auto_axes(init_params, out_sharding=float_param_sharding)
 
     def init(key):
-        params = init_params(key)
-        opt_state = tx.init(params)
-        if int8:
-            params = weight_storage_lib.encode(params)
+        if int8:  # layer by layer: the float stack never exists (train/weight_storage.py)
+            params = weight_storage_lib.init_params(model_config, key, dummy)
+            # The optimizer's state from the decoded weights: XLA drops the decode when the
+            # state needs only their shapes (the subspace optimizers' init does).
+            opt_state = tx.init(weight_storage_lib.decode(params, model_config.param_dtype))
+        else:
+            params = init_params(key)
+            opt_state = tx.init(params)
         return step_lib.init_state(params, opt_state, adapters.init(params) if adapters else None)
 
     def loss_fn(params, batch):
