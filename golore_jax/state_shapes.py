@@ -34,7 +34,17 @@ def _param_path(state_path: str, param_paths: list[str]) -> str | None:
 def shape_checker(owner: str, init_fn: Callable[[Any], Any]) -> Callable[[Any, Any], None]:
     """``check(updates, state)``: raises ``ValueError`` naming the leaf when ``state`` was made by
     ``init_fn`` for params whose shapes differ from ``updates``'. Structures that differ, or
-    updates ``init_fn`` cannot take, are left to the transform's own checks."""
+    updates ``init_fn`` cannot take, are left to the transform's own checks.
+
+    >>> import jax.numpy as jnp, optax
+    >>> check = shape_checker("adam", optax.scale_by_adam().init)
+    >>> state = optax.scale_by_adam().init({"w": jnp.zeros(3)})
+    >>> check({"w": jnp.zeros(3)}, state)  # same shapes: nothing to say
+    >>> check({"w": jnp.zeros(4)}, state)
+    Traceback (most recent call last):
+    ...
+    ValueError: adam: leaf ['w'] has shape (4,), but the optimizer state was initialised for another shape (state .mu['w']: (3,), this update needs (4,)); call init again after changing a param's shape
+    """
     expected_by_signature: dict[tuple, Any] = {}
 
     def check(updates: Any, state: Any) -> None:

@@ -92,9 +92,16 @@ def fused_trainer(tmp_path_factory):
     return get
 
 
-@pytest.mark.numerics
-@pytest.mark.parametrize("inner", ["adamw", "msgd"])
-@pytest.mark.parametrize("name", ["galore", "golore", "hybrid"])
+# .ci/run reruns the AdamW cases under a second XLA configuration: MSGD's update is invariant
+# to a rotation inside the subspace, so it is the less sensitive half (and CI time is short).
+FUSED_CASES = [
+    pytest.param(name, inner, marks=[pytest.mark.numerics] if inner == "adamw" else [])
+    for name in ("galore", "golore", "hybrid")
+    for inner in ("adamw", "msgd")
+]
+
+
+@pytest.mark.parametrize("name, inner", FUSED_CASES)
 def test_fused_step_follows_the_full_gradient_step(fused_trainer, name, inner):
     """The fused backward-pass update against the plain step with the same optimizer.
 

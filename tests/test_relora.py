@@ -86,10 +86,17 @@ def _run(config, batches, gaps_rank=None):
     return trainer, start, state, losses, gaps
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize(
     "name, inner",
-    [("galore", "adamw"), ("galore", "msgd"), ("hybrid", "adamw"), ("golore", "msgd")],
+    [
+        # .ci/run reruns these two under a second XLA configuration: GaLore's SVD with Adam's
+        # elementwise update (the most sensitive to a basis rotation) and the largest carried
+        # rounding measured (GoLore, MSGD).
+        pytest.param("galore", "adamw", marks=pytest.mark.numerics),
+        ("galore", "msgd"),
+        ("hybrid", "adamw"),
+        pytest.param("golore", "msgd", marks=pytest.mark.numerics),
+    ],
 )
 def test_same_trajectory_as_the_plain_transform(tmp_path, name, inner):
     """8 steps with refreshes at 0, 3, 6 (and the hybrid's switch at step 4): the weights

@@ -148,7 +148,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _stop_signals(config: Any) -> tuple[int, ...]:
     """The signals that raise before the loop: with several processes SIGTERM is JAX's
     preemption notice (it makes all of them stop together at the first step)."""
-    if config.get("distributed"):
+    if config.distributed:
         return (signal.SIGINT,)
     return (signal.SIGINT, signal.SIGTERM)
 
@@ -186,7 +186,7 @@ def run_program(
         logging.raiseExceptions = False
         with one_line_errors():
             config = loaded_config(flags.FLAGS)
-            if config.get("distributed") and not supervise.is_child():
+            if config.distributed and not supervise.is_child():
                 # The watcher: runs this command as its child, says why JAX ended it.
                 sys.exit(supervise.run(config, flags.FLAGS.workdir))
             if supervise.is_child():
