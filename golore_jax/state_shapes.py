@@ -40,10 +40,10 @@ def shape_checker(owner: str, init_fn: Callable[[Any], Any]) -> Callable[[Any, A
     >>> check = shape_checker("adam", optax.scale_by_adam().init)
     >>> state = optax.scale_by_adam().init({"w": jnp.zeros(3)})
     >>> check({"w": jnp.zeros(3)}, state)  # same shapes: nothing to say
-    >>> check({"w": jnp.zeros(4)}, state)
+    >>> check({"w": jnp.zeros(4)}, state)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: adam: leaf ['w'] has shape (4,), but the optimizer state was initialised for another shape (state .mu['w']: (3,), this update needs (4,)); call init again after changing a param's shape
+    ValueError: adam: leaf ['w'] has shape (4,), but the optimizer state was initialised for ...
     """
     expected_by_signature: dict[tuple, Any] = {}
 
