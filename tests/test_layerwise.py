@@ -116,7 +116,7 @@ def test_fused_step_follows_the_full_gradient_step(fused_trainer, name, inner):
     relative ``GRAD_RTOL = 1e-6``. They do on an AMD EPYC host, and here with LLVM's
     optimisation on (``--xla_backend_optimization_level=1``: one element of the embedding,
     [420, 36], moves 0.08% and fails the old elementwise 1e-4, as on that host). Carried
-    through the 5 steps: ``CARRIED_RTOL = 1e-4``. Each of the (at most 3) refreshes whose
+    through the 5 steps: ``CARRIED_RTOL = 1e-3``. Each of the (at most 3) refreshes whose
     decomposition reads the gradient (GaLore's eigh of ``G G^T``) adds a basis rotation of
     ``GRAD_RTOL / gap``, ``gap`` the smallest relative gap among the top ``r + 1`` singular
     values of a projected gradient (Adam's elementwise update is not invariant to a rotation
@@ -417,8 +417,8 @@ def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(
     """``model.scan_layers=True`` with GaLore and the plain full-gradient step: the optimizer
     runs per layer (each layer's matrices projected, the stacked norms left alone), so with
     no clipping it is the fused layer-wise step's trajectory (4 steps, refreshes at 0 and 2,
-    losses to rtol 1e-5), one layer at a time or both layers in one vmapped call; with the
-    default global-norm clip it trains with finite steps."""
+    losses to the first test's error model), one layer at a time or both layers in one
+    vmapped call; with the default global-norm clip it trains with finite steps."""
     stacked = {
         "model.scan_layers": True,
         "optimizer.grad_clip": 0.0,
@@ -440,9 +440,15 @@ def test_stacked_layers_without_layerwise_run_the_optimizer_per_layer(
         )
         losses.append(float(metrics["loss"]))
         fused_losses.append(float(fused_metrics["loss"]))
-    np.testing.assert_allclose(losses, fused_losses, rtol=1e-5)
+    # The first test's loss model (its premise, gap >= MIN_GAP, checked on this trajectory).
+    rtol = numerics.update_rtol(MIN_GAP, refreshes=2)
+    fused_losses = np.asarray(fused_losses)
+    loss_atol = 1e-6 * fused_losses + rtol * np.abs(fused_losses[0] - fused_losses)
+    np.testing.assert_array_less(np.abs(np.asarray(losses) - fused_losses), loss_atol)
     assert losses[-1] < losses[0]
 
+    if layers_per_call != 1:
+        return  # the clipped run below takes the default layers_per_call: once is enough
     clipped = tiny_config(tmp_path, **{"model.scan_layers": True})
     clipped.optimizer.name = "galore"
     assert clipped.optimizer.grad_clip > 0

@@ -104,7 +104,7 @@ def test_same_trajectory_as_the_plain_transform(tmp_path, name, inner):
     tests/numerics.py.
 
     The two paths sum each gradient in another order (relative ``GRAD_RTOL = 1e-6``; carried
-    through the 8 steps, ``CARRIED_RTOL = 1e-4``); each SVD refresh (at most 3) adds a basis
+    through the 8 steps, ``CARRIED_RTOL = 1e-3``); each refresh (at most 3) adds a basis
     rotation of ``GRAD_RTOL / gap``, ``gap`` the smallest relative gap among the top
     ``r + 1`` singular values of a projected kernel's gradient (measured on the plain path's
     gradients at the refreshes: 5e-4 to 4e-3 on these random tokens). Each leaf's total
@@ -117,7 +117,9 @@ def test_same_trajectory_as_the_plain_transform(tmp_path, name, inner):
     overrides = {
         "optimizer.name": name,
         "optimizer.inner.name": inner,
-        "optimizer.subspace.projector": "svd",
+        # The default gram_eigh (an eigh of G G^T): jaxlib's CPU SVD of the same matrices
+        # takes ~0.1 s each (1.4 s a refresh of this model) against 0.3 ms.
+        "optimizer.subspace.projector": "gram_eigh",
     }
     config = _config(tmp_path, **overrides)
     rank = config.optimizer.subspace.rank
