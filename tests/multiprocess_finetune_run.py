@@ -66,8 +66,17 @@ def _result(phase: str, result: dict) -> None:
 def pair(tmp: pathlib.Path, port: int, process_id: int) -> None:
     dist = distributed_keys(port, process_id)
     data = tmp / f"data_{process_id}"
-    _result("first", ft_lib.finetune(config(data, run_steps=2, **dist), tmp / "run"))
-    _result("resumed", ft_lib.finetune(config(data, **dist), tmp / "run"))
+
+    def same_on_every_process(c):
+        # The pod's processes must agree on their configs (train/distributed.py): every one
+        # reads the task files the test wrote once under TMP/tasks (the same rows as data_i's).
+        c.data.train_file = str(tmp / "tasks" / "train.jsonl")
+        c.data.eval_file = str(tmp / "tasks" / "eval.jsonl")
+        return c
+
+    first = same_on_every_process(config(data, run_steps=2, **dist))
+    _result("first", ft_lib.finetune(first, tmp / "run"))
+    _result("resumed", ft_lib.finetune(same_on_every_process(config(data, **dist)), tmp / "run"))
 
 
 def reference(tmp: pathlib.Path) -> None:

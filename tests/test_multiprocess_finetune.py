@@ -12,6 +12,7 @@ import json
 import pytest
 
 from tests.multiprocess_helpers import Process, free_port
+from tests.test_finetune import write_light_boolq
 
 MODULE = "tests.multiprocess_finetune_run"
 LOSS_RTOL = 1e-5  # 2 processes vs 1: the same math, collectives may sum in another order
@@ -19,6 +20,10 @@ LOSS_RTOL = 1e-5  # 2 processes vs 1: the same math, collectives may sum in anot
 
 def test_two_processes_fine_tune_as_one_and_resume(tmp_path):
     port = str(free_port())
+    # The task files both processes read (tests/test_finetune.tiny_config's rows and seeds).
+    (tmp_path / "tasks").mkdir()
+    write_light_boolq(tmp_path / "tasks" / "train.jsonl", 200, seed=0)
+    write_light_boolq(tmp_path / "tasks" / "eval.jsonl", 40, seed=1)
     pair = [
         Process(["pair", str(tmp_path), port, str(i)], devices=4, module=MODULE) for i in range(2)
     ]
