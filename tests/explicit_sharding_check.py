@@ -5,8 +5,8 @@ prints one JSON object: per alias and mesh case, the largest relative difference
 updates from the unsharded single-device updates (``|u - u_ref| / |u_ref|`` per leaf and step),
 and the state leaves whose sharding type differs from the params'-derived specs
 (:func:`golore_jax.partitioning.state_partition_specs`) after ``jit(tx.init)`` and after the
-last ``jit(tx.update)``. tests/test_alias_contract.py runs it in a subprocess (the device count
-is fixed when jax starts).
+last ``jit(tx.update)``. Arguments: the rows to run (all by default). tests/test_alias_contract.py
+runs it in subprocesses (the device count is fixed when jax starts), half the rows each.
 
 Cases (params "a" 6x4, "b" (4,), sharded as the trainer shards its weights):
 * ``explicit_2x2``: ``jax.make_mesh((2, 2), ("data", "model"))`` (Explicit axes, the default),

@@ -228,10 +228,18 @@ def test_alias_is_one_chain_of_core_and_tail(name):
 # --- Explicit-axis meshes, shard_map and inject_hyperparams (issue 30) -----------------------
 
 
-@functools.cache
-def _explicit_sharding_results() -> dict:
-    """tests/explicit_sharding_check.py over every alias in a process with 8 fake CPU devices
-    (one compiled update per alias per mesh; about a minute on one core)."""
+# tests/explicit_sharding_check.py's EXTRA rows: options with their own refresh paths.
+EXPLICIT_EXTRA = ("galore_adamw_int4", "galore_adamw_lazy")
+EXPLICIT_NAMES = (*sorted(ALIASES), *EXPLICIT_EXTRA)
+# The check runs as two processes of about equal size (alternate rows), side by side: its time
+# is compiling (one update per alias and mesh, single-threaded), so on CI's 2 cores two halves
+# take half the wall time of one process.
+EXPLICIT_PARTS = (EXPLICIT_NAMES[0::2], EXPLICIT_NAMES[1::2])
+
+
+def _run_explicit_sharding_check(scratch) -> dict:
+    """tests/explicit_sharding_check.py over every alias: both parts at once, each a process
+    with 8 fake CPU devices (their output goes to files: a full pipe would stall a process)."""
     import json
     import subprocess
     import sys
@@ -239,15 +247,48 @@ def _explicit_sharding_results() -> dict:
     from tests.child_env import eight_devices_env
     from tests.conftest import ROOT
 
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.explicit_sharding_check"],
-        env=eight_devices_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    procs = []
+    for i, part in enumerate(EXPLICIT_PARTS):
+        out, err = scratch / f"part{i}.out", scratch / f"part{i}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:  # the child keeps its copies
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.explicit_sharding_check", *part],
+                env=eight_devices_env(),
+                cwd=ROOT,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        procs.append((proc, out, err))
+    codes = [proc.wait() for proc, _, _ in procs]  # both finish, even when one fails
+    result: dict = {}
+    for code, (_, out, err) in zip(codes, procs, strict=True):
+        if code:
+            raise RuntimeError(f"explicit_sharding_check exited {code}:\n{err.read_text()[-4000:]}")
+        part = json.loads(out.read_text().strip().splitlines()[-1])
+        result["devices"] = part.pop("devices")
+        result.update(part)
+    return result
+
+
+@pytest.fixture(scope="session")
+def explicit_sharding_results(tmp_path_factory) -> dict:
+    """The check's results, computed once per test session: under pytest-xdist the first worker
+    to ask runs it (holding a file lock in the session's shared temporary directory) and the
+    others read its JSON, instead of every worker running the whole check."""
+    import fcntl
+    import json
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / "explicit_sharding.json"
+    with open(shared / "explicit_sharding.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.exists():  # a worker that failed to make it leaves none: the next retries
+            scratch = shared / "explicit_sharding"
+            scratch.mkdir(exist_ok=True)
+            path.write_text(json.dumps(_run_explicit_sharding_check(scratch)))
+        return json.loads(path.read_text())
 
 
 # Error model of a sharded update against the one-device update: the same fp32 operations with
@@ -260,19 +301,15 @@ def _explicit_sharding_results() -> dict:
 SHARDED_RTOL = 1e-5
 
 
-# tests/explicit_sharding_check.py's EXTRA rows: options with their own refresh paths.
-EXPLICIT_EXTRA = ("galore_adamw_int4", "galore_adamw_lazy")
-
-
 @pytest.mark.parametrize("case", ["explicit_2x2", "explicit_2x2x2", "mixed", "shard_map"])
-@pytest.mark.parametrize("name", [*sorted(ALIASES), *EXPLICIT_EXTRA])
-def test_explicit_sharding_equals_one_device(name, case):
+@pytest.mark.parametrize("name", EXPLICIT_NAMES)
+def test_explicit_sharding_equals_one_device(explicit_sharding_results, name, case):
     """On Explicit-axis meshes (2x2; data x fsdp x tensor 2x2x2 with the trainer's fsdp x tensor
     layout), a mixed Explicit/Auto mesh and inside a shard_map over ``data``, ``jit(tx.init)``
     and three ``jit(tx.update)`` steps (two refreshes) give the single-device updates, and every
     state leaf has the sharding ``state_partition_specs`` derives from the params' specs. Also
     a lazy refresh and INT4-stored bases (codes sharded like the basis)."""
-    result = _explicit_sharding_results()
+    result = explicit_sharding_results
     assert result["devices"] == 8
     got = result[name][case]
     assert "error" not in got, got
