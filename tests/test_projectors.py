@@ -28,20 +28,25 @@ def _top_projection(g: np.ndarray, r: int) -> np.ndarray:
 
 @functools.cache
 def _all_draws() -> dict[str, np.ndarray]:
-    """N_DRAWS bases from each sampler (one compilation): Haar by QR, by polar, plain QR."""
+    """N_DRAWS bases from each sampler: Haar by QR, by polar, plain QR.
 
-    def sample(key):
-        z = jax.random.normal(key, (M, R), jnp.float32)
-        return {
-            "qr": projectors.haar_stiefel(key, (M, R), method="qr"),
-            "polar": projectors.haar_stiefel(key, (M, R), method="polar"),
-            # QR of the Gaussian WITHOUT the sign fix (the non-Haar reference).
-            "plain_qr": jnp.linalg.qr(z)[0],
-            "z": z,  # the Gaussian itself: its conditioning sets the polar factor's rounding
-        }
-
-    draws = jax.jit(lambda: jax.vmap(sample)(jax.random.split(jax.random.key(1234), N_DRAWS)))()
-    return {k: np.asarray(v, np.float64) for k, v in draws.items()}
+    One program per sampler, run one after the other: jaxlib's batched LAPACK kernels wait for
+    their batch on XLA's intra-op pool, so two of them running at once in one program (the QR
+    and the polar factor's eigh) can take both threads of a 2-core machine and wait for each
+    other forever (seen: a CI-sized run hung here)."""
+    keys = jax.random.split(jax.random.key(1234), N_DRAWS)
+    samplers = {
+        "qr": lambda key: projectors.haar_stiefel(key, (M, R), method="qr"),
+        "polar": lambda key: projectors.haar_stiefel(key, (M, R), method="polar"),
+        # QR of the Gaussian WITHOUT the sign fix (the non-Haar reference).
+        "plain_qr": lambda key: jnp.linalg.qr(jax.random.normal(key, (M, R), jnp.float32))[0],
+        # The Gaussian itself: its conditioning sets the polar factor's rounding.
+        "z": lambda key: jax.random.normal(key, (M, R), jnp.float32),
+    }
+    return {
+        name: np.asarray(jax.block_until_ready(jax.jit(jax.vmap(f))(keys)), np.float64)
+        for name, f in samplers.items()
+    }
 
 
 def _draws(method: str) -> np.ndarray:
