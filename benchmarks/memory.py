@@ -230,7 +230,7 @@ def run_row(config_path: str, overrides: list[str], label: str, steady_steps: in
         state, row["refresh_step_s"], loss = step(state)
         record("refresh1")
         row["final_loss"] = loss
-        counts = getattr(gl.subspace, "refresh_counts", lambda _: None)(state.opt_state)
+        counts = getattr(gl, "refresh_counts", lambda _: None)(state.opt_state)
         if counts is not None:  # lazy refresh: matrices decomposed / leaf refreshes scheduled
             row["refreshes_done"], row["refreshes_scheduled"] = (int(c) for c in counts)
         row["skipped"] = int(state.skipped)

@@ -284,7 +284,7 @@ def run_full(model_name: str, method: str, args: argparse.Namespace) -> dict:
 
     import golore_jax as gl
     from benchmarks.state_memory import model_param_shapes
-    from golore_jax.subspace import scale_by_subspace
+    from golore_jax._subspace import scale_by_subspace
 
     shape = FULL_MODELS[model_name]
     layers, rank = shape.layers, shape.rank

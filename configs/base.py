@@ -85,11 +85,11 @@ def subspace_config() -> ml_collections.ConfigDict:
             "projection_dtype": "float32",
             # Storage dtype of the bases P / Q ("bfloat16" halves them; "int4": 4-bit codes
             # two a byte with an fp32 scale per 64 rows of a column, 1/7 of fp32; decomposed
-            # in fp32, decoded for each use: golore_jax.basis_storage).
+            # in fp32, decoded for each use: golore_jax.Execution.basis_dtype).
             "basis_dtype": "float32",
-            # Lazy, layer-adaptive refresh (galore, hybrid, importance; golore_jax.subspace.
-            # LazyRefresh): at a scheduled refresh a matrix that is not due skips its
-            # decomposition. A decomposed matrix whose new basis overlaps the previous one
+            # Lazy, layer-adaptive refresh (galore, hybrid, importance; golore_jax.LazyRefresh):
+            # at a scheduled refresh a matrix that is not due skips its decomposition. A
+            # decomposed matrix whose new basis overlaps the previous one
             # (||P_old^T P_new||_F^2 / r, the mean squared cosine of the principal angles) by
             # >= lazy_threshold lazy_patience times in a row has its interval (in refreshes)
             # multiplied by lazy_growth, up to lazy_max_period (0: no cap). 0.0: off (every
@@ -151,7 +151,8 @@ def step_config() -> ml_collections.ConfigDict:
             # optimizer.grad_clip=0 and optimizer.weight_decay=0.
             "relora": False,
             # With model.param_dtype="bfloat16": add each update in fp32 and round the params
-            # to bf16 stochastically (unbiased; golore_jax.precision), keyed by seed and step.
+            # to bf16 stochastically (unbiased; golore_jax.apply_updates_stochastic), keyed by
+            # seed and step.
             "stochastic_rounding": False,
         }
     )

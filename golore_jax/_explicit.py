@@ -16,7 +16,7 @@ the dim it keeps.
 
 >>> import jax.numpy as jnp
 >>> from jax.sharding import PartitionSpec as P
->>> from golore_jax.layout import make_layout
+>>> from golore_jax._layout import make_layout
 >>> g = jnp.ones((4, 8))
 >>> unsharded(g) is g, like(g, g) is g  # no mesh: the input itself
 (True, True)
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from golore_jax import partitioning
-from golore_jax.layout import MatrixLayout
+from golore_jax._layout import MatrixLayout
 
 
 def sharding_of(x: Any) -> NamedSharding | None:

@@ -41,7 +41,7 @@ import jax
 import optax
 from jax.sharding import PartitionSpec
 
-from golore_jax import layout as layout_lib
+from golore_jax import _layout as layout_lib
 
 
 class SpecContext(NamedTuple):

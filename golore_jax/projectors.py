@@ -4,7 +4,7 @@ A projector is called at refresh steps with
 
 * ``key``: a PRNG key for this leaf and this refresh,
 * ``g``: the fp32 gradient arranged so that its ROWS are the dimension to compress
-  (``G`` for a left projection, ``G^T`` for a right one; see :mod:`golore_jax.layout`),
+  (``G`` for a left projection, ``G^T`` for a right one; see :mod:`golore_jax._layout`),
 * ``previous``: the current ``(d, r)`` orthonormal basis (zeros before the first refresh),
 * ``step``: the optimizer step count (int32 scalar),
 

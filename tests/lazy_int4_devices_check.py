@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from golore_jax.subspace import refresh_counts
+from golore_jax._subspace import refresh_counts
 from tests.train_fixtures import tiny_config
 from train import data as data_lib
 from train import main as main_lib

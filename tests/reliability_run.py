@@ -237,8 +237,9 @@ def table(tmp: pathlib.Path) -> None:
     import optax
 
     import golore_jax as gl
-    from golore_jax import layout, projectors
-    from golore_jax.subspace import scale_by_subspace
+    from golore_jax import _layout as layout
+    from golore_jax import projectors
+    from golore_jax._subspace import scale_by_subspace
 
     rows: list[tuple[str, str, str, str]] = []
 

@@ -1,9 +1,11 @@
-"""Tests for golore_jax/aliases.py and memory.py, and scale_by_subspace inside optax wrappers."""
+"""Tests for golore_jax/_aliases.py and _memory.py, and scale_by_subspace inside optax wrappers."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
+import pathlib
 import warnings
 
 import chex
@@ -14,7 +16,7 @@ import optax
 import pytest
 
 import golore_jax as gl
-from golore_jax import projectors
+from golore_jax import _moved, projectors
 
 SHAPES = {"a": (4, 6), "b": (6, 4), "c": (5,)}
 
@@ -493,3 +495,78 @@ def test_option_groups_name_the_bad_field(build, message):
     with pytest.raises(ValueError, match=message) as info:
         build()
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# The surface: public names listed once; the implementation modules private, their 0.1 paths
+# kept one release behind a DeprecationWarning
+# --------------------------------------------------------------------------------------------
+
+NAMESPACES = {"projectors", "layerwise", "partitioning"}
+
+
+def test_public_names_are_listed_once_and_resolve():
+    assert len(set(gl.__all__)) == len(gl.__all__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no public name is a deprecated one
+        modules = {n for n in gl.__all__ if inspect.ismodule(getattr(gl, n))}
+    assert modules == NAMESPACES
+    assert set(gl.__all__) <= set(dir(gl))
+    assert not set(_moved.MODULES) & set(dir(gl)), "an old module path is advertised"
+
+
+def test_every_library_module_is_a_namespace_or_private():
+    files = pathlib.Path(gl.__file__).parent.glob("*.py")
+    public = {f.stem for f in files if not f.stem.startswith("_")}
+    assert public == NAMESPACES
+
+
+def _a_name_of(module):
+    """A public name the module defines itself (not an import)."""
+    return next(
+        name
+        for name, value in sorted(vars(module).items())
+        if not name.startswith("_")
+        and getattr(value, "__module__", module.__name__) == module.__name__
+        and not inspect.ismodule(value)
+    )
+
+
+@pytest.mark.parametrize("old", _moved.MODULES)
+def test_old_module_path_warns_on_use_and_forwards(old):
+    """``golore_jax.<old>`` imports without a warning; reading a name from it warns (pointing
+    at the reading line) and gives the private module's own object."""
+    new = importlib.import_module(f"golore_jax._{old}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        module = importlib.import_module(f"golore_jax.{old}")
+    name = _a_name_of(new)
+    with pytest.warns(DeprecationWarning, match=rf"^golore_jax\.{old} is deprecated") as record:
+        value = getattr(module, name)
+    assert value is getattr(new, name)
+    assert [w.filename for w in record] == [__file__]
+    with pytest.raises(AttributeError, match="no_such_name"):
+        module.no_such_name  # noqa: B018
+
+
+def test_old_module_path_spellings_and_their_advice():
+    """The three spellings of 0.1 keep working; the warning names the public spelling, the
+    replacement of a 0.1 name, or the private module."""
+    import golore_jax.layout
+    import golore_jax.subspace
+
+    with pytest.warns(DeprecationWarning, match=r"use golore_jax\.LazyRefresh$") as record:
+        from golore_jax.subspace import LazyRefresh
+    assert LazyRefresh is gl.LazyRefresh and record[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match=r"use golore_jax\.make_layout$"):
+        assert golore_jax.layout.make_layout is gl.make_layout
+    with pytest.warns(DeprecationWarning, match=r"use golore_jax\.scale_by_galore\(inner"):
+        old = golore_jax.subspace.scale_by_subspace
+    assert old is importlib.import_module("golore_jax._subspace").scale_by_subspace
+    with pytest.warns(DeprecationWarning, match=r"not public API; .* golore_jax\._planning"):
+        from golore_jax.planning import low_rank_like  # noqa: F401
+    namespace = {}
+    with pytest.warns(DeprecationWarning) as record:  # one warning per name imported
+        exec("from golore_jax.aliases import *", namespace)
+    assert "use golore_jax.galore" in {str(w.message).split(": ", 1)[1] for w in record}
+    assert namespace["galore"] is gl.galore and "warnings" not in namespace

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import golore_jax as gl
-from golore_jax.subspace import scale_by_subspace
+from golore_jax._subspace import scale_by_subspace
 
 
 def _problem():

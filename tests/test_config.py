@@ -270,6 +270,13 @@ def test_cli_overrides_reach_the_sub_blocks(monkeypatch) -> None:
         parse("--config.optimizer.rank=8")  # the flat key is gone
 
 
+def test_side_rules_are_the_library_s() -> None:
+    """``optimizer.subspace.side`` allows exactly ``golore_jax.Subspace.side``'s rules."""
+    from golore_jax._layout import SIDE_RULES
+
+    assert optimizer_lib.SIDES == SIDE_RULES
+
+
 def test_model_shapes_are_defined_once() -> None:
     """configs/llama_NAME.py trains models.MODELS[NAME] with its GaLore rank."""
     assert set(PRETRAINING) == set(models.MODELS)

@@ -1,4 +1,4 @@
-"""INT4 bases: scale_by_subspace(basis_dtype="int4"), golore_jax/basis_storage.py."""
+"""INT4 bases: scale_by_subspace(basis_dtype="int4"), golore_jax/_basis_storage.py."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import golore_jax as gl
-from golore_jax import basis_storage as bs
-from golore_jax.memory import optimizer_state_bytes, subspace_basis_bytes
+from golore_jax import _basis_storage as bs
+from golore_jax._memory import optimizer_state_bytes, subspace_basis_bytes
+from golore_jax._subspace import scale_by_subspace
 from golore_jax.partitioning import state_partition_specs
-from golore_jax.subspace import scale_by_subspace
 
 # Error model of one round trip in fp32: q = round(x / s) with x / s carrying a relative error
 # <= 2^-24 (|x / s| <= 7, so an absolute error <= 7 * 2^-24 before rounding), and q * s a
@@ -187,9 +187,7 @@ def test_orbax_round_trip_resumes_exactly(tmp_path):
     steps (one a refresh) from the restored state equal those from the saved one."""
     ocp = pytest.importorskip("orbax.checkpoint")
     params, grads = _problem()
-    tx = _transform(
-        "int4", lazy_refresh=gl.subspace.LazyRefresh(0.1, patience=1), momentum_projection=True
-    )
+    tx = _transform("int4", lazy_refresh=gl.LazyRefresh(0.1, patience=1), momentum_projection=True)
     update = jax.jit(tx.update)
     state = tx.init(params)
     for step in range(4):

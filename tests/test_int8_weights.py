@@ -1,5 +1,5 @@
 """INT8 storage of the stacked layers' matrices (model.weight_storage='int8',
-golore_jax.precision.Int8Weight, train/weight_storage.py)."""
+golore_jax._precision.Int8Weight, train/weight_storage.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from golore_jax import _precision as precision
 from golore_jax import layerwise as layerwise_lib
-from golore_jax import precision
 from tests.child_env import eight_devices_env
 from tests.train_fixtures import tiny_config
 from train import checkpoint as checkpoint_lib

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golore_jax import layout
+from golore_jax import _layout as layout
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import golore_jax as gl
+from golore_jax._subspace import LazyRefresh, refresh_counts, scale_by_subspace
 from golore_jax.partitioning import state_partition_specs
-from golore_jax.subspace import LazyRefresh, refresh_counts, scale_by_subspace
 from tests.child_env import eight_devices_env
 from tests.train_fixtures import tiny_config
 from train import checkpoint as checkpoint_lib

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import golore_jax as gl
-from golore_jax import online_pca
+from golore_jax import _online_pca as online_pca
 
 M, N, R, T = 16, 40, 3, 300
 SIGNAL = np.array([3.0, 2.0, 1.5])

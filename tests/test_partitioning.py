@@ -11,8 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 import golore_jax as gl
 from golore_jax import partitioning
+from golore_jax._subspace import scale_by_subspace
 from golore_jax.partitioning import state_partition_specs
-from golore_jax.subspace import scale_by_subspace
 
 RANK = 2
 PARAMS = {

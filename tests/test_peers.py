@@ -12,8 +12,8 @@ import optax
 import pytest
 
 import golore_jax as gl
-from golore_jax import layout
-from golore_jax.subspace import scale_by_subspace
+from golore_jax import _layout as layout
+from golore_jax._subspace import scale_by_subspace
 
 # Tall, wide and square leaves (and a vector, which neither library projects).
 SHAPES = {"tall": (12, 5), "wide": (5, 12), "square": (8, 8), "bias": (7,)}
@@ -336,7 +336,7 @@ def test_compile_time_benchmark_rows(tmp_path):
 def test_usable_gradient_is_finite_and_nonzero(values):
     """The one-reduction check (max |g|, cheaper to compile) says what all(isfinite(g)) &
     any(g != 0) says, eagerly, under jit and under vmap (the batched refresh)."""
-    from golore_jax.refresh import usable_gradient as _usable_gradient
+    from golore_jax._refresh import usable_gradient as _usable_gradient
 
     g = jnp.asarray(values, jnp.float32).reshape(1, 2)
     expected = bool(np.all(np.isfinite(values)) and np.any(np.asarray(values) != 0))
@@ -362,7 +362,7 @@ def test_relora_dense_reads_the_side_from_the_adapter(side):
         rng.standard_normal((2, 6) if side == "left" else (6, 2)),
     )
     merged = w0 + (basis @ coef if side == "left" else coef @ basis.T)
-    layout = gl.layout.make_layout((6, 6), 2, side=side)
+    layout = gl.make_layout((6, 6), 2, side=side)
     assert layout.side == side
     dense = model_lib.Dense(6, use_bias=False, dtype=jnp.float32)
     adapter = relora_lib.adapter_variables(

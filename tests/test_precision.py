@@ -1,4 +1,4 @@
-"""Stochastic rounding of bf16 parameters (golore_jax/precision.py)."""
+"""Stochastic rounding of bf16 parameters (golore_jax/_precision.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from golore_jax import precision
+from golore_jax import _precision as precision
 
 
 def _truncated(x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests for golore_jax/projectors.py and golore_jax/layout.py: bases, Haar sampling, refreshes."""
+"""Tests for golore_jax/projectors.py and golore_jax/_layout.py: bases, Haar sampling, refreshes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import optax
 import pytest
 from absl.testing import parameterized
 
-from golore_jax import layout, projectors
-from golore_jax.subspace import scale_by_subspace
+from golore_jax import _layout as layout
+from golore_jax import projectors
+from golore_jax._subspace import scale_by_subspace
 
 # Haar statistics: N draws of a (M, R) basis.
 N_DRAWS, M, R = 4000, 8, 3

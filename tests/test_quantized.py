@@ -1,4 +1,4 @@
-"""Tests of golore_jax.quantized: 8-bit block-wise quantised Adam (Dettmers et al. 2022)."""
+"""Tests of golore_jax._quantized: 8-bit block-wise quantised Adam (Dettmers et al. 2022)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import golore_jax
-from golore_jax import quantized as q
-from golore_jax.quantized import (
+from golore_jax import _quantized as q
+from golore_jax._quantized import (
     SIGNED_LEVELS,
     UNSIGNED_LEVELS,
     QuantizedArray,

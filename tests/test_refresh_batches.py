@@ -1,4 +1,4 @@
-"""How a refresh batches its projector calls (golore_jax/subspace.py ``_refresh_batches``).
+"""How a refresh batches its projector calls (golore_jax/_subspace.py ``_refresh_batches``).
 
 Projectors that choose from ``g g^T`` alone (``gram_eigh``, GoLore's hybrid with it) decompose
 every Gram matrix of one size in one batched call, also those of gradients of different shapes;
@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from golore_jax import projectors
-from golore_jax.subspace import scale_by_subspace
+from golore_jax._subspace import scale_by_subspace
 from tests.jaxpr_walk import iter_equations
 
 RANK = 3

@@ -58,7 +58,7 @@ def _run_projector(projector_name: str) -> dict:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     import golore_jax as gl
-    from golore_jax.subspace import scale_by_subspace
+    from golore_jax._subspace import scale_by_subspace
 
     projector = {"gram_eigh": gl.projectors.gram_eigh, "svd": gl.projectors.svd}[projector_name]
     keys = jax.random.split(jax.random.key(0), LEAVES)

@@ -1,4 +1,4 @@
-"""Moments are declared per state type (golore_jax/rotation.py), not guessed from field names."""
+"""Moments are declared per state type (golore_jax/_rotation.py), not guessed from field names."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import optax.contrib
 import pytest
 
 import golore_jax as gl
-from golore_jax import projectors, rotation
-from golore_jax.subspace import scale_by_subspace
+from golore_jax import _rotation as rotation
+from golore_jax import projectors
+from golore_jax._subspace import scale_by_subspace
 
 
 class DeclaredState(NamedTuple):

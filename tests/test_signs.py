@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from golore_jax import projectors
-from golore_jax.subspace import scale_by_subspace
+from golore_jax._subspace import scale_by_subspace
 
 RANK = 4
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 from scipy import stats
 
-from golore_jax import sparse
+from golore_jax import _sparse as sparse
 
 
 def _grad(rng, shape):

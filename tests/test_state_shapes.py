@@ -1,5 +1,5 @@
 """A leaf whose shape changed between ``init`` and ``update``: one line naming the leaf
-(golore_jax/state_shapes.py), found at trace time, for each subspace transform."""
+(golore_jax/_state_shapes.py), found at trace time, for each subspace transform."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from golore_jax.online_pca import scale_by_online_subspace
-from golore_jax.sparse import scale_by_sparse_subspace
-from golore_jax.state_shapes import shape_checker
-from golore_jax.subspace import scale_by_subspace
+from golore_jax._online_pca import scale_by_online_subspace
+from golore_jax._sparse import scale_by_sparse_subspace
+from golore_jax._state_shapes import shape_checker
+from golore_jax._subspace import scale_by_subspace
 
 PARAMS = {"a": {"w": jnp.ones((8, 6))}, "b": jnp.ones((3,))}
 TRANSFORMS = {

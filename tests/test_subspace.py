@@ -1,4 +1,4 @@
-"""Tests for golore_jax/subspace.py: scale_by_subspace's update, state and errors."""
+"""Tests for golore_jax/_subspace.py: scale_by_subspace's update, state and errors."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import golore_jax as gl
-from golore_jax import layout, projectors
-from golore_jax.subspace import ScaleBySubspaceState, scale_by_subspace
+from golore_jax import _layout as layout
+from golore_jax import projectors
+from golore_jax._subspace import ScaleBySubspaceState, scale_by_subspace
 
 RNG_SEED = 0
 STEPS = 7  # with update_every=2: refreshes at steps 0, 2, 4, 6

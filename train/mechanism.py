@@ -89,18 +89,6 @@ def half_batch_gradients(loss_fn: Callable, params: Any, batch: dict) -> tuple[A
     return (l1 + l2) / 2, grads, stats
 
 
-def _is_basis(x: Any) -> bool:
-    storage = getattr(gl, "basis_storage", None)  # INT4 bases, where the library has them
-    return storage is not None and isinstance(x, getattr(storage, "Int4Basis", ()))
-
-
-def _as_float(basis: Any) -> jax.Array:
-    storage = getattr(gl, "basis_storage", None)
-    if storage is not None and hasattr(storage, "load_basis"):
-        return storage.load_basis(basis)
-    return jnp.asarray(basis, jnp.float32)
-
-
 def subspace_bases(opt_state: Any) -> dict[str, jax.Array]:
     """Every projected basis of every :class:`golore_jax.ScaleBySubspaceState` in
     ``opt_state`` (``(..., d, r)``, fp32), keyed by its parameter's path."""
@@ -113,11 +101,12 @@ def subspace_bases(opt_state: Any) -> dict[str, jax.Array]:
     ]
     out = {}
     for path, node in found:
-        for leaf_path, basis in jax.tree_util.tree_leaves_with_path(node.bases, is_leaf=_is_basis):
-            if _is_basis(basis) or (hasattr(basis, "ndim") and basis.ndim >= 2):
+        # fp32 whatever the basis storage (INT4 decoded)
+        for leaf_path, basis in jax.tree_util.tree_leaves_with_path(gl.float_bases(node.bases)):
+            if basis.ndim >= 2:
                 # The params' path of the basis (prefixed by the state's when several).
                 key = jax.tree_util.keystr(leaf_path if len(found) == 1 else path + leaf_path)
-                out[key] = _as_float(basis)
+                out[key] = basis
     return out
 
 

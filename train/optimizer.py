@@ -37,6 +37,9 @@ OPTIMIZERS = (
 INNERS = ("adamw", "adamw8bit", "msgd")
 PROJECTION_DTYPES = ("float32", "bfloat16")  # config.optimizer.subspace.projection_dtype
 BASIS_DTYPES = ("float32", "bfloat16", "int4")  # config.optimizer.subspace.basis_dtype
+# config.optimizer.subspace.side: gl.Subspace.side's rules (tests/test_config.py checks the
+# library has the same)
+SIDES = ("gradient", "state", "left", "right")
 # The names whose transform keeps a basis P per matrix (a projector chooses it).
 RELORA_OPTIMIZERS = ("galore", "golore", "hybrid", "importance")
 # Optimizers that update stacked layers' kernels as they are (elementwise AdamW), or refuse them
@@ -74,7 +77,7 @@ def _sparse_k(rank: int) -> Any:
     (``optimizer.sparse.density`` replaces it)."""
 
     def rule(path: str, shape: tuple[int, ...]) -> int:
-        lay = gl.layout.make_layout(shape, rank)
+        lay = gl.make_layout(shape, rank)
         return min(rank * max(lay.rows, lay.cols), lay.rows * lay.cols - 1)
 
     return rule
@@ -146,7 +149,7 @@ def _check_subspace(opt: Any) -> None:
     if opt.name == "hybrid":
         fraction = sub.golore_fraction
         _require(0 < fraction <= 1, "optimizer.subspace.golore_fraction", fraction, "in (0, 1]")
-    _one_of(sub.side, gl.layout.SIDE_RULES, "optimizer.subspace.side")
+    _one_of(sub.side, SIDES, "optimizer.subspace.side")
     # Settings optax.contrib.galore has no counterpart for.
     if opt.name == "optax_galore" and (sub.momentum_projection or sub.second_moment != "keep"):
         raise ConfigError(

@@ -36,12 +36,11 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 import golore_jax as gl
-from golore_jax.layout import LEFT, MatrixLayout
 from train import optimizer as optimizer_lib
 from train import step as step_lib
 from train.model import ADAPTER
 
-Layouts = list[MatrixLayout | None]  # aligned with the params' leaves
+Layouts = list[gl.MatrixLayout | None]  # aligned with the params' leaves
 
 
 def layouts_of(params: Any, rank: int, side: str = "gradient") -> Layouts:
@@ -91,7 +90,7 @@ def adapter_shardings(param_shardings: Any, layouts: Layouts) -> Any:
             out.append(None)
             continue
         rows, cols = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-        spec = PartitionSpec(None, cols) if lay.side == LEFT else PartitionSpec(rows, None)
+        spec = PartitionSpec(None, cols) if lay.side == "left" else PartitionSpec(rows, None)
         out.append(NamedSharding(sharding.mesh, spec))
     return treedef.unflatten(out)
 
@@ -103,10 +102,19 @@ def merge(params: Any, adapters: Any, bases: Any, layouts: Layouts) -> Any:
     coefs, basis = treedef.flatten_up_to(adapters), treedef.flatten_up_to(bases)
     return treedef.unflatten(
         [
-            w if lay is None else (w + gl.layout.back_project(a, p, lay)).astype(w.dtype)
+            w if lay is None else (w + _product(*_factors(lay, p, a))).astype(w.dtype)
             for w, a, p, lay in zip(leaves, coefs, basis, layouts, strict=True)
         ]
     )
+
+
+def _factors(lay: gl.MatrixLayout, p: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``W - W0`` as ``down @ up``: ``P A`` on the left, ``A Q^T`` on the right."""
+    return (p, a) if lay.side == "left" else (a, p.T)
+
+
+def _product(down: jax.Array, up: jax.Array) -> jax.Array:
+    return jnp.matmul(down, up, preferred_element_type=jnp.float32)  # fp32, as the optimizer's
 
 
 def _module_path(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -121,7 +129,7 @@ def adapter_variables(paths: list[tuple], layouts: Layouts, bases: list, coefs: 
     flat = {}
     for path, lay, p, a in zip(paths, layouts, bases, coefs, strict=True):
         if lay is not None:
-            down, up = (p, a) if lay.side == LEFT else (a, p.T)
+            down, up = _factors(lay, p, a)
             flat[(*_module_path(path), "down")] = down
             flat[(*_module_path(path), "up")] = up
     return traverse_util.unflatten_dict(flat)

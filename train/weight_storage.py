@@ -2,14 +2,14 @@
 
 With ``model.scan_layers=True`` and ``step.layerwise=True`` every 2-D kernel of the stacked
 layers (``params['model']['layers'][...]['kernel']``, leading layer axis) is kept as a
-:class:`golore_jax.precision.Int8Weight`: int8 codes and one fp32 scale per output channel of
+:class:`golore_jax.Int8Weight`: int8 codes and one fp32 scale per output channel of
 each layer's matrix (``(L, in, out)`` codes, ``(L, 1, out)`` scales). The embedding, the head
 and all norms stay in ``model.param_dtype`` (bf16).
 
 Nothing ever decodes all layers at once: the layer-wise step (train/layerwise.py) decodes one
 layer's slice to ``param_dtype`` inside its forward scan, again for that layer's recompute and
 backward, and the update re-quantizes it with unbiased stochastic rounding
-(:func:`golore_jax.precision.apply_updates_stochastic`); evaluation decodes layer by layer in
+(:func:`golore_jax.apply_updates_stochastic`); evaluation decodes layer by layer in
 the same scan. The optimizer sees decoded params (its state is built from the float shapes);
 checkpoints hold the codes and scales.
 """
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from golore_jax import precision
+import golore_jax as gl
 from train import model as model_lib
 
 STORAGES = ("float", "int8")
@@ -57,7 +57,7 @@ def _map_stack_kernels(fn, tree: Any, *others: Any) -> Any:
 
 def encode(params: Any) -> Any:
     """The stack's kernels as int8 (round to nearest: the initial weights carry no update)."""
-    return _map_stack_kernels(lambda k: precision.quantize_int8(k), params)
+    return _map_stack_kernels(lambda k: gl.quantize_int8(k), params)
 
 
 def init_params(model_config: Any, key: jax.Array, tokens: jax.Array) -> Any:
@@ -98,14 +98,14 @@ def encode_shardings(param_sharding: Any) -> Any:
     """Codes sharded like the float kernel; scales like it with the reduced (input) axis
     unsharded (size 1)."""
 
-    def kernel(s: NamedSharding) -> precision.Int8Weight:
+    def kernel(s: NamedSharding) -> gl.Int8Weight:
         spec = tuple(s.spec) + (None,) * (3 - len(s.spec))
         scale = PartitionSpec(spec[0], None, spec[2])
-        return precision.Int8Weight(s, NamedSharding(s.mesh, scale))
+        return gl.Int8Weight(s, NamedSharding(s.mesh, scale))
 
     return _map_stack_kernels(kernel, param_sharding)
 
 
 def decode(params: Any, dtype: Any) -> Any:
-    """Every :class:`~golore_jax.precision.Int8Weight` of ``params`` decoded to ``dtype``."""
-    return precision.dequantize_tree(params, jnp.dtype(dtype))
+    """Every :class:`~golore_jax.Int8Weight` of ``params`` decoded to ``dtype``."""
+    return gl.dequantize_int8_tree(params, jnp.dtype(dtype))

@@ -32,7 +32,7 @@ Leaves with fewer than ``min_size`` elements keep fp32 moments (bitsandbytes kee
 
 Inside :func:`golore_jax.scale_by_subspace` the inner state lives on the low-rank shapes, so the
 quantised moments are those of the projected gradients. Their state declares no moment to
-:mod:`golore_jax.rotation` (``register_moments(ScaleByAdam8bitState, {})``), so
+:mod:`golore_jax._rotation` (``register_moments(ScaleByAdam8bitState, {})``), so
 ``momentum_projection=True`` and ``second_moment="project"``/``"reset"`` do not apply to 8-bit
 moments (they are kept as they are, GaLore's default behaviour): rotating codes would be
 meaningless.
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from golore_jax import rotation
+from golore_jax import _rotation as rotation
 
 # Levels of the signed first-moment map, ascending; code c in [-127, 127] is index c + 127.
 _K_SIGNED = np.arange(-127, 128, dtype=np.float64)

@@ -3,7 +3,7 @@ optax transform once on the compressed tree, expand its output back to the param
 
 A basis compresses by ``P^T G`` and expands by ``P N`` (:func:`update_in_subspace`, used by
 ``scale_by_subspace`` and ``scale_by_online_subspace``); a set of entries gathers and scatters
-(:mod:`golore_jax.sparse`). Both go through :func:`update_through`.
+(:mod:`golore_jax._sparse`). Both go through :func:`update_through`.
 
 >>> import jax.numpy as jnp, optax
 >>> grads = [jnp.ones((2, 3)), jnp.ones(3)]
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from golore_jax import _explicit
-from golore_jax import layout as layout_lib
-from golore_jax.layout import MatrixLayout
+from golore_jax import _layout as layout_lib
+from golore_jax._layout import MatrixLayout
 
 
 def _without_rank(spec: Any, lay: MatrixLayout) -> Any:
@@ -49,7 +49,7 @@ def update_through(
 
     Leaves whose ``compress`` is None go through ``inner`` at full shape. The one update tail
     of every subspace transform: a basis (``P^T G`` / ``P N``, :func:`update_in_subspace`) or
-    a set of entries (gather / scatter, :mod:`golore_jax.sparse`).
+    a set of entries (gather / scatter, :mod:`golore_jax._sparse`).
     """
     low = [g if c is None else c(g) for g, c in zip(grads, compress, strict=True)]
     inner_updates, inner_state = inner.update(
@@ -82,7 +82,7 @@ def update_in_subspace(
     """``R = P^T G``, ``N = inner(R)``, ``scale * P N`` in the param dtype, leaf by leaf.
 
     Leaves without a layout go through ``inner`` at full shape. Shared by the transforms whose
-    subspace is a basis (SVD/random refreshes here, online PCA in :mod:`golore_jax.online_pca`).
+    subspace is a basis (SVD/random refreshes here, online PCA in :mod:`golore_jax._online_pca`).
     The two matmuls take their operands in ``projection_dtype`` (None: fp32) and accumulate in
     fp32; ``R`` and ``N`` are fp32. ``shardings``: per leaf, None or its ``(basis, low-rank,
     matrix)`` shardings on a mesh with Explicit axes (:mod:`golore_jax._explicit`): ``R`` gets

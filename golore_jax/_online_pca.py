@@ -2,7 +2,7 @@
 
 GaLore recomputes its basis by an SVD every ``tau`` steps. Online Subspace Descent (OSD) instead
 tracks the gradient's principal subspace by online PCA: ``P`` (``d x r``, on the side chosen by
-:mod:`golore_jax.layout`) is a trainable matrix stepped by its own optimizer on the
+:mod:`golore_jax._layout`) is a trainable matrix stepped by its own optimizer on the
 reconstruction loss of the normalised gradient ``Ĝ = G / ||G||_F``::
 
     left:  L(P) = ||P P^T Ĝ - Ĝ||_F^2        right: L(Q) = ||Ĝ Q Q^T - Ĝ||_F^2
@@ -35,11 +35,11 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from golore_jax import _explicit, partitioning
-from golore_jax import layout as layout_lib
+from golore_jax import _layout as layout_lib
+from golore_jax import _refresh as refresh_lib
 from golore_jax import projectors as projectors_lib
-from golore_jax import refresh as refresh_lib
-from golore_jax.layout import MatrixLayout
-from golore_jax.planning import (
+from golore_jax._layout import MatrixLayout
+from golore_jax._planning import (
     RankRule,
     count_moments,
     low_rank_like,
@@ -48,8 +48,8 @@ from golore_jax.planning import (
     require_positive_int,
     zero_bases,
 )
-from golore_jax.state_shapes import shape_checker
-from golore_jax.tail import update_in_subspace
+from golore_jax._state_shapes import shape_checker
+from golore_jax._tail import update_in_subspace
 
 # OSD's code steps P with lr = 1 / update_proj_gap; 200 is GaLore's C4 gap (ALGORITHMS.md).
 DEFAULT_PROJECTOR_LEARNING_RATE = 1.0 / 200

@@ -180,8 +180,15 @@ def _is_int8(x: Any) -> bool:
     return isinstance(x, Int8Weight)
 
 
-def dequantize_tree(tree: Any, dtype: Any) -> Any:
-    """``tree`` with every :class:`Int8Weight` decoded to a ``dtype`` array (others unchanged)."""
+def dequantize_int8_tree(tree: Any, dtype: Any) -> Any:
+    """``tree`` with every :class:`Int8Weight` decoded to a ``dtype`` array (others unchanged).
+
+    >>> import jax.numpy as jnp
+    >>> params = {"w": quantize_int8(jnp.asarray([[1.0], [-1.0]])), "b": jnp.ones(1)}
+    >>> decoded = dequantize_int8_tree(params, jnp.bfloat16)
+    >>> decoded["w"].dtype.name, decoded["w"][:, 0].tolist(), decoded["b"].dtype.name
+    ('bfloat16', [1.0, -1.0], 'float32')
+    """
     return jax.tree_util.tree_map(
         lambda x: dequantize_int8(x, dtype) if _is_int8(x) else x, tree, is_leaf=_is_int8
     )

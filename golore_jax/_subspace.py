@@ -11,9 +11,9 @@ Leaves that are not projected go through the same ``inner`` at full shape. The s
 step count, a PRNG key, one ``(d, r)`` fp32 basis per projected leaf and the inner state on the
 low-rank shapes, which is where the memory saving comes from.
 
-The pieces shared with the other subspace transforms live in :mod:`golore_jax.planning` (mask,
-layouts, argument checks), :mod:`golore_jax.refresh` (the batched refresh),
-:mod:`golore_jax.rotation` (moments across a refresh) and :mod:`golore_jax.tail` (project, run
+The pieces shared with the other subspace transforms live in :mod:`golore_jax._planning` (mask,
+layouts, argument checks), :mod:`golore_jax._refresh` (the batched refresh),
+:mod:`golore_jax._rotation` (moments across a refresh) and :mod:`golore_jax._tail` (project, run
 ``inner``, project back).
 """
 
@@ -29,13 +29,14 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from golore_jax import _explicit, partitioning, rotation
-from golore_jax import layout as layout_lib
+from golore_jax import _explicit, partitioning
+from golore_jax import _layout as layout_lib
+from golore_jax import _refresh as refresh_lib
+from golore_jax import _rotation as rotation
 from golore_jax import projectors as projectors_lib
-from golore_jax import refresh as refresh_lib
-from golore_jax.basis_storage import INT4, Int4Basis, for_use, int4_specs, storage_of, zero_basis
-from golore_jax.layout import MatrixLayout
-from golore_jax.planning import (
+from golore_jax._basis_storage import INT4, Int4Basis, for_use, int4_specs, storage_of, zero_basis
+from golore_jax._layout import MatrixLayout
+from golore_jax._planning import (
     DEFAULT_EXCLUDE,
     PROJECTION_DTYPES,
     MaskArg,
@@ -53,9 +54,9 @@ from golore_jax.planning import (
     subspace_layouts,
     zero_bases,
 )
-from golore_jax.rotation import SECOND_MOMENT_POLICIES
-from golore_jax.state_shapes import shape_checker
-from golore_jax.tail import update_in_subspace, update_through
+from golore_jax._rotation import SECOND_MOMENT_POLICIES
+from golore_jax._state_shapes import shape_checker
+from golore_jax._tail import update_in_subspace, update_through
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -147,7 +148,7 @@ class LazyRefreshState(NamedTuple):
       streak: per projected leaf, int32: decompositions in a row whose overlap with the
         previous basis reached the threshold.
       done: int32, matrices decomposed so far (every member of a batched call that ran, see
-        :func:`golore_jax.refresh.decompositions_done`).
+        :func:`golore_jax._refresh.decompositions_done`).
       scheduled: int32, leaf refreshes scheduled so far (projected leaves x scheduled
         refreshes): what the eager schedule decomposes.
     """
@@ -169,7 +170,7 @@ class ScaleBySubspaceState(NamedTuple):
         ``np.asarray`` refuses typed keys: to convert a state to numpy take
         ``jax.random.key_data(key)`` (uint32), and ``jax.random.wrap_key_data`` to restore it.
       bases: per leaf, the orthonormal ``(d, r)`` fp32 basis (``P`` or ``Q``; bf16, or an
-        :class:`golore_jax.basis_storage.Int4Basis`, as ``basis_dtype`` says), or
+        :class:`golore_jax._basis_storage.Int4Basis`, as ``basis_dtype`` says), or
         ``optax.MaskedNode()`` for leaves that are not projected.
       inner_state: state of the inner transform, initialised on the low-rank shapes.
       lazy: the :class:`LazyRefreshState` with ``lazy_refresh``; None without (no leaves).
@@ -183,7 +184,7 @@ class ScaleBySubspaceState(NamedTuple):
 
 
 def _zero_bases(layouts: list[MatrixLayout | None], storage: Any, *args: Any) -> list[Any]:
-    """:func:`golore_jax.planning.zero_bases`, or INT4 zero bases under ``"int4"``."""
+    """:func:`golore_jax._planning.zero_bases`, or INT4 zero bases under ``"int4"``."""
     if not isinstance(storage, str):  # a float dtype (storage_of gives a str for INT4 only)
         return zero_bases(layouts, storage, *args)
     shardings = (args[0] if args else None) or [None] * len(layouts)
@@ -197,7 +198,7 @@ def _zero_bases(layouts: list[MatrixLayout | None], storage: Any, *args: Any) ->
 
 def _int4_sharded(basis: Int4Basis, lay: MatrixLayout, shardings: Any) -> Int4Basis:
     """On a mesh with Explicit axes, an INT4 basis with the shardings
-    :func:`golore_jax.basis_storage.int4_specs` gives it (codes like the basis); as it is
+    :func:`golore_jax._basis_storage.int4_specs` gives it (codes like the basis); as it is
     elsewhere (``shardings`` None)."""
     if shardings is None:
         return basis
@@ -436,15 +437,15 @@ def scale_by_subspace(
       mask: which leaves are projected: None (:func:`default_mask`), a bool tree like params, or
         a function of params returning one.
       momentum_projection: at a refresh, carry first moments (those the inner state declares,
-        :mod:`golore_jax.rotation`: ``mu``/``trace``/``ema`` of optax's states) into the new
+        :mod:`golore_jax._rotation`: ``mu``/``trace``/``ema`` of optax's states) into the new
         subspace by equation (2): ``M <- P_new^T P_old M`` (left) or ``M Q_old^T Q_new``
         (right). Off: moments are kept as they are (GaLore's code).
       second_moment: what a refresh does to second moments (declared ones, ``nu``): ``"keep"``
         (GaLore's code), ``"reset"`` to zero, or ``"project"``: ``V <- (C * C) V`` with
         ``C = P_new^T P_old``, the variance of the rotated coordinates if the old ones were
-        independent (keeps ``V >= 0``; see :func:`golore_jax.layout.rotate_second_moment`).
+        independent (keeps ``V >= 0``; see :func:`golore_jax._layout.rotate_second_moment`).
       matrix_split: for leaves with > 2 dims, ``(path, shape) -> k`` so rows are ``shape[:k]``;
-        default: the most square split (see :mod:`golore_jax.layout`).
+        default: the most square split (see :mod:`golore_jax._layout`).
       allow_full_rank: permit ``rank == min(m, n)`` (no saving; used for equivalence checks).
       seed: int seed or PRNG key for random projectors.
       batch_refresh: stack same-shape leaves and vmap their projector (one batched kernel per
@@ -471,10 +472,10 @@ def scale_by_subspace(
         reads it back as fp32 (exact), so the step is the fp32-basis step with the rounded
         basis. The rounded basis is orthonormal to ~2^-8. ``"int4"``: 4-bit codes packed
         two a byte with an fp32 scale per 64 rows of a column (0.56 bytes an entry, 1/7 of
-        fp32; :mod:`golore_jax.basis_storage`: the error bound, and why the decoded basis,
+        fp32; :mod:`golore_jax._basis_storage`: the error bound, and why the decoded basis,
         no longer exactly orthonormal, is used as it is). Decoded for each use, to
         ``projection_dtype`` for the matmuls.
-      side: which side of each ``m x n`` leaf is projected (:mod:`golore_jax.layout`):
+      side: which side of each ``m x n`` leaf is projected (:mod:`golore_jax._layout`):
         ``"gradient"`` (the paper's and GaLore's rule: the smaller dimension), ``"state"`` (the
         side whose basis plus ``inner``'s moments hold fewer floats; with Adam this is
         ``optax.contrib.galore``'s choice, left when ``m >= n``), ``"left"`` or ``"right"``.

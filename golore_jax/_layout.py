@@ -45,7 +45,9 @@ SIDE_RULES = ("gradient", "state", LEFT, RIGHT)
 
 
 class MatrixLayout(NamedTuple):
-    """Static description of one projected leaf (not a pytree leaf: it never enters jit)."""
+    """Static description of one projected leaf (not a pytree leaf: it never enters jit): the
+    leaf seen as an ``m x n`` matrix, the side projected and the rank, as :func:`make_layout`
+    and ``golore_jax.subspace_layouts`` give it."""
 
     shape: tuple[int, ...]  # the leaf's own shape
     rows: int  # m
@@ -136,7 +138,8 @@ def make_layout(
       shape: the leaf's shape (at least 2 dimensions).
       rank: the subspace rank ``r``.
       split: rows are ``shape[:split]``; ``None`` picks :func:`most_square_split`.
-      side: the side rule, one of :data:`SIDE_RULES` (see :func:`choose_side`).
+      side: the side rule (:data:`SIDE_RULES`): ``"gradient"``, ``"state"``, ``"left"`` or
+        ``"right"`` (see :func:`choose_side`).
       moments, basis_moments: read by ``"state"``, see :func:`state_floats`.
 
     >>> lay = make_layout((8, 2, 3), rank=2)  # seen as 8 x 6; the smaller side is projected

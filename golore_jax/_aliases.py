@@ -41,13 +41,13 @@ from typing import Any
 import jax
 import optax
 
-from golore_jax import online_pca as online_lib
+from golore_jax import _online_pca as online_lib
+from golore_jax import _sparse as sparse_lib
+from golore_jax import _subspace as subspace_lib
 from golore_jax import projectors as projectors_lib
-from golore_jax import sparse as sparse_lib
-from golore_jax import subspace as subspace_lib
-from golore_jax.finish import decay_and_learning_rate
-from golore_jax.layout import SIDE_RULES
-from golore_jax.planning import (
+from golore_jax._finish import decay_and_learning_rate
+from golore_jax._layout import SIDE_RULES
+from golore_jax._planning import (
     MaskArg,
     RankRule,
     is_positive_int,
@@ -55,34 +55,9 @@ from golore_jax.planning import (
     require_positive_int,
     require_static,
 )
+from golore_jax._quantized import scale_by_adam_8bit
+from golore_jax._rotation import SECOND_MOMENT_POLICIES
 from golore_jax.projectors import golore_projector
-from golore_jax.quantized import scale_by_adam_8bit
-from golore_jax.rotation import SECOND_MOMENT_POLICIES
-
-__all__ = [
-    "Execution",
-    "Online",
-    "Sparse",
-    "Subspace",
-    "galore",
-    "galore_adamw",
-    "galore_sgd",
-    "gasare",
-    "gasare_adamw",
-    "gasare_sgd",
-    "golore_adamw",
-    "golore_projector",
-    "golore_sgd",
-    "gosare_adamw",
-    "gosare_sgd",
-    "osd",
-    "osd_adamw",
-    "osd_sgd",
-    "paper_msgd_hyperparams",
-    "scale_by_galore",
-    "scale_by_gasare",
-    "scale_by_osd",
-]
 
 _Transform = optax.GradientTransformationExtraArgs
 

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from golore_jax import layout as layout_lib
-from golore_jax.layout import MatrixLayout
+from golore_jax import _layout as layout_lib
+from golore_jax._layout import MatrixLayout
 
 # Leaves whose path matches this are not projected by the default mask (embeddings, output head).
 DEFAULT_EXCLUDE = r"embed|lm_head|wte|wpe|output_head"
@@ -129,7 +129,7 @@ def plan_layouts(
 ) -> tuple[list[MatrixLayout | None], Any]:
     """Per-leaf layouts (static: they depend only on shapes, dtypes and paths) and the treedef.
 
-    ``moments``: ``(moments, basis_moments)`` of :func:`golore_jax.layout.state_floats`.
+    ``moments``: ``(moments, basis_moments)`` of :func:`golore_jax._layout.state_floats`.
     """
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     selected = resolve_mask(mask, tree)

@@ -16,7 +16,7 @@ from typing import Any
 
 import optax
 
-from golore_jax.planning import require_static
+from golore_jax._planning import require_static
 
 
 def decay_and_learning_rate(

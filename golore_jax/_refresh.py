@@ -5,7 +5,7 @@ Same-shape leaves are stacked and their projector is vmapped (one batched kernel
 per Gram size for projectors that read ``g g^T`` alone); ``max_size`` cuts a batch into
 consecutive calls that run one after another.
 
->>> from golore_jax.layout import make_layout
+>>> from golore_jax._layout import make_layout
 >>> a, b = make_layout((8, 4), 2, None, "gradient"), make_layout((8, 6), 2, None, "gradient")
 >>> lays = [a, None, a, b]
 >>> refresh_batches(lays, batch=True, by_projected_dim=False)
@@ -24,10 +24,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from golore_jax import _explicit, basis_storage, partitioning
-from golore_jax import layout as layout_lib
+from golore_jax import _basis_storage as basis_storage
+from golore_jax import _explicit, partitioning
+from golore_jax import _layout as layout_lib
 from golore_jax import projectors as projectors_lib
-from golore_jax.layout import MatrixLayout
+from golore_jax._layout import MatrixLayout
 
 
 def same_shape_groups(layouts: list[MatrixLayout | None], batch: bool) -> list[list[int]]:
@@ -196,8 +197,8 @@ def refresh_bases(
 
     ``batch``, ``batch_size`` and ``sharding`` are ``scale_by_subspace``'s ``batch_refresh``,
     ``refresh_batch_size`` and ``refresh_sharding``; new bases are stored as ``basis_dtype``
-    says (a float dtype or ``"int4"``, :mod:`golore_jax.basis_storage`) and read back through
-    :func:`golore_jax.basis_storage.load_basis`.
+    says (a float dtype or ``"int4"``, :mod:`golore_jax._basis_storage`) and read back through
+    :func:`golore_jax._basis_storage.load_basis`.
 
     ``due`` (lazy refresh): per projected leaf a bool scalar; a leaf that is not due keeps its
     stored basis as it is, and a batched call none of whose members is due is skipped

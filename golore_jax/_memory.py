@@ -9,8 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from golore_jax import basis_storage
-from golore_jax.planning import MaskArg, RankRule, subspace_layouts
+from golore_jax import _basis_storage as basis_storage
+from golore_jax._planning import MaskArg, RankRule, subspace_layouts
 
 
 def optimizer_state_floats(state: Any) -> int:
@@ -37,9 +37,9 @@ def subspace_state_floats(
 ) -> int:
     """Closed form of the floats in ``scale_by_subspace(inner, side=side)``'s state.
 
-    Per projected leaf ``m x n`` (``side`` rule of :mod:`golore_jax.layout`): the basis
+    Per projected leaf ``m x n`` (``side`` rule of :mod:`golore_jax._layout`): the basis
     (``m*r`` on the left, ``n*r`` on the right) plus ``moments`` low-rank moments of ``r*n``
-    (left) or ``m*r`` (right) floats (:func:`golore_jax.layout.state_floats`); per other leaf,
+    (left) or ``m*r`` (right) floats (:func:`golore_jax._layout.state_floats`); per other leaf,
     ``moments`` full-size moments. For Adam ``moments=2``, for momentum SGD 1.
 
     >>> subspace_state_floats({"w": jax.ShapeDtypeStruct((4, 6), jnp.float32)}, rank=2)
@@ -83,7 +83,7 @@ def subspace_basis_bytes(
     """Closed form of the bytes of ``scale_by_subspace(basis_dtype=...)``'s bases: per
     projected leaf ``d x r`` entries of 4 (fp32), 2 (bf16) or, for ``"int4"``,
     ``d * ceil(r / 2)`` code bytes plus an fp32 scale per 64 rows of a column
-    (:func:`golore_jax.basis_storage.basis_nbytes`). ``moments`` is read by ``side="state"``.
+    (:func:`golore_jax._basis_storage.basis_nbytes`). ``moments`` is read by ``side="state"``.
 
     >>> shapes = {"w": jax.ShapeDtypeStruct((4096, 11008), jnp.float32)}
     >>> [subspace_basis_bytes(shapes, rank=1024, basis_dtype=d) // 2**20

@@ -127,6 +127,22 @@ def load_basis(basis: Any, dtype: Any = jnp.float32) -> jax.Array:
     return jnp.asarray(basis).astype(dtype)
 
 
+def float_bases(bases: Any, dtype: Any = jnp.float32) -> Any:
+    """A state's ``bases`` tree (``ScaleBySubspaceState.bases``) with every basis a ``dtype``
+    array, whichever ``Execution.basis_dtype`` stored it (an INT4 basis decoded).
+
+    >>> import jax.numpy as jnp
+    >>> p = jnp.eye(4, 2)
+    >>> stored = {"w": encode_int4(p), "v": p.astype(jnp.bfloat16)}
+    >>> bases = float_bases(stored)
+    >>> bases["w"].dtype.name, bool(jnp.all(bases["w"] == p)), bases["v"].dtype.name
+    ('float32', True, 'float32')
+    """
+    return jax.tree_util.tree_map(
+        lambda b: load_basis(b, dtype), bases, is_leaf=lambda b: isinstance(b, Int4Basis)
+    )
+
+
 def for_use(bases: list[Any], dtype: Any = jnp.float32) -> list[Any]:
     """INT4 bases decoded to ``dtype`` for the projection matmuls; other entries as they are
     (a float basis is cast by the matmul itself, so its program is unchanged)."""

@@ -17,7 +17,7 @@ start at 0, entries that leave the mask are dropped. Here the mask is stored as 
 indices per leaf and the inner optax transform runs on the ``k`` selected values (a ``(k,)``
 vector), so the state holds ``k`` int32 indices plus the inner state on ``k`` values, never a
 dense ``m x n`` array. At a refresh every moment the inner state declares
-(:mod:`golore_jax.rotation`: ``mu``, ``nu``, ``trace``, ``ema`` of optax's states) is remapped
+(:mod:`golore_jax._rotation`: ``mu``, ``nu``, ``trace``, ``ema`` of optax's states) is remapped
 by that rule: with optax's ``ema`` of decay ``1 - b1`` (undebiased) as ``inner`` the
 back-projected update is exactly Algorithm 5's ``M``.
 """
@@ -34,10 +34,11 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from golore_jax import _explicit, partitioning, rotation
-from golore_jax.planning import as_key, require_finite, require_positive_int, resolve_mask
-from golore_jax.state_shapes import shape_checker
-from golore_jax.tail import update_through
+from golore_jax import _explicit, partitioning
+from golore_jax import _rotation as rotation
+from golore_jax._planning import as_key, require_finite, require_positive_int, resolve_mask
+from golore_jax._state_shapes import shape_checker
+from golore_jax._tail import update_through
 
 SELECTORS = ("topk", "random")
 
@@ -156,7 +157,7 @@ def refresh_indices(
 def remap_state(
     inner_state: Any, treedef: Any, counts: list[int | None], old: list[Any], new: list[Any]
 ) -> Any:
-    """Every moment the inner state declares (:mod:`golore_jax.rotation`, both kinds), moved
+    """Every moment the inner state declares (:mod:`golore_jax._rotation`, both kinds), moved
     from positions ``old`` to ``new`` by :func:`remap_values`."""
 
     def remap(tree):
@@ -209,8 +210,8 @@ def scale_by_sparse_subspace(
       update_every: ``tau``; the mask is refreshed when ``count % tau == 0`` (from step 0).
       selector: ``"topk"`` (GaSare: the ``k`` largest ``|G|``) or ``"random"`` (GoSare).
       scale: ``alpha``, multiplies the scattered update of selected leaves.
-      mask: which leaves are sparsified, as in :func:`golore_jax.scale_by_subspace` (default
-        :func:`golore_jax.subspace.default_mask`: matrices other than embeddings and head).
+      mask: which leaves are sparsified, as ``golore_jax.Subspace.mask`` (default
+        :func:`golore_jax.default_mask`: matrices other than embeddings and head).
       remap_moments: at a refresh, remap the inner state's moments to the new mask by
         Algorithm 5 (kept positions carry over, new ones start at 0). Off: the moment vectors are
         kept as they are, slot by slot (the analogue of GaLore's code keeping Adam's moments).

@@ -2,10 +2,10 @@
 
 A refresh of a subspace transform moves the inner optimizer's moments from the old subspace to
 the new one (``scale_by_subspace``'s ``momentum_projection`` and ``second_moment``; the mask
-remap of :mod:`golore_jax.sparse`). Which fields of a state are moments, and of which kind, is
+remap of :mod:`golore_jax._sparse`). Which fields of a state are moments, and of which kind, is
 declared by the state's type: :func:`register_moments` (optax's moment-holding states are
 registered below). A state type that declares nothing is walked into but never changed, which
-is how an 8-bit state (:mod:`golore_jax.quantized`) keeps its codes as they are.
+is how an 8-bit state (:mod:`golore_jax._quantized`) keeps its codes as they are.
 
 >>> import jax.numpy as jnp, optax
 >>> declared_moments(optax.ScaleByAdamState(0, {}, {}))
@@ -29,8 +29,8 @@ import optax
 import optax.contrib
 
 from golore_jax import _explicit
-from golore_jax import layout as layout_lib
-from golore_jax.layout import MatrixLayout
+from golore_jax import _layout as layout_lib
+from golore_jax._layout import MatrixLayout
 
 FIRST = "first"  # a first moment (a mean of gradients): rotates like the gradient
 SECOND = "second"  # a second moment (a mean of squared gradients)
@@ -94,8 +94,8 @@ def rotate_moments(
     """Moves the moments of ``inner_state`` from the ``old`` bases to the ``new`` ones.
 
     ``first``: rotate first moments by equation (2), ``M <- C M`` with ``C = P_new^T P_old``
-    (:func:`golore_jax.layout.rotate_first_moment`). ``second``: ``"keep"``, ``"reset"`` to
-    zero, or ``"project"`` (:func:`golore_jax.layout.rotate_second_moment`). ``changed``
+    (:func:`golore_jax._layout.rotate_first_moment`). ``second``: ``"keep"``, ``"reset"`` to
+    zero, or ``"project"`` (:func:`golore_jax._layout.rotate_second_moment`). ``changed``
     (lazy refresh): per leaf a bool scalar (None: changed); where False the leaf kept its
     basis and its moments are left exactly as they are (``C = P^T P`` is not exactly ``I``,
     and a reset would zero them).
