@@ -16,7 +16,7 @@ import pytest
 from golore_jax import _precision as precision
 from golore_jax import layerwise as layerwise_lib
 from tests.child_env import eight_devices_env
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import assert_trees_equal, run_and_resume, tiny_config
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import main as main_lib
@@ -217,31 +217,15 @@ def test_int8_recipe_trains_and_resume_is_exact(tmp_path):
     config = tiny_config(tmp_path, **RECIPE)
     trainer = _trainer(config)
     batches = [main_lib.to_global(b, trainer.batch_sharding) for b in _batches(config, 6)]
-    state = trainer.init(jax.random.key(0))
-    losses = []
-    for t, batch in enumerate(batches):
-        if t == 3:
-            checkpoints = checkpoint_lib.Checkpoints(tmp_path / "run", keep=1, every=3)
-            meta = {"data_position": 3, "fingerprint": checkpoint_lib.fingerprint(config)}
-            checkpoints.save(3, state, meta)
-        state, metrics = trainer.train_step(state, batch)
-        assert bool(metrics["finite"])
-        losses.append(float(metrics["loss"]))
+    state, losses, resumed, resumed_losses, metrics = run_and_resume(
+        trainer, config, batches, tmp_path / "run"
+    )
+    assert all(bool(m["finite"]) for m in metrics)
     assert losses[-1] < losses[0]
-    step, resumed, _ = checkpoints.restore_latest(trainer.abstract_state, config)
-    assert step == 3
     q = resumed.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert isinstance(q, precision.Int8Weight) and q.codes.dtype == jnp.int8
-    resumed_losses = losses[:3]
-    for batch in batches[3:]:
-        resumed, metrics = trainer.train_step(resumed, batch)
-        resumed_losses.append(float(metrics["loss"]))
-    checkpoints.close()
     assert resumed_losses == losses
-    for got, want in zip(
-        jax.tree.leaves(resumed.params), jax.tree.leaves(state.params), strict=True
-    ):
-        np.testing.assert_array_equal(got, want)
+    assert_trees_equal(resumed.params, state.params)
     # eval decodes layer by layer: the same loss as the float model on the decoded weights
     batch = batches[0]
     decoded = weight_storage.decode(state.params, jnp.bfloat16)

@@ -23,7 +23,7 @@ import golore_jax as gl
 from configs import finetune_boolq
 from tests import numerics
 from tests.child_env import eight_devices_env
-from tests.train_fixtures import tiny_config
+from tests.train_fixtures import assert_trees_equal, run_and_resume, tiny_config
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import finetune
@@ -254,30 +254,12 @@ def test_resume_is_exact(tmp_path):
     config = tiny_config(tmp_path, **LAYERWISE)
     trainer = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
     batches = [main_lib.to_global(b, trainer.batch_sharding) for b in _batches(config, 6)]
-    state = trainer.init(jax.random.key(0))
-    losses = []
-    for t, batch in enumerate(batches):
-        if t == 3:
-            checkpoints = checkpoint_lib.Checkpoints(tmp_path / "run", keep=1, every=3)
-            meta = {"data_position": 3, "fingerprint": checkpoint_lib.fingerprint(config)}
-            checkpoints.save(3, state, meta)
-        state, metrics = trainer.train_step(state, batch)
-        losses.append(float(metrics["loss"]))
-    step, resumed, _ = checkpoints.restore_latest(trainer.abstract_state, config)
-    assert step == 3 and int(resumed.step) == 3
+    state, losses, resumed, resumed_losses, _ = run_and_resume(
+        trainer, config, batches, tmp_path / "run"
+    )
     assert resumed.opt_state.layers[0].key.shape == (config.model.num_layers,)
-    resumed_losses = losses[:3]
-    for batch in batches[3:]:
-        resumed, metrics = trainer.train_step(resumed, batch)
-        resumed_losses.append(float(metrics["loss"]))
-    checkpoints.close()
     assert resumed_losses == losses
-    for got, want in zip(
-        jax.tree_util.tree_leaves(resumed.params),
-        jax.tree_util.tree_leaves(state.params),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(got, want)
+    assert_trees_equal(resumed.params, state.params)
 
 
 def test_eight_fake_devices_match_one_and_shard_state(tmp_path):

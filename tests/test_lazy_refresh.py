@@ -20,8 +20,7 @@ import golore_jax as gl
 from golore_jax._subspace import LazyRefresh, refresh_counts, scale_by_subspace
 from golore_jax.partitioning import state_partition_specs
 from tests.child_env import eight_devices_env
-from tests.train_fixtures import tiny_config
-from train import checkpoint as checkpoint_lib
+from tests.train_fixtures import run_and_resume, tiny_config
 from train import data as data_lib
 from train import main as main_lib
 from train import optimizer as optimizer_lib
@@ -299,25 +298,14 @@ def test_trainer_layerwise_with_int4_and_lazy_resumes_exactly(tmp_path):
         config.data, seq_len=config.seq_len, global_batch_size=config.batch_size, seed=0
     )
     batches = [main_lib.to_global(next(datasets.train), trainer.batch_sharding) for _ in range(6)]
-    state = trainer.init(jax.random.key(0))
-    losses = []
-    for t, batch in enumerate(batches):
-        if t == 3:
-            checkpoints = checkpoint_lib.Checkpoints(tmp_path / "run", keep=1, every=3)
-            meta = {"data_position": 3, "fingerprint": checkpoint_lib.fingerprint(config)}
-            checkpoints.save(3, state, meta)
-        state, metrics = trainer.train_step(state, batch)
-        losses.append(float(metrics["loss"]))
+    state, losses, resumed, resumed_losses, _ = run_and_resume(
+        trainer, config, batches, tmp_path / "run"
+    )
     assert losses[-1] < losses[0]
     layers = state.opt_state.layers[0]
     assert {x.dtype for x in jax.tree.leaves(layers.bases)} == {np.dtype("uint8"), np.dtype("f4")}
     done, scheduled = refresh_counts(state.opt_state)
     assert 0 < int(done) < int(scheduled)
-    _, resumed, _ = checkpoints.restore_latest(trainer.abstract_state, config)
-    resumed_losses = losses[:3]
-    for batch in batches[3:]:
-        resumed, metrics = trainer.train_step(resumed, batch)
-        resumed_losses.append(float(metrics["loss"]))
     assert resumed_losses == losses
     assert [int(c) for c in refresh_counts(resumed.opt_state)] == [int(done), int(scheduled)]
 

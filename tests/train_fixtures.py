@@ -53,3 +53,45 @@ def tiny_config(tmp_path: pathlib.Path, **overrides) -> ml_collections.ConfigDic
     config.optimizer.subspace.update_every = 2
     config.update_from_flattened_dict(overrides)  # {"optimizer.subspace.rank": 3, ...}
     return config
+
+
+def run_and_resume(trainer, config, batches, run_dir: pathlib.Path, save_at: int = 3):
+    """Trains through ``batches``, saving the state (orbax, train/checkpoint.py) before step
+    ``save_at``; then restores it into the trainer's abstract state and trains through the
+    remaining batches. Returns ``(state, losses, resumed, resumed_losses, metrics)``: the
+    uninterrupted run's final state and per-step losses, the resumed run's final state and
+    losses (the first ``save_at`` copied from the uninterrupted run) and the uninterrupted
+    run's per-step metrics. Callers assert the two runs agree bit for bit."""
+    import jax
+
+    from train import checkpoint as checkpoint_lib
+
+    checkpoints = checkpoint_lib.Checkpoints(run_dir, keep=1, every=save_at)
+    state = trainer.init(jax.random.key(0))
+    losses, metrics_seen = [], []
+    try:
+        for t, batch in enumerate(batches):
+            if t == save_at:
+                meta = {"data_position": save_at, "fingerprint": checkpoint_lib.fingerprint(config)}
+                checkpoints.save(save_at, state, meta)
+            state, metrics = trainer.train_step(state, batch)
+            metrics_seen.append(metrics)
+            losses.append(float(metrics["loss"]))
+        step, resumed, _ = checkpoints.restore_latest(trainer.abstract_state, config)
+        assert step == save_at and int(resumed.step) == save_at
+        resumed_losses = losses[:save_at]
+        for batch in batches[save_at:]:
+            resumed, metrics = trainer.train_step(resumed, batch)
+            resumed_losses.append(float(metrics["loss"]))
+    finally:
+        checkpoints.close()
+    return state, losses, resumed, resumed_losses, metrics_seen
+
+
+def assert_trees_equal(got, want) -> None:
+    """Leaf by leaf, bit for bit (same structure)."""
+    import jax
+    import numpy as np
+
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
