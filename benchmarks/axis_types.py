@@ -1,17 +1,22 @@
 """The trainer's train step with the mesh's axes Auto vs Explicit (``mesh.axis_types``).
 
     python -m benchmarks.axis_types --model llama_1b --json benchmarks/results/axis_types.json
-    python -m benchmarks.axis_types --model llama_tiny --rounds 2       # CPU smoke test
+    python -m benchmarks.axis_types --model llama_tiny --seq 64 --rounds 2   # CPU smoke test
 
-For each mode the trainer's train step (``train.main.build_trainer`` on ``configs/<model>.py``:
-GaLore, gram_eigh projector, its config's rank) on one device, at benchmarks/train_step.py's
-one-GPU batch (seq 256), random tokens. ``compile_s``: ``lower`` + ``compile`` of the step,
-nothing cached (each a fresh trainer), the median of ``--compiles`` per mode, alternating.
-Then ``--rounds`` rounds of ``--update-every`` steps, the two modes alternating round by round
-(so a drift of the machine hits both): the first step of a round refreshes the subspace
-(``count % update_every == 0``), the others are steady. ``steady_s`` / ``refresh_s``: medians
-over the rounds after the first (the first includes first-run costs). Ratios are explicit /
-auto.
+Three modes: ``auto``; ``explicit`` (Explicit axes, the default ``mesh.typed_update=False``:
+the model and the guarded update inside ``auto_axes``, typed at their boundaries);
+``explicit_typed`` (``mesh.typed_update=True``: every operation of the update on explicit
+types, the library's Explicit-axis code). For each mode the trainer's train step
+(``train.main.build_trainer`` on ``configs/<model>.py``, ``--optimizer`` (GaLore by default,
+gram_eigh projector, its config's rank) on one device, at benchmarks/train_step.py's one-GPU
+batch, random tokens. ``compile_s``: ``lower`` + ``compile`` of the step, each a fresh
+trainer, the median of ``--compiles`` per mode, modes alternating, after one untimed compile
+(a process's first compile also pays one-off costs). ``constraints``: sharding constraints in
+the lowered StableHLO (JAX lowers one after every operation on an explicit-typed array). Then
+``--rounds`` rounds of ``--update-every`` steps, the modes alternating round by round (so a
+drift of the machine hits all): the first step of a round refreshes the subspace, the others
+are steady. ``steady_s`` / ``refresh_s``: medians over the rounds after the first. Ratios are
+mode / auto.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from benchmarks import report
 from benchmarks.train_step import batch_size
 from train import xla_flags
 
-MODES = ("auto", "explicit")
+MODES = ("auto", "explicit", "explicit_typed")
 
 
-def build(model: str, mode: str, update_every: int, seq: int) -> tuple[Any, dict]:
+def build(
+    model: str, mode: str, update_every: int, seq: int, optimizer: str = "galore"
+) -> tuple[Any, dict]:
     """A fresh trainer of ``mode`` (nothing traced or compiled yet) and a batch."""
     import jax
     import jax.numpy as jnp
@@ -40,8 +47,9 @@ def build(model: str, mode: str, update_every: int, seq: int) -> tuple[Any, dict
     from train import sharding as sharding_lib
 
     config = importlib.import_module(f"configs.{model}").get_config()
-    config.mesh.axis_types = mode
-    config.optimizer.name = "galore"
+    config.mesh.axis_types = "auto" if mode == "auto" else "explicit"
+    config.mesh.typed_update = mode == "explicit_typed"
+    config.optimizer.name = optimizer
     config.optimizer.subspace.update_every = update_every
     config.seq_len = seq
     config.batch_size = batch_size(model, seq, None)
@@ -55,11 +63,15 @@ def build(model: str, mode: str, update_every: int, seq: int) -> tuple[Any, dict
     return trainer, batch
 
 
-def compile_seconds(trainer: Any, batch: dict) -> tuple[Any, float]:
-    """``lower`` + ``compile`` of the train step at the trainer's abstract state (seconds)."""
+def compile_seconds(trainer: Any, batch: dict) -> tuple[Any, float, int]:
+    """``lower`` + ``compile`` of the train step at the trainer's abstract state: the
+    executable, seconds, and the sharding constraints in the lowered program (counted after
+    the clock stops)."""
     t0 = time.perf_counter()
-    compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
-    return compiled, time.perf_counter() - t0
+    lowered = trainer.train_step.lower(trainer.abstract_state, batch)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+    return compiled, seconds, lowered.as_text().count("sdy.sharding_constraint")
 
 
 def _progress(line: str) -> None:
@@ -68,17 +80,22 @@ def _progress(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
-def run(model: str, rounds: int, update_every: int, seq: int, compiles: int) -> dict:
+def run(
+    model: str, rounds: int, update_every: int, seq: int, compiles: int, optimizer: str
+) -> dict:
     import jax
 
     compile_s: dict[str, list[float]] = {m: [] for m in MODES}
+    constraints = {}
+    trainer, batch = build(model, "auto", update_every, seq, optimizer)
+    _progress(f"untimed first compile: {compile_seconds(trainer, batch)[1]:.1f} s")
     last = {}
     for _ in range(compiles):  # alternating, each a fresh trainer; the last one is timed
         for mode in MODES:
-            trainer, batch = build(model, mode, update_every, seq)
-            compiled, seconds = compile_seconds(trainer, batch)
+            trainer, batch = build(model, mode, update_every, seq, optimizer)
+            compiled, seconds, constraints[mode] = compile_seconds(trainer, batch)
             compile_s[mode].append(seconds)
-            _progress(f"{mode}: compiled in {seconds:.1f} s")
+            _progress(f"{mode}: compiled in {seconds:.1f} s ({constraints[mode]} constraints)")
             last[mode] = (trainer, compiled, batch)
     built = {}
     for mode, (trainer, compiled, batch) in last.items():
@@ -100,7 +117,9 @@ def run(model: str, rounds: int, update_every: int, seq: int, compiles: int) -> 
             _progress(f"round {r} {mode}: {losses[mode][-update_every:]}")
     row: dict[str, Any] = {
         "model": model,
+        "optimizer": optimizer,
         "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
         "update_every": update_every,
         "rounds_timed": rounds - 1,
         "seq": seq,
@@ -116,24 +135,26 @@ def run(model: str, rounds: int, update_every: int, seq: int, compiles: int) -> 
             "steady_s_all": times[mode]["steady"],
             "refresh_s_all": times[mode]["refresh"],
             "losses": losses[mode],
+            "constraints": constraints[mode],
         }
-    for key in ("compile_s", "steady_s", "refresh_s"):
-        row[f"{key}_ratio"] = row["explicit"][key] / row["auto"][key]
+        for key in ("compile_s", "steady_s", "refresh_s"):
+            row[mode][f"{key}_ratio"] = row[mode][key] / row["auto"][key]
     return row
 
 
 def print_table(row: dict) -> None:
-    print(f"| {row['model']}, {row['device']} | auto | explicit | explicit / auto |")
-    print("|---|---|---|---|")
+    print(f"| {row['model']}, {row['optimizer']}, {row['device']} | " + " | ".join(MODES) + " |")
+    print("|---|" + "---|" * len(MODES))
     for key, label in (
         ("steady_s", "steady step, s"),
         ("refresh_s", "refresh step, s"),
         ("compile_s", "compile (lower + compile), s"),
     ):
-        print(
-            f"| {label} | {row['auto'][key]:.4f} | {row['explicit'][key]:.4f} | "
-            f"{row[key + '_ratio']:.3f} |"
-        )
+        cells = [f"{row[m][key]:.4f} ({row[m][key + '_ratio']:.3f}x)" for m in MODES]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(
+        "| sharding constraints | " + " | ".join(str(row[m]["constraints"]) for m in MODES) + " |"
+    )
 
 
 def main() -> None:
@@ -141,6 +162,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="llama_1b")
+    parser.add_argument("--optimizer", default="galore", help="config.optimizer.name")
     parser.add_argument("--rounds", type=int, default=4, help="rounds (the first untimed)")
     parser.add_argument("--update-every", type=int, default=4)
     parser.add_argument("--compiles", type=int, default=1, help="fresh compiles per mode")
@@ -150,7 +172,7 @@ def main() -> None:
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (the first round is not timed)")
     xla_flags.apply_defaults()  # before JAX starts a backend
-    row = run(args.model, args.rounds, args.update_every, args.seq, args.compiles)
+    row = run(args.model, args.rounds, args.update_every, args.seq, args.compiles, args.optimizer)
     print_table(row)
     report.write_json(row, args.json)
 

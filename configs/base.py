@@ -258,8 +258,12 @@ def llama_config(
     # 'explicit' (jax.sharding.AxisType.Explicit: shardings are part of the arrays' types; the
     # optimizer runs on them, the model's forward/backward inside jax.sharding.auto_axes; the
     # full-gradient step only: not step.layerwise, step.relora or int8 weight storage).
+    # typed_update (explicit only): False runs the optimizer update inside auto_axes between
+    # the params' and state's explicit types (XLA places its inside; the compile of auto);
+    # True keeps every operation of it typed (the library's Explicit-axis code; JAX lowers a
+    # sharding constraint per operation: LLaMA-1B compiles ~16% slower, BENCHMARKS section 11).
     config.mesh = ml_collections.ConfigDict(
-        {"data": -1, "fsdp": 1, "tensor": 1, "axis_types": "auto"}
+        {"data": -1, "fsdp": 1, "tensor": 1, "axis_types": "auto", "typed_update": False}
     )
     config.seq_len = 256
     config.batch_size = 128  # global, over all devices and hosts

@@ -80,6 +80,7 @@ def validate_config(config: Any) -> None:
             f"{config.model.max_seq_len}"
         )
     explicit = sharding_lib.axis_type(config.mesh) == jax.sharding.AxisType.Explicit
+    sharding_lib.typed_update(config.mesh)
     if explicit and (
         config.step.layerwise or config.step.relora or config.model.weight_storage != "float"
     ):
@@ -258,6 +259,9 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         # code); on an Explicit mesh its forward/backward runs inside auto_axes, while the
         # optimizer update runs on the params' and state's explicit types.
         loss_fn = sharding_lib.auto_axes_loss(loss_fn)
+    # Explicit mesh: the guard and update between typed boundaries, placed by XLA inside
+    # (step_lib.guarded says why), unless mesh.typed_update keeps every operation typed.
+    placed = explicit and not sharding_lib.typed_update(config.mesh)
     if layerwise:
         train_step = layerwise_lib.make_train_step(
             model_config, layer_tx, cross_entropy, apply_updates, decode
@@ -266,7 +270,11 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         train_step = adapters.train_step(model.apply, cross_entropy, tx)
     else:
         train_step = functools.partial(
-            step_lib.train_step, loss_fn=loss_fn, tx=tx, apply_updates=apply_updates
+            step_lib.train_step,
+            loss_fn=loss_fn,
+            tx=tx,
+            apply_updates=apply_updates,
+            compiler_placed=placed,
         )
     eval_step = functools.partial(step_lib.eval_step, loss_fn=loss_fn)
 
@@ -312,14 +320,18 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         _in_context(mesh, jit_weights) if adapters else (lambda state: state.params),
         None
         if layerwise or adapters
-        else _measuring_steps(mesh, loss_fn, tx, apply_updates, state_sharding, batch_sharding),
+        else _measuring_steps(
+            mesh, loss_fn, tx, apply_updates, state_sharding, batch_sharding, placed
+        ),
     )
 
 
-def _measuring_steps(mesh, loss_fn, tx, apply_updates, state_sharding, batch_sharding):
+def _measuring_steps(mesh, loss_fn, tx, apply_updates, state_sharding, batch_sharding, placed):
     """(halves, overlap) -> the full-gradient step that also measures (train/mechanism.py),
     jitted on first use like the plain one."""
-    update = functools.partial(step_lib.update_step, tx=tx, apply_updates=apply_updates)
+    update = functools.partial(
+        step_lib.update_step, tx=tx, apply_updates=apply_updates, compiler_placed=placed
+    )
 
     @functools.cache
     def measuring(halves: bool, overlap: bool) -> Callable:

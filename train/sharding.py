@@ -78,6 +78,20 @@ def axis_type(mesh_config: Any) -> AxisType:
     return AXIS_TYPES[name]
 
 
+def typed_update(mesh_config: Any) -> bool:
+    """``config.mesh.typed_update`` (False when absent), checked: a bool, True only with
+    ``axis_types='explicit'``."""
+    value = mesh_config.get("typed_update", False) if hasattr(mesh_config, "get") else False
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.mesh.typed_update must be True or False, got {value!r}")
+    if value and axis_type(mesh_config) != AxisType.Explicit:
+        raise ConfigError(
+            "config.mesh.typed_update=True needs config.mesh.axis_types='explicit' (on Auto "
+            "axes nothing is typed)"
+        )
+    return value
+
+
 def is_explicit(mesh: Mesh) -> bool:
     """Whether the mesh's axes are Explicit (shardings in the arrays' types)."""
     return AxisType.Explicit in tuple(mesh.axis_types)
