@@ -114,9 +114,11 @@ def run(
     elif layerwise:
         cases.append(("stacked_2_per_call_2x2x2", (2, 2, 2), STACKED_TWO_PER_CALL))
     elif explicit:  # and the stacked full-gradient step (model.scan_layers, 2 layers a call)
+        # with every operation of its update typed (mesh.typed_update: the library's
+        # Explicit-axis code), the plain step with the default (update inside auto_axes)
+        typed = {**STACKED_TWO_PER_CALL, "mesh.typed_update": True}
         cases += [
-            (f"stacked_2_per_call_{name}", shape, STACKED_TWO_PER_CALL)
-            for name, shape in LAYERWISE_MESHES.items()
+            (f"stacked_2_per_call_{name}", shape, typed) for name, shape in LAYERWISE_MESHES.items()
         ]
     for name, shape, overrides in cases:
         config.update_from_flattened_dict(overrides)

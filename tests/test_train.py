@@ -68,7 +68,8 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path, axis_types):
     """Meshes (8,1,1), (2,4,1), (2,2,2) give the losses of 1 device; params AND state sharded.
     ``mesh.axis_types='explicit'`` (Explicit axes; the 1-device and 2x2x2 meshes, to keep it
     cheap): the same losses and the same shardings, now the arrays' types; also for the
-    stacked full-gradient step (``model.scan_layers``, two layers per optimizer call)."""
+    stacked full-gradient step (``model.scan_layers``, two layers per optimizer call), there
+    with ``mesh.typed_update=True`` (every operation of the update typed)."""
     flags = ["--explicit"] if axis_types == "explicit" else []
     out = subprocess.run(
         [sys.executable, "-m", "tests.multidevice_check", str(tmp_path), *flags],
@@ -119,6 +120,56 @@ def test_mesh_axis_types_are_checked(tmp_path):
     config.step.layerwise = True
     with pytest.raises(ValueError, match="axis_types='explicit' runs the full-gradient step"):
         main_lib.validate_config(config)
+    config.step.layerwise = False
+    config.mesh.typed_update = True
+    main_lib.validate_config(config)
+    config.mesh.axis_types = "auto"
+    with pytest.raises(ValueError, match=r"typed_update=True needs config.mesh.axis_types="):
+        main_lib.validate_config(config)
+
+
+def test_explicit_modes_give_the_auto_losses_with_typed_state(tmp_path):
+    """One device, 2 steps (a refresh, then a steady step): ``axis_types='explicit'`` with the
+    update inside auto_axes (default) and with every operation typed
+    (``mesh.typed_update=True``) give auto's losses, and the state comes back with explicit
+    types. The default lowers a fraction of the typed mode's sharding constraints (JAX puts
+    one after every typed operation; step_lib.guarded says why that matters).
+
+    Tolerance: fp32 throughout; the three programs differ only in sharding annotations,
+    which on one device can change XLA's fusion and so the order of a reduction's sums: a
+    few ulps of the loss per step, far below 1e-6 relative after 2 steps."""
+    config = tiny_config(tmp_path)
+    batches = [
+        {"inputs": b, "targets": b}
+        for b in jax.random.randint(jax.random.key(3), (2, 8, 32), 0, 512, jnp.int32)
+    ]
+    losses, constraints = {}, {}
+    for mode, axis_types, typed in (
+        ("auto", "auto", False),
+        ("placed", "explicit", False),
+        ("typed", "explicit", True),
+    ):
+        config.mesh.axis_types, config.mesh.typed_update = axis_types, typed
+        main_lib.validate_config(config)
+        trainer = main_lib.build_trainer(config, sharding_lib.make_mesh(config.mesh))
+        state = trainer.init(jax.random.key(0))
+        batch = main_lib.to_global(batches[0], trainer.batch_sharding)
+        lowered = trainer.train_step.lower(state, batch)
+        constraints[mode] = lowered.as_text().count("sdy.sharding_constraint")
+        losses[mode] = []
+        for b in batches:
+            state, metrics = trainer.train_step(
+                state, main_lib.to_global(b, trainer.batch_sharding)
+            )
+            losses[mode].append(float(metrics["loss"]))
+        if axis_types == "explicit":
+            for leaf in jax.tree.leaves((state.params, state.opt_state)):
+                if hasattr(leaf, "sharding") and jnp.issubdtype(leaf.dtype, jnp.floating):
+                    axes = jax.typeof(leaf).sharding.mesh.axis_types
+                    assert set(axes) == {jax.sharding.AxisType.Explicit}, mode
+    assert losses["placed"] == pytest.approx(losses["auto"], rel=1e-6)
+    assert losses["typed"] == pytest.approx(losses["auto"], rel=1e-6)
+    assert constraints["auto"] < constraints["placed"] < constraints["typed"] / 4, constraints
 
 
 def test_bad_mesh_raises_before_compiling():
