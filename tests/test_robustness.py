@@ -21,7 +21,7 @@ import pytest
 from tests.child_env import child_env
 from tests.multiprocess_helpers import HEARTBEAT_S, Process, free_port
 from train import distributed as distributed_lib
-from train import errors
+from train import errors, supervise
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -166,6 +166,27 @@ def test_a_killed_peer_is_reported_in_our_words(tmp_path):
     )
     assert last.endswith("rerun the same command on every host to resume from it")
     assert not (workdir / ".lock").exists()
+
+
+def test_lost_peer_message_names_a_committed_but_unreported_checkpoint(tmp_path):
+    """A peer killed between a save's commit (the step's directory renamed into place) and the
+    child's report, or during orbax's closing barrier: the line names the step on disk, not
+    "no checkpoint"; orbax's temporary directories do not count."""
+    directory = tmp_path / "checkpoints"
+    (directory / "2").mkdir(parents=True)
+    (directory / "4.orbax-checkpoint-tmp-7").mkdir()
+    config = type("C", (), {"process_id": 0, "num_processes": 2, "heartbeat_timeout_s": 5})()
+    text = "stopped sending heartbeats): 1"
+    status = {"connected": True, "step": 3, "checkpoints": str(directory)}
+
+    def line(**fields):
+        return supervise.lost_peer_message(text, {**status, **fields}, config, 12.0)
+
+    assert f"the newest checkpoint is step 2 in {directory}: rerun" in line(checkpoint=None)
+    assert "the newest checkpoint is step 2 in" in line(checkpoint=2)
+    (directory / "2").rmdir()
+    assert "no checkpoint was saved yet" in line(checkpoint=None)
+    assert "the newest checkpoint is step 0 in" in line(checkpoint=0)  # reported, not on disk
 
 
 def _newest(workdir: pathlib.Path) -> int:

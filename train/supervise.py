@@ -156,8 +156,8 @@ def lost_peer_message(text: str, status: dict[str, Any], config: Any, seconds: f
         else "another process (or the coordinator, process 0)"
     )
     where = f" at step {status['step']}" if "step" in status else ""
-    checkpoint = status.get("checkpoint")
     directory = status.get("checkpoints", "the workdir's checkpoints/")
+    checkpoint = _newest(status.get("checkpoint"), status.get("checkpoints"))
     resume = (
         f"the newest checkpoint is step {checkpoint} in {directory}: rerun the same command on "
         "every host to resume from it"
@@ -169,3 +169,19 @@ def lost_peer_message(text: str, status: dict[str, Any], config: Any, seconds: f
         f"config.heartbeat_timeout_s={config.heartbeat_timeout_s} s); JAX stopped {me} "
         f"{seconds:.0f} s after the start{where}; {resume}"
     )
+
+
+def _newest(reported: int | None, directory: str | None) -> int | None:
+    """The newest resumable checkpoint: the one the child reported or a newer one on disk.
+
+    A save commits (orbax renames its temporary directory to the step's number) before the
+    child reports it, and a peer killed in between can leave the child waiting in orbax's
+    closing barrier: the step is on disk and resumable (its crc32.json may be missing, which
+    restoring allows) but never reported. Orbax's temporary directories have other names.
+    """
+    try:
+        committed = [int(p.name) for p in os.scandir(directory or "") if p.name.isdigit()]
+    except OSError:
+        committed = []
+    steps = committed + ([] if reported is None else [int(reported)])
+    return max(steps, default=None)
