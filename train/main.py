@@ -256,8 +256,8 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         loss_fn = layerwise_lib.make_loss_fn(model_config, cross_entropy, decode)
     if explicit:
         # The model places its activations with logical sharding constraints (Auto-axis
-        # code); on an Explicit mesh its forward/backward runs inside auto_axes, while the
-        # optimizer update runs on the params' and state's explicit types.
+        # code); on an Explicit mesh its forward/backward runs inside auto_axes, its
+        # gradient coming back in the params' explicit types.
         loss_fn = sharding_lib.auto_axes_loss(loss_fn)
     # Explicit mesh: the guard and update between typed boundaries, placed by XLA inside
     # (step_lib.guarded says why), unless mesh.typed_update keeps every operation typed.

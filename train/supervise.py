@@ -180,7 +180,7 @@ def _newest(reported: int | None, directory: str | None) -> int | None:
     restoring allows) but never reported. Orbax's temporary directories have other names.
     """
     try:
-        committed = [int(p.name) for p in os.scandir(directory or "") if p.name.isdigit()]
+        committed = [int(name) for name in os.listdir(directory or "") if name.isdigit()]
     except OSError:
         committed = []
     steps = committed + ([] if reported is None else [int(reported)])
