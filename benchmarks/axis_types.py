@@ -10,9 +10,12 @@ types, the library's Explicit-axis code). For each mode the trainer's train step
 (``train.main.build_trainer`` on ``configs/<model>.py``, ``--optimizer`` (GaLore by default,
 gram_eigh projector, its config's rank) on one device, at benchmarks/train_step.py's one-GPU
 batch, random tokens. ``compile_s``: ``lower`` + ``compile`` of the step, each a fresh
-trainer, the median of ``--compiles`` per mode, modes alternating, after one untimed compile
-(a process's first compile also pays one-off costs). ``constraints``: sharding constraints in
-the lowered StableHLO (JAX lowers one after every operation on an explicit-typed array). Then
+trainer, the median of ``--compiles`` per mode, modes alternating (their order reversed every
+other round, a ``gc.collect()`` before each), after one untimed compile (a process's first
+compile also pays one-off costs). ``constraints``: sharding constraints in the lowered
+StableHLO (JAX lowers one after every operation on an explicit-typed array); ``ops_as_auto``:
+whether its other operations are auto's, kind for kind; ``hlo_instructions``: the compiled
+program's size. ``--compile-only`` stops there. Then
 ``--rounds`` rounds of ``--update-every`` steps, the modes alternating round by round (so a
 drift of the machine hits all): the first step of a round refreshes the subspace, the others
 are steady. ``steady_s`` / ``refresh_s``: medians over the rounds after the first. Ratios are
@@ -22,8 +25,11 @@ mode / auto.
 from __future__ import annotations
 
 import argparse
+import collections
+import gc
 import importlib
 import os
+import re
 import statistics
 import sys
 import time
@@ -63,15 +69,24 @@ def build(
     return trainer, batch
 
 
-def compile_seconds(trainer: Any, batch: dict) -> tuple[Any, float, int]:
+def compile_seconds(trainer: Any, batch: dict) -> tuple[Any, float, dict]:
     """``lower`` + ``compile`` of the train step at the trainer's abstract state: the
-    executable, seconds, and the sharding constraints in the lowered program (counted after
-    the clock stops)."""
+    executable, seconds, and :func:`program_stats` (taken after the clock stops)."""
     t0 = time.perf_counter()
     lowered = trainer.train_step.lower(trainer.abstract_state, batch)
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
-    return compiled, seconds, lowered.as_text().count("sdy.sharding_constraint")
+    return compiled, seconds, program_stats(lowered, compiled)
+
+
+def program_stats(lowered: Any, compiled: Any) -> dict:
+    """``constraints``: sharding constraints in the lowered StableHLO; ``ops``: how many of
+    each other operation it has; ``hlo_instructions``: instructions of the compiled HLO."""
+    ops = collections.Counter(re.findall(r"= ([a-z_]+\.[a-z_.]+)", lowered.as_text()))
+    constraints = ops.pop("sdy.sharding_constraint", 0)
+    hlo = compiled.as_text() or ""
+    instructions = sum(1 for line in hlo.splitlines() if " = " in line)
+    return {"constraints": constraints, "ops": dict(ops), "hlo_instructions": instructions}
 
 
 def _progress(line: str) -> None:
@@ -81,22 +96,52 @@ def _progress(line: str) -> None:
 
 
 def run(
-    model: str, rounds: int, update_every: int, seq: int, compiles: int, optimizer: str
+    model: str,
+    rounds: int,
+    update_every: int,
+    seq: int,
+    compiles: int,
+    optimizer: str,
+    compile_only: bool = False,
 ) -> dict:
     import jax
 
     compile_s: dict[str, list[float]] = {m: [] for m in MODES}
-    constraints = {}
+    stats = {}
     trainer, batch = build(model, "auto", update_every, seq, optimizer)
     _progress(f"untimed first compile: {compile_seconds(trainer, batch)[1]:.1f} s")
     last = {}
-    for _ in range(compiles):  # alternating, each a fresh trainer; the last one is timed
-        for mode in MODES:
+    for r in range(compiles):  # each a fresh trainer; the last one is run below
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:  # no mode always first
             trainer, batch = build(model, mode, update_every, seq, optimizer)
-            compiled, seconds, constraints[mode] = compile_seconds(trainer, batch)
+            gc.collect()  # a collection due in one mode's compile would land on it
+            compiled, seconds, stats[mode] = compile_seconds(trainer, batch)
             compile_s[mode].append(seconds)
-            _progress(f"{mode}: compiled in {seconds:.1f} s ({constraints[mode]} constraints)")
+            _progress(
+                f"{mode}: compiled in {seconds:.1f} s ({stats[mode]['constraints']} constraints)"
+            )
             last[mode] = (trainer, compiled, batch)
+    row: dict[str, Any] = {
+        "model": model,
+        "optimizer": optimizer,
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "update_every": update_every,
+        "seq": seq,
+        "batch": batch_size(model, seq, None),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    for mode in MODES:
+        row[mode] = {
+            "compile_s": statistics.median(compile_s[mode]),
+            "compile_s_all": compile_s[mode],
+            **stats[mode],
+            # the same operations as auto's program but for the sharding constraints
+            "ops_as_auto": stats[mode]["ops"] == stats["auto"]["ops"],
+        }
+        row[mode]["compile_s_ratio"] = row[mode]["compile_s"] / row["auto"]["compile_s"]
+    if compile_only:
+        return row
     built = {}
     for mode, (trainer, compiled, batch) in last.items():
         built[mode] = (compiled, trainer.init(jax.random.key(0)), batch)
@@ -115,29 +160,16 @@ def run(
                     times[mode]["refresh" if i == 0 else "steady"].append(time.perf_counter() - t0)
                 losses[mode].append(loss)
             _progress(f"round {r} {mode}: {losses[mode][-update_every:]}")
-    row: dict[str, Any] = {
-        "model": model,
-        "optimizer": optimizer,
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
-        "update_every": update_every,
-        "rounds_timed": rounds - 1,
-        "seq": seq,
-        "batch": batch_size(model, seq, None),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
+    row["rounds_timed"] = rounds - 1
     for mode in MODES:
-        row[mode] = {
-            "compile_s": statistics.median(compile_s[mode]),
-            "compile_s_all": compile_s[mode],
-            "steady_s": statistics.median(times[mode]["steady"]),
-            "refresh_s": statistics.median(times[mode]["refresh"]),
-            "steady_s_all": times[mode]["steady"],
-            "refresh_s_all": times[mode]["refresh"],
-            "losses": losses[mode],
-            "constraints": constraints[mode],
-        }
-        for key in ("compile_s", "steady_s", "refresh_s"):
+        row[mode].update(
+            steady_s=statistics.median(times[mode]["steady"]),
+            refresh_s=statistics.median(times[mode]["refresh"]),
+            steady_s_all=times[mode]["steady"],
+            refresh_s_all=times[mode]["refresh"],
+            losses=losses[mode],
+        )
+        for key in ("steady_s", "refresh_s"):
             row[mode][f"{key}_ratio"] = row[mode][key] / row["auto"][key]
     return row
 
@@ -150,11 +182,15 @@ def print_table(row: dict) -> None:
         ("refresh_s", "refresh step, s"),
         ("compile_s", "compile (lower + compile), s"),
     ):
-        cells = [f"{row[m][key]:.4f} ({row[m][key + '_ratio']:.3f}x)" for m in MODES]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    print(
-        "| sharding constraints | " + " | ".join(str(row[m]["constraints"]) for m in MODES) + " |"
-    )
+        if key in row["auto"]:  # --compile-only has no step times
+            cells = [f"{row[m][key]:.4f} ({row[m][key + '_ratio']:.3f}x)" for m in MODES]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+    for key, label in (
+        ("constraints", "sharding constraints"),
+        ("hlo_instructions", "compiled HLO instructions"),
+        ("ops_as_auto", "other operations as auto's"),
+    ):
+        print(f"| {label} | " + " | ".join(str(row[m][key]) for m in MODES) + " |")
 
 
 def main() -> None:
@@ -167,12 +203,23 @@ def main() -> None:
     parser.add_argument("--update-every", type=int, default=4)
     parser.add_argument("--compiles", type=int, default=1, help="fresh compiles per mode")
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument(
+        "--compile-only", action="store_true", help="the compiles alone, no steps run"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if args.rounds < 2:
+    if args.rounds < 2 and not args.compile_only:
         parser.error("--rounds must be >= 2 (the first round is not timed)")
     xla_flags.apply_defaults()  # before JAX starts a backend
-    row = run(args.model, args.rounds, args.update_every, args.seq, args.compiles, args.optimizer)
+    row = run(
+        args.model,
+        args.rounds,
+        args.update_every,
+        args.seq,
+        args.compiles,
+        args.optimizer,
+        args.compile_only,
+    )
     print_table(row)
     report.write_json(row, args.json)
 
