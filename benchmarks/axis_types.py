@@ -15,7 +15,8 @@ other round, a ``gc.collect()`` before each), after one untimed compile (a proce
 compile also pays one-off costs). ``constraints``: sharding constraints in the lowered
 StableHLO (JAX lowers one after every operation on an explicit-typed array); ``ops_as_auto``:
 whether its other operations are auto's, kind for kind; ``hlo_instructions``: the compiled
-program's size. ``--compile-only`` stops there. Then
+program's size (``lower_s``: the tracing and lowering part of ``compile_s``). ``--modes``
+chooses the modes (``auto`` first). ``--compile-only`` stops there. Then
 ``--rounds`` rounds of ``--update-every`` steps, the modes alternating round by round (so a
 drift of the machine hits all): the first step of a round refreshes the subspace, the others
 are steady. ``steady_s`` / ``refresh_s``: medians over the rounds after the first. Ratios are
@@ -71,12 +72,14 @@ def build(
 
 def compile_seconds(trainer: Any, batch: dict) -> tuple[Any, float, dict]:
     """``lower`` + ``compile`` of the train step at the trainer's abstract state: the
-    executable, seconds, and :func:`program_stats` (taken after the clock stops)."""
+    executable, seconds, and :func:`program_stats` (taken after the clock stops) with
+    ``lower_s``, the part of the seconds spent tracing and lowering."""
     t0 = time.perf_counter()
     lowered = trainer.train_step.lower(trainer.abstract_state, batch)
+    t1 = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
-    return compiled, seconds, program_stats(lowered, compiled)
+    return compiled, seconds, {"lower_s": t1 - t0, **program_stats(lowered, compiled)}
 
 
 def program_stats(lowered: Any, compiled: Any) -> dict:
@@ -103,22 +106,26 @@ def run(
     compiles: int,
     optimizer: str,
     compile_only: bool = False,
+    modes: tuple[str, ...] = MODES,
 ) -> dict:
     import jax
 
-    compile_s: dict[str, list[float]] = {m: [] for m in MODES}
+    compile_s: dict[str, list[float]] = {m: [] for m in modes}
+    lower_s: dict[str, list[float]] = {m: [] for m in modes}
     stats = {}
     trainer, batch = build(model, "auto", update_every, seq, optimizer)
     _progress(f"untimed first compile: {compile_seconds(trainer, batch)[1]:.1f} s")
     last = {}
     for r in range(compiles):  # each a fresh trainer; the last one is run below
-        for mode in MODES if r % 2 == 0 else MODES[::-1]:  # no mode always first
+        for mode in modes if r % 2 == 0 else modes[::-1]:  # no mode always first
             trainer, batch = build(model, mode, update_every, seq, optimizer)
             gc.collect()  # a collection due in one mode's compile would land on it
             compiled, seconds, stats[mode] = compile_seconds(trainer, batch)
             compile_s[mode].append(seconds)
+            lower_s[mode].append(stats[mode].pop("lower_s"))
             _progress(
-                f"{mode}: compiled in {seconds:.1f} s ({stats[mode]['constraints']} constraints)"
+                f"{mode}: compiled in {seconds:.1f} s (lowered in {lower_s[mode][-1]:.1f} s; "
+                f"{stats[mode]['constraints']} constraints)"
             )
             last[mode] = (trainer, compiled, batch)
     row: dict[str, Any] = {
@@ -131,26 +138,30 @@ def run(
         "batch": batch_size(model, seq, None),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    for mode in MODES:
+    row["modes"] = list(modes)
+    for mode in modes:
         row[mode] = {
             "compile_s": statistics.median(compile_s[mode]),
             "compile_s_all": compile_s[mode],
+            "lower_s": statistics.median(lower_s[mode]),
+            "lower_s_all": lower_s[mode],
             **stats[mode],
             # the same operations as auto's program but for the sharding constraints
             "ops_as_auto": stats[mode]["ops"] == stats["auto"]["ops"],
         }
-        row[mode]["compile_s_ratio"] = row[mode]["compile_s"] / row["auto"]["compile_s"]
+        for key in ("compile_s", "lower_s"):
+            row[mode][f"{key}_ratio"] = row[mode][key] / row["auto"][key]
     if compile_only:
         return row
     built = {}
     for mode, (trainer, compiled, batch) in last.items():
         built[mode] = (compiled, trainer.init(jax.random.key(0)), batch)
         _progress(f"{mode}: state initialised")
-    states = {mode: built[mode][1] for mode in MODES}
-    times: dict[str, dict[str, list[float]]] = {m: {"refresh": [], "steady": []} for m in MODES}
-    losses: dict[str, list[float]] = {m: [] for m in MODES}
+    states = {mode: built[mode][1] for mode in modes}
+    times: dict[str, dict[str, list[float]]] = {m: {"refresh": [], "steady": []} for m in modes}
+    losses: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(rounds):
-        for mode in MODES:
+        for mode in modes:
             compiled, _, batch = built[mode]
             for i in range(update_every):
                 t0 = time.perf_counter()
@@ -161,7 +172,7 @@ def run(
                 losses[mode].append(loss)
             _progress(f"round {r} {mode}: {losses[mode][-update_every:]}")
     row["rounds_timed"] = rounds - 1
-    for mode in MODES:
+    for mode in modes:
         row[mode].update(
             steady_s=statistics.median(times[mode]["steady"]),
             refresh_s=statistics.median(times[mode]["refresh"]),
@@ -175,22 +186,24 @@ def run(
 
 
 def print_table(row: dict) -> None:
-    print(f"| {row['model']}, {row['optimizer']}, {row['device']} | " + " | ".join(MODES) + " |")
-    print("|---|" + "---|" * len(MODES))
+    modes = row["modes"]
+    print(f"| {row['model']}, {row['optimizer']}, {row['device']} | " + " | ".join(modes) + " |")
+    print("|---|" + "---|" * len(modes))
     for key, label in (
         ("steady_s", "steady step, s"),
         ("refresh_s", "refresh step, s"),
         ("compile_s", "compile (lower + compile), s"),
+        ("lower_s", "of which lower, s"),
     ):
         if key in row["auto"]:  # --compile-only has no step times
-            cells = [f"{row[m][key]:.4f} ({row[m][key + '_ratio']:.3f}x)" for m in MODES]
+            cells = [f"{row[m][key]:.4f} ({row[m][key + '_ratio']:.3f}x)" for m in modes]
             print(f"| {label} | " + " | ".join(cells) + " |")
     for key, label in (
         ("constraints", "sharding constraints"),
         ("hlo_instructions", "compiled HLO instructions"),
         ("ops_as_auto", "other operations as auto's"),
     ):
-        print(f"| {label} | " + " | ".join(str(row[m][key]) for m in MODES) + " |")
+        print(f"| {label} | " + " | ".join(str(row[m][key]) for m in modes) + " |")
 
 
 def main() -> None:
@@ -206,8 +219,14 @@ def main() -> None:
     parser.add_argument(
         "--compile-only", action="store_true", help="the compiles alone, no steps run"
     )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}; auto first"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    modes = tuple(args.modes.split(","))
+    if modes[0] != "auto" or not set(modes) <= set(MODES) or len(set(modes)) != len(modes):
+        parser.error(f"--modes={args.modes}: distinct names from {MODES}, auto first")
     if args.rounds < 2 and not args.compile_only:
         parser.error("--rounds must be >= 2 (the first round is not timed)")
     xla_flags.apply_defaults()  # before JAX starts a backend
@@ -219,6 +238,7 @@ def main() -> None:
         args.compiles,
         args.optimizer,
         args.compile_only,
+        modes,
     )
     print_table(row)
     report.write_json(row, args.json)

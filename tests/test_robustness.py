@@ -384,6 +384,29 @@ def test_disk_full_on_the_command_line_is_one_line(tmp_path):
     assert steps[0] == "3" and all(not s.isdigit() for s in steps[1:])  # 6 never committed
 
 
+def test_unretrieved_write_errors_of_a_failed_save_go_to_the_log_file():
+    """asyncio logs "Task exception was never retrieved" for each orbax write the failed save
+    abandoned, when its future is collected (at exit, after our error line: the one CI failure
+    of the test above): such a record of an environment OS error is INFO (the log file); any
+    other asyncio error stays an ERROR."""
+    import logging
+
+    from tests.test_reliability import TENSORSTORE_ENOSPC
+    from train import checkpoint
+
+    def level(error: BaseException) -> int:
+        record = logging.LogRecord(
+            "asyncio", logging.ERROR, "base_events.py", 1771,
+            "Task exception was never retrieved", None, (type(error), error, None),
+        )  # fmt: skip
+        assert checkpoint._UNRETRIEVED_WRITE_ERRORS_TO_FILE.filter(record)
+        return record.levelno
+
+    assert level(ValueError(TENSORSTORE_ENOSPC.format(path="/w/checkpoints/6"))) == logging.INFO
+    assert level(ValueError("RESOURCE_EXHAUSTED: out of memory")) == logging.ERROR
+    assert level(RuntimeError("a bug")) == logging.ERROR
+
+
 def test_a_signal_a_library_swallows_is_raised_at_the_next_check():
     """The tokenizers library and JAX's gc callback swallow the KeyboardInterrupt a signal
     raises: the signal is remembered and raised again at the next phase boundary; the handlers

@@ -22,6 +22,7 @@ import pathlib
 import socket
 import tempfile
 import time
+import warnings
 import zlib
 from typing import Any
 
@@ -226,6 +227,21 @@ class _OrbaxErrorsToFile(logging.Filter):
 _ORBAX_ERRORS_TO_FILE = _OrbaxErrorsToFile()
 
 
+class _UnretrievedWriteErrorsToFile(logging.Filter):
+    """asyncio's "Future (Task) exception was never retrieved" for a write of orbax's that failed
+    for the environment (the disk full), logged when the abandoned future is collected, often at
+    exit after our error line: INFO (the log file), like orbax's own records of that save."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and error and environment_os_error(error):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_UNRETRIEVED_WRITE_ERRORS_TO_FILE = _UnretrievedWriteErrorsToFile()
+
+
 class Checkpoints:
     """Saves every ``every`` steps, keeps the last ``keep``, restores the latest."""
 
@@ -273,8 +289,14 @@ class Checkpoints:
             if cause is None:
                 orbax_log.removeFilter(_ORBAX_ERRORS_TO_FILE)
                 raise
-            # orbax's threads may still report the failed writes: they stay out of the way of
-            # our line (in the log file) until the process exits.
+            # orbax's threads (and asyncio, collecting their futures) may still report the
+            # failed writes: they stay out of the way of our line (in the log file) until exit.
+            logging.getLogger("asyncio").addFilter(_UNRETRIEVED_WRITE_ERRORS_TO_FILE)
+            # The writes it abandoned are coroutines collected at exit ("coroutine
+            # 'write_fragment' was never awaited", a RuntimeWarning on stderr).
+            warnings.filterwarnings(
+                "ignore", r"coroutine '.*' was never awaited", category=RuntimeWarning
+            )
             raise write_error(
                 self.directory / str(step),
                 cause,
