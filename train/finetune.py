@@ -32,14 +32,13 @@ feeds only the rows of every batch its devices hold; process 0 alone writes the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import pathlib
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -210,7 +209,7 @@ class FineTuner:
             k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=self.batch_sharding)
             for k, dtype in BATCH_DTYPES.items()
         }
-        with mesh_context(self.mesh):
+        with sharding_lib.trace_context(self.mesh):
             return self.jit_train_step.lower(self.abstract_state, batch)
 
 
@@ -219,23 +218,6 @@ def _with_shardings(shapes: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
-
-
-@contextlib.contextmanager
-def mesh_context(mesh: Mesh) -> Iterator[None]:
-    """The mesh and logical-axis rules the model's sharding constraints resolve against."""
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
-        yield
-
-
-def _in_mesh(mesh: Mesh, fn: Callable) -> Callable:
-    """Calls ``fn`` inside :func:`mesh_context` (needed when it traces)."""
-
-    def wrapped(*args):
-        with mesh_context(mesh):
-            return fn(*args)
-
-    return wrapped
 
 
 def single_device_mesh() -> Mesh:
@@ -316,10 +298,10 @@ def build_finetuner(
         opt_shapes=opt_shapes,
         abstract_state=abstract_state,
         param_paths=param_paths,
-        init_params=_in_mesh(mesh, jit_init),
-        init_state=_in_mesh(mesh, jit_state),
-        train_step=_in_mesh(mesh, jit_train),
-        score=_in_mesh(mesh, jit_score),
+        init_params=sharding_lib.in_trace_context(mesh, jit_init),
+        init_state=sharding_lib.in_trace_context(mesh, jit_state),
+        train_step=sharding_lib.in_trace_context(mesh, jit_train),
+        score=sharding_lib.in_trace_context(mesh, jit_score),
         jit_train_step=jit_train,
     )
 

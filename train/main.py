@@ -312,12 +312,14 @@ def build_trainer(config: Any, mesh: jax.sharding.Mesh) -> Trainer:
         mesh,
         state_sharding,
         batch_sharding,
-        _in_context(mesh, jit_init),
-        _in_context(mesh, jit_train),
-        _in_context(mesh, jit_eval),
+        sharding_lib.in_trace_context(mesh, jit_init),
+        sharding_lib.in_trace_context(mesh, jit_train),
+        sharding_lib.in_trace_context(mesh, jit_eval),
         param_paths,
         abstract_state,
-        _in_context(mesh, jit_weights) if adapters else (lambda state: state.params),
+        sharding_lib.in_trace_context(mesh, jit_weights)
+        if adapters
+        else (lambda state: state.params),
         None
         if layerwise or adapters
         else _measuring_steps(
@@ -349,24 +351,9 @@ def _measuring_steps(mesh, loss_fn, tx, apply_updates, state_sharding, batch_sha
                 out_shardings=(state_sharding, sharding_lib.replicated(mesh)),
                 donate_argnums=0,
             )
-        return _in_context(mesh, jitted)
+        return sharding_lib.in_trace_context(mesh, jitted)
 
     return measuring
-
-
-def _in_context(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
-    """Calls ``fn`` with the mesh and logical rules active (needed when it traces)."""
-
-    def wrapped(*args):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
-            return fn(*args)
-
-    def lower(*args):  # ahead-of-time: wrapped.lower(*args).compile() (benchmarks/memory.py)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_RULES):
-            return fn.lower(*args)
-
-    wrapped.lower = lower
-    return wrapped
 
 
 to_global = loop_lib.to_global

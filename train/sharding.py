@@ -12,7 +12,10 @@ below map them to mesh axes, so the same model runs on 1 device, N GPUs or a TPU
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -179,6 +182,38 @@ def model_shardings(
         opt_shapes = jax.eval_shape(tx.init, param_shapes)
         params, opt_state = param_and_state_shardings(mesh, boxed, opt_shapes, stack_path)
     return ModelShardings(param_shapes, opt_shapes, params, opt_state)
+
+
+@contextlib.contextmanager
+def trace_context(mesh: Mesh) -> Iterator[None]:
+    """The mesh and logical-axis rules the model's sharding constraints resolve against, with
+    Python's cyclic garbage collector paused: tracing a model allocates millions of objects and
+    the full collections they trigger took a third of LLaMA-1B's lowering on CPU (2.86 s ->
+    1.87 s, 3.67 s -> 2.08 s with explicit axes, which allocate more)."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+def in_trace_context(mesh: Mesh, fn: Callable) -> Callable:
+    """``fn`` (a jitted function) called, and lowered (``.lower``, ahead of time), inside
+    :func:`trace_context`: it traces on its first call."""
+
+    def wrapped(*args):
+        with trace_context(mesh):
+            return fn(*args)
+
+    def lower(*args):
+        with trace_context(mesh):
+            return fn.lower(*args)
+
+    wrapped.lower = lower
+    return wrapped
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
