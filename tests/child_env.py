@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-from tests.conftest import ROOT
+from tests.conftest import FAST_COMPILE, ROOT
 
-# 8 fake CPU devices; LLVM optimisation off (faster compiles, see tests/conftest.py).
-EIGHT_DEVICES = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+# 8 fake CPU devices; the faster compiles of tests/conftest.py.
+EIGHT_DEVICES = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"
 
 
 def child_env(**overrides: str) -> dict[str, str]:

@@ -13,9 +13,9 @@ import threading
 import time
 
 from tests.child_env import child_env
+from tests.conftest import FAST_COMPILE as FAST
 from tests.conftest import ROOT
 
-FAST = "--xla_backend_optimization_level=0"
 HEARTBEAT_S = 5  # a dead peer ends the others within about this many seconds
 
 

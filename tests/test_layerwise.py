@@ -190,7 +190,7 @@ def test_fused_galore_follows_the_plain_trainer_on_unstacked_layers(tmp_path, fu
     plain_state = main_lib.TrainState(
         jnp.zeros([], jnp.int32), params, plain.tx.init(params), jnp.zeros([], jnp.int32)
     )
-    losses, plain_losses = [], []
+    losses, plain_losses, norms, plain_norms = [], [], [], []
     for batch in _batches(config, 5):
         state, metrics = fused.train_step(state, main_lib.to_global(batch, fused.batch_sharding))
         plain_state, plain_metrics = plain.train_step(
@@ -198,16 +198,21 @@ def test_fused_galore_follows_the_plain_trainer_on_unstacked_layers(tmp_path, fu
         )
         losses.append(float(metrics["loss"]))
         plain_losses.append(float(plain_metrics["loss"]))
-        # The global gradient norm, summed layer by layer.
-        assert float(metrics["grad_norm"]) == pytest.approx(
-            float(plain_metrics["grad_norm"]), rel=1e-5
-        )
+        norms.append(float(metrics["grad_norm"]))
+        plain_norms.append(float(plain_metrics["grad_norm"]))
+    # The global gradient norm, summed layer by layer: at step 1 (the same weights) they differ
+    # by the gradients' summation order alone (GRAD_RTOL, 1e-5 with the norm's own sum).
+    assert norms[0] == pytest.approx(plain_norms[0], rel=1e-5)
     # The error model of the first test, with its premise (the smallest gap of the projected
     # gradients' spectra at the refreshes >= MIN_GAP), which it checks on this trajectory.
+    # From step 2 the weights differ by up to rtol of what the updates moved them, so losses
+    # and gradient norms may differ by rtol of what those moves changed them (to first order),
+    # plus fp32 rounding (a loss 1e-6; a norm 1e-5, as at step 1).
     rtol = numerics.update_rtol(MIN_GAP, refreshes=3)
-    plain_losses = np.asarray(plain_losses)
-    loss_atol = 1e-6 * plain_losses + rtol * np.abs(plain_losses[0] - plain_losses)
-    np.testing.assert_array_less(np.abs(np.asarray(losses) - plain_losses), loss_atol)
+    for got, want, rounding in ((losses, plain_losses, 1e-6), (norms, plain_norms, 1e-5)):
+        want = np.asarray(want)
+        atol = rounding * want + rtol * np.abs(want[0] - want)
+        np.testing.assert_array_less(np.abs(np.asarray(got) - want), atol)
     model = plain_state.params["model"]
     layers = [model[f"layers_{i}"] for i in range(config.model.num_layers)]
     restacked = {k: v for k, v in model.items() if not k.startswith("layers_")}

@@ -22,6 +22,7 @@ import pytest
 
 from tests import reliability_run as rr
 from tests.child_env import child_env, eight_devices_env
+from tests.conftest import FAST_COMPILE
 from tests.train_fixtures import tiny_config, write_corpus
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
@@ -564,8 +565,7 @@ def test_two_fake_devices_default_refresh_without_pjrt_nproc_finishes(tmp_path):
         f"                       cache_dir={str(tmp_path / 'cache')!r})\n"
         "    return config\n"
     )
-    env_flags = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
-    env = child_env(XLA_FLAGS=env_flags)
+    env = child_env(XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
     env.pop("PJRT_NPROC", None)
     out = subprocess.run(
         [sys.executable, "-m", "train", f"--config={config_file}", f"--workdir={tmp_path / 'w'}"],
