@@ -15,7 +15,8 @@ other round, a ``gc.collect()`` before each), after one untimed compile (a proce
 compile also pays one-off costs). ``constraints``: sharding constraints in the lowered
 StableHLO (JAX lowers one after every operation on an explicit-typed array); ``ops_as_auto``:
 whether its other operations are auto's, kind for kind; ``hlo_instructions``: the compiled
-program's size (``lower_s``: the tracing and lowering part of ``compile_s``). ``--modes``
+program's size (``lower_s``: the tracing and lowering part of ``compile_s``; each ratio
+with its 90% bootstrap interval, ``*_ratio_90``). ``--modes``
 chooses the modes (``auto`` first). ``--compile-only`` stops there. Then
 ``--rounds`` rounds of ``--update-every`` steps, the modes alternating round by round (so a
 drift of the machine hits all): the first step of a round refreshes the subspace, the others
@@ -92,6 +93,19 @@ def program_stats(lowered: Any, compiled: Any) -> dict:
     return {"constraints": constraints, "ops": dict(ops), "hlo_instructions": instructions}
 
 
+def ratio_interval(samples: list[float], baseline: list[float], n: int = 10_000) -> list[float]:
+    """The 90% bootstrap interval of median(samples) / median(baseline): each list resampled
+    with replacement ``n`` times (a fixed seed), the 5th and 95th percentiles of the ratios.
+    A ratio is resolved to within 3% only when this interval is that narrow."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    medians = [
+        np.median(rng.choice(np.asarray(x), (n, len(x))), axis=1) for x in (samples, baseline)
+    ]
+    return [float(q) for q in np.percentile(medians[0] / medians[1], [5, 95])]
+
+
 def _progress(line: str) -> None:
     """A progress line on stderr at once (a run cut short by its time limit still shows how
     far it got and what each part took)."""
@@ -151,6 +165,9 @@ def run(
         }
         for key in ("compile_s", "lower_s"):
             row[mode][f"{key}_ratio"] = row[mode][key] / row["auto"][key]
+            row[mode][f"{key}_ratio_90"] = ratio_interval(
+                row[mode][f"{key}_all"], row["auto"][f"{key}_all"]
+            )
     if compile_only:
         return row
     built = {}
@@ -182,6 +199,9 @@ def run(
         )
         for key in ("steady_s", "refresh_s"):
             row[mode][f"{key}_ratio"] = row[mode][key] / row["auto"][key]
+            row[mode][f"{key}_ratio_90"] = ratio_interval(
+                row[mode][f"{key}_all"], row["auto"][f"{key}_all"]
+            )
     return row
 
 
@@ -198,6 +218,9 @@ def print_table(row: dict) -> None:
         if key in row["auto"]:  # --compile-only has no step times
             cells = [f"{row[m][key]:.4f} ({row[m][key + '_ratio']:.3f}x)" for m in modes]
             print(f"| {label} | " + " | ".join(cells) + " |")
+        if f"{key}_ratio_90" in row["auto"]:
+            cells = ["{:.3f}-{:.3f}".format(*row[m][f"{key}_ratio_90"]) for m in modes]
+            print(f"| {label}: ratio's 90% interval (bootstrap) | " + " | ".join(cells) + " |")
     for key, label in (
         ("constraints", "sharding constraints"),
         ("hlo_instructions", "compiled HLO instructions"),
