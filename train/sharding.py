@@ -188,8 +188,8 @@ def model_shardings(
 def trace_context(mesh: Mesh) -> Iterator[None]:
     """The mesh and logical-axis rules the model's sharding constraints resolve against, with
     Python's cyclic garbage collector paused: tracing a model allocates millions of objects and
-    the full collections they trigger took a third of LLaMA-1B's lowering on CPU (2.86 s ->
-    1.87 s, 3.67 s -> 2.08 s with explicit axes, which allocate more)."""
+    the full collections they trigger were a fifth of LLaMA-1B's lowering on CPU (2.59 s ->
+    2.12 s; explicit axes allocate more: BENCHMARKS section 11)."""
     paused = gc.isenabled()
     gc.disable()
     try:
