@@ -7,9 +7,10 @@ false`` emits XLA:CPU's fused loops with its older element-wise emitter instead 
 fusion emitters (a tiny model's train step compiles in 1.6 s instead of 3.3 s on 8 fake
 devices). The HLO, hence which operations run and in which precision, is unchanged; the
 generated loops may sum in another order, which every tolerance must allow anyway (.ci/run
-reruns the tests marked ``numerics`` with both at XLA's defaults' side: level 1, fusion
-emitters on). Set before jax starts, they also reach the subprocesses the tests launch (they
-inherit the environment; tests/child_env.py adds them where a test sets its own XLA_FLAGS).
+reruns the tests marked ``numerics`` with LLVM's optimisation on, at level 1, and the fusion
+emitters on, XLA:CPU's default). Set before jax starts, they also reach the subprocesses the
+tests launch (they inherit the environment; tests/child_env.py adds them where a test sets its
+own XLA_FLAGS).
 """
 
 from __future__ import annotations

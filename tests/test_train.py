@@ -105,6 +105,42 @@ def test_eight_fake_devices_match_one_and_shard_state(tmp_path, axis_types):
     assert specs["down_mu"] == "P('tensor', 'fsdp')"
 
 
+def test_steps_trace_with_the_gc_paused_and_restore_it():
+    """train/sharding.trace_context: the trainer's steps trace inside it (mesh and logical
+    rules set, Python's cyclic GC paused); on leaving, nested or by an exception, the GC is as
+    it was."""
+    import gc
+
+    mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    seen = []
+
+    @jax.jit
+    def traced(x):
+        seen.append((gc.isenabled(), jax.sharding.get_abstract_mesh().axis_names))
+        return x + 1
+
+    step = sharding_lib.in_trace_context(mesh, traced)
+    assert gc.isenabled()
+    step(jnp.zeros(2))
+    step.lower(jnp.zeros(3))
+    assert seen == [(False, sharding_lib.MESH_AXES)] * 2 and gc.isenabled()
+    with sharding_lib.trace_context(mesh):
+        with sharding_lib.trace_context(mesh):
+            pass
+        assert not gc.isenabled()  # the outer context still holds it
+    assert gc.isenabled()
+    with pytest.raises(ValueError), sharding_lib.trace_context(mesh):
+        raise ValueError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with sharding_lib.trace_context(mesh):
+            pass
+        assert not gc.isenabled()  # paused by the caller: left paused
+    finally:
+        gc.enable()
+
+
 def test_mesh_axis_types_are_checked(tmp_path):
     """``mesh.axis_types``: 'auto' or 'explicit', and 'explicit' only for the plain step; the
     mesh gets the axis types asked for."""

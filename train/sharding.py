@@ -190,13 +190,13 @@ def trace_context(mesh: Mesh) -> Iterator[None]:
     Python's cyclic garbage collector paused: tracing a model allocates millions of objects and
     the full collections they trigger were a fifth of LLaMA-1B's lowering on CPU (2.59 s ->
     2.12 s; explicit axes allocate more: BENCHMARKS section 11)."""
-    paused = gc.isenabled()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
             yield
     finally:
-        if paused:
+        if was_enabled:  # nested: the outer context enables it
             gc.enable()
 
 
